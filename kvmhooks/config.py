@@ -1,0 +1,115 @@
+"""Host configuration (/etc/kvmhooks/config.toml) and the host paths every adapter is rooted at.
+
+Every host path sits behind a root here, so unit tests run whole hook operations against a fake tree by
+pointing ``sysfs_root``/``proc_root``/``state_dir`` elsewhere. A missing file means the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from kvmhooks.errors import ConfigError
+from kvmhooks.units import parse_cpuset, parse_size_kib
+
+DEFAULT_CONFIG = Path("/etc/kvmhooks/config.toml")
+# The hook is started by libvirtd with a clean environment; this variable only matters to tests and to
+# an admin running the hook by hand against another tree.
+CONFIG_ENV = "KVMHOOKS_CONFIG"
+
+
+@dataclass(frozen=True)
+class Config:
+    # How long a hook waits for the ledger lock. Hooks hold it for milliseconds; 30 s means something is
+    # stuck, and libvirt has no timeout of its own on hooks, so we must have one.
+    lock_timeout: float = 30.0
+    # How long prepare keeps compacting memory and retrying when the kernel gives fewer pages than asked.
+    retry_timeout: float = 10.0
+    # Memory per NUMA node that hugepage reservations never take (KiB): keeps the host itself alive.
+    host_reserve_kib: int = 1024 * 1024
+    # Pools ("node0/2M", "node1/1G") kvmhooks never writes; VMs may still use pages the admin put there.
+    leave_alone: frozenset[str] = frozenset()
+    # "syslog", a file path, or "stderr" (for running by hand; never stdout).
+    log: str = "/var/log/kvmhooks/kvmhooks.log"
+    log_level: str = "INFO"
+    libvirt_uri: str = "qemu:///system"
+    # Host CPUs kvmhooks may hand out for automatic placement (None: all online minus housekeeping).
+    cpu_allowed: frozenset[int] | None = None
+    cpu_housekeeping: frozenset[int] = frozenset({0})
+    # How long the detached worker waits for the domain to be running before giving up.
+    worker_timeout: float = 60.0
+    sysfs_root: Path = Path("/sys")
+    proc_root: Path = Path("/proc")
+    state_dir: Path = Path("/run/kvmhooks")
+    hooks_dir: Path = Path("/etc/libvirt/hooks")
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.json"
+
+
+_SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
+           "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path}
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the TOML config; unknown keys are an error (a typo would otherwise silently do nothing)."""
+    if path is None:
+        path = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return Config()
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return config_from_dict(data, str(path))
+
+
+def config_from_dict(data: dict[str, object], where: str = "config") -> Config:
+    cfg = Config()
+    known = {f.name for f in fields(Config)} | {"host_reserve", "cpu"}
+    changes: dict[str, object] = {}
+    for key, value in data.items():
+        if key not in known or key in ("host_reserve_kib", "extra", "cpu_allowed", "cpu_housekeeping"):
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        try:
+            if key in _SIMPLE:
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise ValueError("expected a string or number")
+                changes[key] = _SIMPLE[key](value)
+            elif key == "host_reserve":
+                changes["host_reserve_kib"] = parse_size_kib(str(value))
+            elif key == "leave_alone":
+                if not isinstance(value, list):
+                    raise ValueError("expected a list like ['node0/1G']")
+                changes[key] = frozenset(_pool_name(str(v)) for v in value)
+            elif key == "cpu":
+                if not isinstance(value, dict):
+                    raise ValueError("expected a [cpu] table")
+                for ck, cv in value.items():
+                    if ck == "allowed":
+                        changes["cpu_allowed"] = parse_cpuset(str(cv))
+                    elif ck == "housekeeping":
+                        changes["cpu_housekeeping"] = frozenset() if str(cv).strip() == "" else parse_cpuset(str(cv))
+                    else:
+                        raise ValueError(f"unknown [cpu] setting {ck!r} (known: allowed, housekeeping)")
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
+    return replace(cfg, **changes)  # type: ignore[arg-type]
+
+
+def _pool_name(text: str) -> str:
+    """Normalise "node0/2M" / "node0/2048kB" to the ledger's pool key "node0/2048kB"."""
+    node, _, size = text.partition("/")
+    if not node.startswith("node") or not node[4:].isdigit():
+        raise ValueError(f"bad pool {text!r}: expected nodeN/SIZE like node0/2M")
+    kib = parse_size_kib(size.removesuffix("B").removesuffix("b") if size.lower().endswith("kb") else size)
+    return pool_key(int(node[4:]), kib)
+
+
+def pool_key(node: int, size_kib: int) -> str:
+    return f"node{node}/{size_kib}kB"

@@ -1,0 +1,495 @@
+"""Parse the domain XML (untrusted input) and our v1 annotation into frozen dataclasses.
+
+The XML may come from a user less trusted than root, so it is parsed with every lxml option spelled out
+(lxml before 5.0 expands entities by default): no DTD, no entities, no network, a size cap, and any
+DOCTYPE is refused outright. Nothing read here is ever used to build a path or a command unchecked: the
+UUID is checked against its canonical form, and names are only ever printed.
+
+Parsing validates the whole annotation (including the parts applied at ``started``) against the contract
+in the README and against the domain itself (vCPU numbers, iothread ids, balloon device), so a bad value
+anywhere fails at ``prepare`` with one line that names the VM, element, attribute and value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lxml import etree
+
+from kvmhooks import NAMESPACE
+from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
+from kvmhooks.units import (
+    libvirt_to_kib,
+    parse_cpuset,
+    parse_node_list,
+    parse_percent,
+    parse_size_kib,
+)
+
+# libvirt domain XML is a few KiB; even with hundreds of disks and NICs it stays far below 1 MiB. Four
+# MiB leaves room for odd but honest definitions while bounding what a hostile one can cost us.
+MAX_XML_BYTES = 4 * 1024 * 1024
+
+QEMU_CMDLINE_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Where kvmhooks puts a VM's dedicated QMP socket: writable by the QEMU user (libvirt-qemu), unlike
+# /run/libvirt/qemu (measured: "Permission denied" there). Derived from the UUID only.
+QMP_SOCKET_DIR = "/var/lib/libvirt/qemu/kvmhooks"
+
+_K = f"{{{NAMESPACE}}}"
+
+PageSizeKiB = int
+ThreadPolicy = Literal["prefer", "isolate", "require"]
+EmulatorPolicy = Literal["share", "isolate", "pool"]
+
+
+@dataclass(frozen=True)
+class HugepagesSpec:
+    size_kib: PageSizeKiB | None  # None: auto
+    nodes: frozenset[int] | None  # None: auto
+    count: int | None  # None: derived from the memory
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    policy: Literal["dedicated", "shared"]
+    threads: ThreadPolicy = "prefer"
+    emulator: EmulatorPolicy = "share"
+
+
+@dataclass(frozen=True)
+class Pin:
+    target: int  # vCPU number or iothread id
+    cpus: frozenset[int]
+
+
+@dataclass(frozen=True)
+class MemtuneSpec:
+    hard_limit: int | None = None  # all KiB
+    soft_limit: int | None = None
+    swap_hard_limit: int | None = None
+    min_guarantee: int | None = None
+
+    def items(self) -> list[tuple[str, int]]:
+        return [(k, v) for k, v in (("hard_limit", self.hard_limit), ("soft_limit", self.soft_limit),
+                                    ("swap_hard_limit", self.swap_hard_limit),
+                                    ("min_guarantee", self.min_guarantee)) if v is not None]
+
+
+@dataclass(frozen=True)
+class BalloonSpec:
+    target_kib: int | None  # resolved against <memory>; None: no fixed target
+    min_kib: int
+    stats_period: int = 2
+    policy: Literal["fixed", "auto"] = "fixed"
+    transport: Literal["auto", "qmp", "libvirt"] = "auto"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    enabled: bool = True
+    hugepages: HugepagesSpec | None = None
+    cpu: CpuSpec | None = None
+    vcpupins: tuple[Pin, ...] = ()
+    emulatorpin: frozenset[int] | None = None
+    iothreadpins: tuple[Pin, ...] = ()
+    persist_cputune: bool = False
+    vcpus_live: int | None = None
+    memtune: MemtuneSpec | None = None
+    balloon: BalloonSpec | None = None
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    id: int
+    cpus: frozenset[int]
+    memory_kib: int
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What kvmhooks needs to know about a domain, read once from its XML."""
+
+    name: str
+    uuid: str
+    domain_type: str
+    memory_kib: int
+    max_vcpus: int
+    current_vcpus: int
+    cells: tuple[NumaCell, ...] = ()
+    numatune_nodes: frozenset[int] | None = None
+    numatune_mode: str | None = None
+    memnodes: dict[int, frozenset[int]] = field(default_factory=dict)
+    hugepage_backing: bool = False
+    backing_page_kib: tuple[int, ...] = ()  # explicit <page size=...> under <hugepages>
+    iothreads: int = 0
+    has_memballoon: bool = False
+    qmp_socket: str | None = None
+    cpu_mode: str | None = None
+    os_hint: str = ""  # from libosinfo metadata, for doctor
+    has_tablet: bool = False
+    annotated: bool = False
+    tuning: Tuning | None = None
+
+    @property
+    def active_tuning(self) -> Tuning | None:
+        """The annotation if it asks kvmhooks to act (present and enabled)."""
+        return self.tuning if self.tuning is not None and self.tuning.enabled else None
+
+
+def qmp_socket_path(uuid: str) -> str:
+    """The one QMP socket path kvmhooks uses for a VM; derived from the checked UUID only."""
+    if not UUID_RE.fullmatch(uuid):
+        raise ValueError(f"not a canonical UUID: {uuid!r}")
+    return f"{QMP_SOCKET_DIR}/{uuid}.qmp"
+
+
+def qmp_socket_arg(uuid: str) -> str:
+    return f"unix:{qmp_socket_path(uuid)},server=on,wait=off"
+
+
+def safe_parse(data: bytes) -> etree._Element:
+    """Parse untrusted XML: refuse DOCTYPEs and oversize input; never resolve entities or the network."""
+    if len(data) > MAX_XML_BYTES:
+        raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise XMLInputError("domain XML contains a DOCTYPE or entity declaration; refused")
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
+                             huge_tree=False, remove_pis=True, collect_ids=False)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as e:
+        raise XMLInputError(f"domain XML is not well-formed: {e}") from None
+    if getattr(root.getroottree().docinfo, "doctype", ""):
+        raise XMLInputError("domain XML contains a DOCTYPE; refused")
+    if root.tag != "domain":
+        raise XMLInputError(f"expected a <domain> document, got <{root.tag}>")
+    return root
+
+
+def _text(root: etree._Element, path: str) -> str | None:
+    el = root.find(path)
+    return None if el is None or el.text is None else el.text.strip()
+
+
+def _int(text: str | None, what: str, default: int) -> int:
+    if text is None:
+        return default
+    if not text.strip().isdigit():
+        raise XMLInputError(f"domain XML: {what} {text!r} is not a number")
+    return int(text)
+
+
+def parse_domain(data: bytes) -> Domain:
+    """Parse a domain XML document; validates our annotation when present."""
+    root = safe_parse(data)
+    name = _text(root, "name") or "?"
+    uuid = (_text(root, "uuid") or "").lower()
+    if not UUID_RE.fullmatch(uuid):
+        raise XMLInputError(f"VM {name!r}: domain XML has no canonical <uuid>")
+    mem_el = root.find("memory")
+    if mem_el is None or mem_el.text is None:
+        raise XMLInputError(f"VM {name!r}: domain XML has no <memory>")
+    try:
+        memory_kib = libvirt_to_kib(mem_el.text, mem_el.get("unit"))
+    except ValueError as e:
+        raise XMLInputError(f"VM {name!r}: {e}") from None
+    vcpu_el = root.find("vcpu")
+    max_vcpus = _int(vcpu_el.text if vcpu_el is not None else None, "<vcpu>", 1)
+    current_vcpus = _int(vcpu_el.get("current") if vcpu_el is not None else None, "<vcpu current>", max_vcpus)
+
+    cells: list[NumaCell] = []
+    for c in root.iterfind("cpu/numa/cell"):
+        try:
+            cell_cpus = parse_cpuset(c.get("cpus", "")) if c.get("cpus") else frozenset()
+            cells.append(NumaCell(_int(c.get("id"), "<cell id>", len(cells)), cell_cpus,
+                                  libvirt_to_kib(c.get("memory", "0"), c.get("unit"))))
+        except ValueError as e:
+            raise XMLInputError(f"VM {name!r}: <numa><cell>: {e}") from None
+
+    numatune_nodes = None
+    numatune_mode = None
+    memnodes: dict[int, frozenset[int]] = {}
+    nt = root.find("numatune/memory")
+    try:
+        if nt is not None:
+            numatune_mode = nt.get("mode", "strict")
+            if nt.get("nodeset"):
+                numatune_nodes = parse_node_list(nt.get("nodeset", ""))
+        for mn in root.iterfind("numatune/memnode"):
+            memnodes[_int(mn.get("cellid"), "<memnode cellid>", 0)] = parse_node_list(mn.get("nodeset", ""))
+    except ValueError as e:
+        raise XMLInputError(f"VM {name!r}: <numatune>: {e}") from None
+
+    hp = root.find("memoryBacking/hugepages")
+    page_sizes: list[int] = []
+    if hp is not None:
+        for page in hp.iterfind("page"):
+            try:
+                page_sizes.append(libvirt_to_kib(page.get("size", ""), page.get("unit")))
+            except ValueError as e:
+                raise XMLInputError(f"VM {name!r}: <memoryBacking><hugepages><page>: {e}") from None
+
+    qmp_socket = None
+    expected = qmp_socket_arg(uuid)
+    args = [a.get("value") for a in root.iterfind(f"{{{QEMU_CMDLINE_NS}}}commandline/{{{QEMU_CMDLINE_NS}}}arg")]
+    for prev, arg in itertools.pairwise(args):
+        if prev == "-qmp" and arg == expected:
+            qmp_socket = qmp_socket_path(uuid)
+
+    cpu_el = root.find("cpu")
+    os_hint = ""
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag.endswith("}os") and el.get("id"):
+            os_hint = el.get("id", "")
+    dom = Domain(
+        name=name, uuid=uuid, domain_type=root.get("type", ""), memory_kib=memory_kib,
+        max_vcpus=max_vcpus, current_vcpus=current_vcpus, cells=tuple(cells),
+        numatune_nodes=numatune_nodes, numatune_mode=numatune_mode, memnodes=memnodes,
+        hugepage_backing=hp is not None, backing_page_kib=tuple(page_sizes),
+        iothreads=_int(_text(root, "iothreads"), "<iothreads>", 0),
+        has_memballoon=any(m.get("model") not in (None, "none") for m in root.iterfind("devices/memballoon")),
+        qmp_socket=qmp_socket, cpu_mode=cpu_el.get("mode") if cpu_el is not None else None,
+        os_hint=os_hint,
+        has_tablet=any(i.get("type") == "tablet" for i in root.iterfind("devices/input")),
+    )
+    tuning_el = root.find(f"metadata/{_K}tuning")
+    if tuning_el is None:
+        return dom
+    tuning = _parse_tuning(tuning_el, dom)
+    return Domain(**{**dom.__dict__, "annotated": True, "tuning": tuning})
+
+
+# --- the annotation -------------------------------------------------------------------------------------
+
+_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "hugepages": ("size", "nodes", "count", "required"),
+    "cpu": ("policy", "threads", "emulator"),
+    "vcpupin": ("vcpu", "cpuset"),
+    "emulatorpin": ("cpuset",),
+    "iothreadpin": ("iothread", "cpuset"),
+    "cputune": ("persist",),
+    "vcpus": ("live",),
+    "memtune": ("hard_limit", "soft_limit", "swap_hard_limit", "min_guarantee"),
+    "balloon": ("target", "min", "stats-period", "policy", "transport"),
+}
+_REPEATABLE = {"vcpupin", "iothreadpin"}
+PAGE_SIZES_KIB = {"2M": 2048, "1G": 1024 * 1024}
+
+
+class _Reader:
+    """Reads one annotation element; every failure names VM, element, attribute and value."""
+
+    def __init__(self, vm: str, element: str, el: etree._Element):
+        self.vm, self.element, self.el = vm, element, el
+
+    def fail(self, attr: str | None, value: str | None, reason: str) -> AnnotationError:
+        return AnnotationError(self.vm, self.element, attr, value, reason)
+
+    def get(self, attr: str) -> str | None:
+        return self.el.get(attr)
+
+    def choice(self, attr: str, choices: tuple[str, ...], default: str) -> str:
+        v = self.el.get(attr)
+        if v is None:
+            return default
+        if v not in choices:
+            raise self.fail(attr, v, "expected one of " + ", ".join(choices))
+        return v
+
+    def yesno(self, attr: str, default: bool) -> bool:
+        return self.choice(attr, ("yes", "no"), "yes" if default else "no") == "yes"
+
+    def integer(self, attr: str, lo: int, hi: int) -> int | None:
+        v = self.el.get(attr)
+        if v is None:
+            return None
+        if not v.strip().isdigit() or not lo <= int(v) <= hi:
+            raise self.fail(attr, v, f"expected a whole number from {lo} to {hi}")
+        return int(v)
+
+    def size(self, attr: str) -> int | None:
+        v = self.el.get(attr)
+        if v is None:
+            return None
+        try:
+            kib = parse_size_kib(v)
+        except ValueError as e:
+            raise self.fail(attr, v, str(e)) from None
+        if kib == 0:
+            raise self.fail(attr, v, "must be more than zero")
+        return kib
+
+    def cpuset(self, attr: str, required: bool = True) -> frozenset[int] | None:
+        v = self.el.get(attr)
+        if v is None:
+            if required:
+                raise self.fail(attr, None, "is required")
+            return None
+        try:
+            return parse_cpuset(v)
+        except ValueError as e:
+            raise self.fail(attr, v, str(e)) from None
+
+
+def _parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
+    vm = dom.name
+    top = _Reader(vm, "tuning", el)
+    for attr in map(str, el.keys()):
+        if attr != "enabled":
+            raise top.fail(attr, el.get(attr), "unknown attribute (known: enabled)")
+    enabled = top.yesno("enabled", True)
+    seen: set[str] = set()
+    values: dict[str, object] = {"enabled": enabled}
+    vcpupins: list[Pin] = []
+    iothreadpins: list[Pin] = []
+    for child in el:
+        if not isinstance(child.tag, str):
+            continue  # comments
+        qn = etree.QName(child)
+        if qn.namespace != NAMESPACE:
+            raise AnnotationError(vm, "tuning", None, None, f"unexpected element <{qn.localname}> outside "
+                                  f"the kvmhooks namespace {NAMESPACE}")
+        tag = qn.localname
+        if tag not in _ELEMENTS:
+            raise AnnotationError(vm, tag, None, None, "unknown element (known: " + ", ".join(_ELEMENTS) + ")")
+        if tag in seen and tag not in _REPEATABLE:
+            raise AnnotationError(vm, tag, None, None, "given more than once")
+        seen.add(tag)
+        r = _Reader(vm, tag, child)
+        for attr in map(str, child.keys()):
+            if attr not in _ELEMENTS[tag]:
+                raise r.fail(attr, child.get(attr), "unknown attribute (known: " + ", ".join(_ELEMENTS[tag]) + ")")
+        if tag == "hugepages":
+            values["hugepages"] = _parse_hugepages(r, dom)
+        elif tag == "cpu":
+            policy = r.choice("policy", ("dedicated", "shared"), "")
+            if not policy:
+                raise r.fail("policy", None, "is required: dedicated or shared")
+            threads = r.choice("threads", ("prefer", "isolate", "require"), "prefer")
+            emulator = r.choice("emulator", ("share", "isolate", "pool"), "share")
+            values["cpu"] = CpuSpec(policy, threads, emulator)  # type: ignore[arg-type]
+        elif tag == "vcpupin":
+            vcpu = r.integer("vcpu", 0, 4095)
+            if vcpu is None:
+                raise r.fail("vcpu", None, "is required")
+            if vcpu >= dom.max_vcpus:
+                raise r.fail("vcpu", str(vcpu), f"the VM has {dom.max_vcpus} vCPU(s), numbered 0 to "
+                             f"{dom.max_vcpus - 1}")
+            if any(p.target == vcpu for p in vcpupins):
+                raise r.fail("vcpu", str(vcpu), "pinned more than once")
+            cpus = r.cpuset("cpuset")
+            assert cpus is not None
+            vcpupins.append(Pin(vcpu, cpus))
+        elif tag == "emulatorpin":
+            values["emulatorpin"] = r.cpuset("cpuset")
+        elif tag == "iothreadpin":
+            iot = r.integer("iothread", 1, 4096)
+            if iot is None:
+                raise r.fail("iothread", None, "is required")
+            if iot > dom.iothreads:
+                raise r.fail("iothread", str(iot), f"the VM has {dom.iothreads} iothread(s) (<iothreads>)")
+            if any(p.target == iot for p in iothreadpins):
+                raise r.fail("iothread", str(iot), "pinned more than once")
+            cpus = r.cpuset("cpuset")
+            assert cpus is not None
+            iothreadpins.append(Pin(iot, cpus))
+        elif tag == "cputune":
+            values["persist_cputune"] = r.yesno("persist", False)
+        elif tag == "vcpus":
+            live = r.integer("live", 1, 4096)
+            if live is not None and live > dom.max_vcpus:
+                raise r.fail("live", str(live), f"the VM's maximum is {dom.max_vcpus} vCPU(s) (<vcpu>)")
+            values["vcpus_live"] = live
+        elif tag == "memtune":
+            mt = MemtuneSpec(r.size("hard_limit"), r.size("soft_limit"), r.size("swap_hard_limit"),
+                             r.size("min_guarantee"))
+            if mt.hard_limit and mt.swap_hard_limit and mt.swap_hard_limit < mt.hard_limit:
+                raise r.fail("swap_hard_limit", child.get("swap_hard_limit"),
+                             "must be at least hard_limit (it limits memory plus swap)")
+            if mt.hard_limit and mt.soft_limit and mt.soft_limit > mt.hard_limit:
+                raise r.fail("soft_limit", child.get("soft_limit"), "must not exceed hard_limit")
+            values["memtune"] = mt
+        elif tag == "balloon":
+            values["balloon"] = _parse_balloon(r, dom, values.get("memtune"))
+    balloon_el = el.find(f"{_K}balloon")
+    if "memtune" in values and balloon_el is not None:
+        # memtune may come after balloon in the document: resolve the balloon floor again.
+        values["balloon"] = _parse_balloon(_Reader(vm, "balloon", balloon_el), dom, values["memtune"])
+    values["vcpupins"] = tuple(sorted(vcpupins, key=lambda p: p.target))
+    values["iothreadpins"] = tuple(sorted(iothreadpins, key=lambda p: p.target))
+    return Tuning(**values)  # type: ignore[arg-type]
+
+
+def _parse_hugepages(r: _Reader, dom: Domain) -> HugepagesSpec:
+    size_text = r.choice("size", ("2M", "1G", "auto"), "auto")
+    size = PAGE_SIZES_KIB.get(size_text)
+    if size is not None and dom.backing_page_kib and size not in dom.backing_page_kib:
+        raise r.fail("size", size_text, f"the domain's <memoryBacking><hugepages><page> asks for "
+                     f"{dom.backing_page_kib[0]} KiB pages; make them agree")
+    nodes_text = r.get("nodes")
+    nodes = None
+    if nodes_text is not None and nodes_text != "auto":
+        try:
+            nodes = parse_node_list(nodes_text)
+        except ValueError as e:
+            raise r.fail("nodes", nodes_text, f"{e} (or 'auto')") from None
+    count = r.integer("count", 1, 1 << 30)
+    return HugepagesSpec(size, nodes, count, r.yesno("required", True))
+
+
+def _parse_balloon(r: _Reader, dom: Domain, memtune: object) -> BalloonSpec:
+    target_text = r.get("target")
+    target = None
+    if target_text is not None:
+        try:
+            pct = parse_percent(target_text)
+        except ValueError as e:
+            raise r.fail("target", target_text, str(e)) from None
+        target = dom.memory_kib * pct // 100 if pct is not None else r.size("target")
+        assert target is not None
+        if target > dom.memory_kib:
+            raise r.fail("target", target_text, f"exceeds the VM's memory ({dom.memory_kib} KiB)")
+    min_text = r.get("min")
+    if min_text is not None:
+        try:
+            pct = parse_percent(min_text)
+        except ValueError as e:
+            raise r.fail("min", min_text, str(e)) from None
+        min_kib = dom.memory_kib * pct // 100 if pct is not None else r.size("min")
+        assert min_kib is not None
+    elif isinstance(memtune, MemtuneSpec) and memtune.min_guarantee:
+        min_kib = memtune.min_guarantee
+    else:
+        min_kib = dom.memory_kib // 2
+    if min_kib > dom.memory_kib:
+        raise r.fail("min", min_text, f"exceeds the VM's memory ({dom.memory_kib} KiB)")
+    policy = r.choice("policy", ("fixed", "auto"), "fixed")
+    if target is not None and target < min_kib:
+        raise r.fail("target", target_text, f"is below the floor min={min_kib} KiB")
+    if policy == "fixed" and target is None:
+        raise r.fail("target", None, "is required with policy='fixed'")
+    period = r.integer("stats-period", 0, 3600)
+    transport = r.choice("transport", ("auto", "qmp", "libvirt"), "auto")
+    if transport == "qmp" and dom.qmp_socket is None:
+        raise r.fail("transport", "qmp", "the domain has no kvmhooks QMP socket; run 'kvmhooks annotate "
+                     f"{dom.name} --qmp' or add <qemu:arg value='-qmp'/><qemu:arg value='"
+                     f"{qmp_socket_arg(dom.uuid)}'/>")
+    if not dom.has_memballoon:
+        raise DomainConfigError(f"VM {dom.name!r}: <kvm:balloon> needs a balloon device; add "
+                                "<memballoon model='virtio'/> under <devices>")
+    return BalloonSpec(target, min_kib, 2 if period is None else period, policy,  # type: ignore[arg-type]
+                       transport)  # type: ignore[arg-type]
+
+
+def read_uuid_and_name(data: bytes) -> tuple[str, str]:
+    """Cheap UUID/name extraction for hooks that only need to release (no validation of the rest)."""
+    root = safe_parse(data)
+    uuid = (_text(root, "uuid") or "").lower()
+    if not UUID_RE.fullmatch(uuid):
+        raise XMLInputError("domain XML has no canonical <uuid>")
+    return uuid, _text(root, "name") or "?"

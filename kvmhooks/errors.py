@@ -1,0 +1,73 @@
+"""The kvmhooks exception hierarchy, rooted in one class.
+
+::
+
+    KvmhooksError                 anything kvmhooks raises on purpose
+     ├── XMLInputError            domain XML unsafe, malformed or too large
+     ├── AnnotationError          a value in <kvm:tuning> breaks the v1 contract (names VM/element/attr/value)
+     ├── DomainConfigError        the domain itself lacks what the annotation needs (e.g. hugepage backing)
+     ├── HostError                the host lacks something (no hugetlbfs mount, unsupported page size)
+     ├── CapacityError            the host cannot give what the VM asks for (pages, CPUs)
+     ├── LockTimeout              the shared ledger stayed locked past its deadline
+     ├── ConfigError              /etc/kvmhooks/config.toml is invalid
+     └── ApplyError               writing to the host (sysfs, libvirt, QMP) failed; wraps the cause
+
+Only the entry points (hook, worker, cli) turn these into exit codes and one-line messages. A wrapper
+keeps its root cause (``ApplyError(msg, cause)``) and prints as "message: cause", as qemu.qmp does.
+"""
+
+from __future__ import annotations
+
+
+class KvmhooksError(Exception):
+    """Root of every error kvmhooks raises on purpose."""
+
+
+class XMLInputError(KvmhooksError):
+    """The domain XML on stdin (or from a file) was refused before it was looked at."""
+
+
+class AnnotationError(KvmhooksError):
+    """A value in our annotation breaks the v1 contract.
+
+    The message always names the VM, the element, the attribute and the bad value, so the one line that
+    reaches ``virsh start`` is enough to fix it.
+    """
+
+    def __init__(self, vm: str, element: str, attribute: str | None, value: str | None, reason: str):
+        self.vm = vm
+        self.element = element
+        self.attribute = attribute
+        self.value = value
+        self.reason = reason
+        where = f"<kvm:{element}>" if attribute is None else f"<kvm:{element} {attribute}=...>"
+        shown = "" if value is None else f" value {value!r}"
+        super().__init__(f"VM {vm!r}: {where}{shown}: {reason}")
+
+
+class DomainConfigError(KvmhooksError):
+    """The domain definition lacks something the annotation needs; the message says what XML to add."""
+
+
+class HostError(KvmhooksError):
+    """The host lacks something (a hugetlbfs mount, a page size); the message says how to fix it."""
+
+
+class CapacityError(KvmhooksError):
+    """The host cannot give what the VM asks for without starving itself or another VM."""
+
+
+class LockTimeout(KvmhooksError):
+    """The ledger lock was not granted before its deadline (another hook is stuck?)."""
+
+
+class ConfigError(KvmhooksError):
+    """The host configuration file is invalid."""
+
+
+class ApplyError(KvmhooksError):
+    """Touching the host failed; keeps the underlying cause."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        self.cause = cause
+        super().__init__(message if cause is None else f"{message}: {cause}")

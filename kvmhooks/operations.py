@@ -1,0 +1,150 @@
+"""The hook's operations on shared state: reserve at prepare, release at stop, adopt at reconnect.
+
+Each holds the ledger lock for its whole read-plan-write cycle, so concurrent VM starts see each other's
+reservations; the planning itself is pure (:mod:`kvmhooks.plan`), the writes go through adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from kvmhooks.apply.pools import SysfsPools, apply_pool_writes, shrink_pools
+from kvmhooks.config import Config
+from kvmhooks.domain import Domain
+from kvmhooks.errors import CapacityError
+from kvmhooks.ledger import DomainRecord, Ledger, LedgerState, PoolRecord, stamp
+from kvmhooks.log import VMLog
+from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages, pool_writes, release_writes
+from kvmhooks.topology import HostTopology, read_topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    record: DomainRecord
+    hugepages: HugepagePlan | None
+    warnings: tuple[str, ...] = ()
+
+
+def ledger_for(cfg: Config) -> Ledger:
+    return Ledger(cfg.ledger_path, cfg.lock_timeout)
+
+
+def topology_for(cfg: Config) -> HostTopology:
+    return read_topology(cfg.sysfs_root, cfg.proc_root)
+
+
+def check(dom: Domain, cfg: Config, topo: HostTopology | None = None) -> HugepagePlan | None:
+    """Everything prepare would refuse for, without the lock and without touching anything."""
+    topo = topo or topology_for(cfg)
+    return plan_hugepages(dom, topo, cfg)
+
+
+def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepared:
+    """Reserve what the VM needs before QEMU starts; raises (host unchanged) when it cannot."""
+    vlog = VMLog(dom.name, dom.uuid)
+    pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
+    check(dom, cfg)  # validation errors surface before we queue for the lock
+    warnings: list[str] = []
+    with ledger_for(cfg).transaction() as state:
+        if dom.uuid in state.domains:
+            # A previous start of this VM never reached release (crash, killed libvirtd): give that back
+            # first, so a VM never holds two reservations.
+            vlog.warning("stale reservation found; releasing it before reserving again")
+            _release_locked(dom.uuid, state, cfg, pools)
+        topo = topology_for(cfg)  # fresh, under the lock: earlier holders changed the pools
+        plan = plan_hugepages(dom, topo, cfg)
+        record = DomainRecord(name=dom.name)
+        if plan is not None:
+            try:
+                writes = pool_writes(dom.uuid, plan, topo, state, cfg, dom.name)
+                apply_pool_writes(pools, writes, time.monotonic() + cfg.retry_timeout, dom.name)
+            except CapacityError as e:
+                if plan.required:
+                    raise
+                warnings.append(f"{e} (required='no': starting without reserved pages)")
+                vlog.warning("%s", warnings[-1])
+                plan = None
+            else:
+                for w in writes:
+                    state.pools[w.pool] = PoolRecord(w.baseline)
+                record.hugepages = plan.pools()
+                vlog.info("reserved %s", ", ".join(f"{w.pool} {w.target - w.before:+d} pages (now {w.target})"
+                                                    for w in writes) or "no new pages (pools left alone)")
+        stamp(record)
+        state.domains[dom.uuid] = record
+        return Prepared(record, plan, tuple(warnings))
+
+
+def _release_locked(uuid: str, state: LedgerState, cfg: Config, pools: SysfsPools) -> DomainRecord | None:
+    rec = state.domains.get(uuid)
+    if rec is None:
+        return None
+    if rec.hugepages:
+        writes = release_writes(uuid, state, topology_for(cfg), cfg)
+        shrink_pools(pools, writes, rec.name)
+    del state.domains[uuid]
+    for key in [k for k in state.pools if state.reserved(k) == 0]:
+        del state.pools[key]  # no reservation left: the next one records the admin's value afresh
+    return rec
+
+
+def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRecord | None:
+    """Give back everything the VM holds. Idempotent: an unknown VM is a no-op."""
+    pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
+    with ledger_for(cfg).transaction() as state:
+        rec = _release_locked(uuid, state, cfg, pools)
+    if rec is not None:
+        VMLog(rec.name, uuid).info("released %s", ", ".join(f"{k} {v} pages" for k, v in rec.hugepages.items())
+                                   or "its entry (it held no pages)")
+    return rec
+
+
+def adopt(dom: Domain, cfg: Config) -> DomainRecord:
+    """A running VM after a libvirtd restart: account what it holds without reserving anything again."""
+    vlog = VMLog(dom.name, dom.uuid)
+    with ledger_for(cfg).transaction() as state:
+        rec = state.domains.get(dom.uuid)
+        if rec is not None:
+            rec.state = "running"
+            stamp(rec)
+            vlog.info("reconnect: already in the ledger")
+            return rec
+        rec = DomainRecord(name=dom.name, state="adopted")
+        try:
+            plan = plan_hugepages(dom, topology_for(cfg), Config(**{**cfg.__dict__, "host_reserve_kib": 0}))
+        except Exception as e:  # the VM runs already: record what we can, never fail
+            vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
+            plan = None
+        if plan is not None:
+            topo = topology_for(cfg)
+            for key, pages in plan.pools().items():
+                node = int(key.removeprefix("node").split("/")[0])
+                pool_state = topo.nodes[node].pools[plan.size_kib]
+                if key not in state.pools:
+                    # Its pages are already inside the pool: the admin's part is what is left.
+                    state.pools[key] = PoolRecord(max(0, pool_state.nr - pool_state.surplus
+                                                      - state.reserved(key) - pages))
+            rec.hugepages = plan.pools()
+        stamp(rec)
+        state.domains[dom.uuid] = rec
+        vlog.info("reconnect: adopted (pages %s)", rec.hugepages or "none")
+        return rec
+
+
+def mark(uuid: str, cfg: Config, **changes: object) -> None:
+    """Update a VM's ledger record (state, applied, error) if it has one."""
+    with ledger_for(cfg).transaction() as state:
+        rec = state.domains.get(uuid)
+        if rec is None:
+            return
+        for k, v in changes.items():
+            if k == "applied":
+                assert isinstance(v, dict)
+                rec.applied.update(v)
+            else:
+                setattr(rec, k, v)
+        stamp(rec)

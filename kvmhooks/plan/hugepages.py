@@ -1,0 +1,204 @@
+"""How many huge pages of which size a VM needs on which NUMA node, and the pool targets that gives.
+
+Pure: works on a :class:`~kvmhooks.topology.HostTopology` snapshot and the ledger state. The capacity
+check lives here too, so a VM asking for more than the host can spare is refused before anything is
+written to the kernel (a prototype that raised the pools blindly took nearly all free memory for seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmhooks.config import Config, pool_key
+from kvmhooks.domain import Domain, HugepagesSpec
+from kvmhooks.errors import CapacityError, DomainConfigError, HostError
+from kvmhooks.ledger import LedgerState
+from kvmhooks.topology import HostTopology
+from kvmhooks.units import format_kib
+
+
+@dataclass(frozen=True)
+class HugepagePlan:
+    size_kib: int
+    pages: dict[int, int]  # node → pages
+    required: bool
+
+    def pools(self) -> dict[str, int]:
+        return {pool_key(n, self.size_kib): p for n, p in sorted(self.pages.items()) if p}
+
+    @property
+    def total(self) -> int:
+        return sum(self.pages.values())
+
+
+@dataclass(frozen=True)
+class PoolWrite:
+    """One sysfs write: set ``node``'s pool of ``size_kib`` pages from ``before`` to ``target``."""
+
+    pool: str
+    node: int
+    size_kib: int
+    before: int
+    target: int
+    baseline: int
+
+
+def _mib(kib: int) -> str:
+    return format_kib(kib) if kib % 1024 == 0 else f"{kib / 1024:.0f}M"
+
+
+def choose_size(dom: Domain, spec: HugepagesSpec, topo: HostTopology) -> int:
+    """The page size: the annotation's, else the domain's <page size>, else the host default.
+
+    Without an explicit ``<page>`` libvirt backs the guest with the host's *default* huge page size, so
+    reserving any other size would leave the guest's pages unaccounted (and our reservation unused).
+    """
+    if spec.size_kib is not None:
+        size = spec.size_kib
+        if not dom.backing_page_kib and size != topo.default_page_kib:
+            raise DomainConfigError(
+                f"VM {dom.name!r}: <kvm:hugepages size=...> asks for {_mib(size)} pages but the domain's "
+                f"<memoryBacking><hugepages/> names no page size, so QEMU would use the host default "
+                f"({_mib(topo.default_page_kib)}); add <page size='{size}' unit='KiB'/> inside it")
+    elif dom.backing_page_kib:
+        size = dom.backing_page_kib[0]
+    else:
+        size = topo.default_page_kib
+    return size
+
+
+def plan_hugepages(dom: Domain, topo: HostTopology, cfg: Config) -> HugepagePlan | None:
+    """Pages per node for the VM; None when it asks for none. Raises when it cannot work at all."""
+    tuning = dom.active_tuning
+    if tuning is None or tuning.hugepages is None:
+        return None
+    spec = tuning.hugepages
+    if not dom.hugepage_backing:
+        raise DomainConfigError(
+            f"VM {dom.name!r}: <kvm:hugepages> needs hugepage backing in the domain; add "
+            "<memoryBacking><hugepages/></memoryBacking> (virsh edit, or 'kvmhooks annotate')")
+    size = choose_size(dom, spec, topo)
+    if size not in topo.page_sizes:
+        raise HostError(f"VM {dom.name!r}: this host has no {_mib(size)} huge pages "
+                        f"(no /sys/kernel/mm/hugepages/hugepages-{size}kB); supported: "
+                        + ", ".join(_mib(s) for s in sorted(topo.page_sizes)))
+    if size not in topo.hugetlbfs:
+        opt = f"-o pagesize={_mib(size)} " if size != topo.default_page_kib else ""
+        where = "/dev/hugepages" if size == topo.default_page_kib else f"/dev/hugepages{_mib(size)}"
+        raise HostError(f"VM {dom.name!r}: no hugetlbfs is mounted for {_mib(size)} pages; run "
+                        f"'mkdir -p {where} && mount -t hugetlbfs {opt}hugetlbfs {where}' (or re-run "
+                        "install.sh), then restart libvirtd")
+    for n in (spec.nodes or frozenset()) | (dom.numatune_nodes or frozenset()):
+        if n not in topo.nodes:
+            raise HostError(f"VM {dom.name!r}: NUMA node {n} does not exist on this host "
+                            f"(nodes: {', '.join(map(str, sorted(topo.nodes)))})")
+    pages = _distribute(dom, spec, topo, size, cfg)
+    return HugepagePlan(size, pages, spec.required)
+
+
+def _split(total: int, nodes: list[int]) -> dict[int, int]:
+    """Split pages evenly over nodes, the remainder going to the first ones."""
+    q, r = divmod(total, len(nodes))
+    return {n: q + (1 if i < r else 0) for i, n in enumerate(nodes)}
+
+
+def _spare(topo: HostTopology, node: int, cfg: Config) -> int:
+    return max(0, topo.nodes[node].available_kib - cfg.host_reserve_kib)
+
+
+def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int, cfg: Config) -> dict[int, int]:
+    explicit = sorted(spec.nodes) if spec.nodes else None
+    numatune = sorted(dom.numatune_nodes) if dom.numatune_nodes and dom.numatune_mode != "preferred" else None
+    chosen = explicit or numatune
+    if dom.cells and spec.count is None:
+        out: dict[int, int] = {}
+        spare = {n: _spare(topo, n, cfg) for n in topo.nodes}
+        for i, cell in enumerate(dom.cells):
+            need = -(-cell.memory_kib // size)
+            if cell.id in dom.memnodes and not explicit:
+                node = min(dom.memnodes[cell.id])
+            elif chosen:
+                node = chosen[i % len(chosen)]
+            else:  # auto: the node with the most memory to spare, counting what earlier cells took
+                node = max(sorted(spare), key=lambda n: spare[n])
+            spare[node] -= need * size
+            out[node] = out.get(node, 0) + need
+        return out
+    total = spec.count if spec.count is not None else -(-dom.memory_kib // size)
+    if chosen:
+        return _split(total, chosen)
+    # auto without cells: one node, the one with the most to spare (QEMU's memory then stays local).
+    best = max(sorted(topo.nodes), key=lambda n: _spare(topo, n, cfg))
+    return {best: total}
+
+
+def pool_writes(uuid: str, plan: HugepagePlan, topo: HostTopology, ledger: LedgerState, cfg: Config,
+                name: str) -> list[PoolWrite]:
+    """The pool targets for reserving ``plan``: baseline + everything kvmhooks holds + this VM.
+
+    Also the capacity check: refuses (before any write) when a node cannot spare the memory.
+    """
+    writes: list[PoolWrite] = []
+    problems: list[str] = []
+    for node, pages in sorted(plan.pages.items()):
+        if not pages:
+            continue
+        key = pool_key(node, plan.size_kib)
+        state = topo.nodes[node].pools.get(plan.size_kib)
+        if state is None:
+            raise HostError(f"VM {name!r}: node {node} has no {_mib(plan.size_kib)} pool")
+        held = ledger.reserved(key, excluding=uuid)
+        if key in cfg.leave_alone:
+            # The admin manages this pool: we may only use pages that are free and not promised to others.
+            if state.free < pages:
+                problems.append(f"node {node}: pool {key} is left alone by config and has {state.free} free "
+                                f"{_mib(plan.size_kib)} pages, {pages} needed")
+            continue
+        need = pages * plan.size_kib
+        spare = _spare(topo, node, cfg)
+        if need > spare:
+            problems.append(f"node {node}: needs {pages} x {_mib(plan.size_kib)} pages ({_mib(need)}) but only "
+                            f"{_mib(spare)} can be spared (free+reclaimable "
+                            f"{_mib(topo.nodes[node].available_kib)} minus host reserve "
+                            f"{_mib(cfg.host_reserve_kib)})")
+            continue
+        baseline = derive_baseline(ledger, key, state.nr - state.surplus, held)
+        writes.append(PoolWrite(key, node, plan.size_kib, state.nr, baseline + held + pages, baseline))
+    if problems:
+        raise CapacityError(f"VM {name!r}: not enough memory for huge pages: " + "; ".join(problems))
+    return writes
+
+
+def derive_baseline(ledger: LedgerState, key: str, persistent: int, held: int) -> int:
+    """The admin's own pool size: recorded when kvmhooks first reserved there, re-derived when it drifted.
+
+    If the pool's persistent size is no longer baseline + what we hold, someone changed it by hand while
+    VMs ran; the admin's new value wins (we never fight the admin, and never shrink below it).
+    """
+    rec = ledger.pools.get(key)
+    if rec is None or held == 0:
+        return persistent
+    if persistent != rec.baseline + held:
+        return max(0, persistent - held)
+    return rec.baseline
+
+
+def release_writes(uuid: str, ledger: LedgerState, topo: HostTopology, cfg: Config) -> list[PoolWrite]:
+    """The pool targets after giving back one VM's pages: baseline + what the others still hold."""
+    rec = ledger.domains.get(uuid)
+    if rec is None:
+        return []
+    writes = []
+    for key, pages in sorted(rec.hugepages.items()):
+        if key in cfg.leave_alone or not pages:
+            continue
+        node_s, size_s = key.removeprefix("node").split("/")
+        node, size = int(node_s), int(size_s.removesuffix("kB"))
+        if node not in topo.nodes or size not in topo.nodes[node].pools:
+            continue
+        state = topo.nodes[node].pools[size]
+        held_all = ledger.reserved(key)
+        others = held_all - pages
+        baseline = derive_baseline(ledger, key, state.nr - state.surplus, held_all)
+        writes.append(PoolWrite(key, node, size, state.nr, baseline + others, baseline))
+    return writes

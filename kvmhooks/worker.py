@@ -1,0 +1,118 @@
+"""The detached post-start worker: the only kvmhooks code that calls libvirt for a starting VM.
+
+A hook must never call back into libvirtd (the daemon waits for the hook while holding the domain's
+job: a deadlock). So the ``started`` hook double-forks this worker into its own session with stdio on
+/dev/null and every inherited descriptor closed (libvirtd reads the hook's stdout/stderr pipes until EOF,
+so a worker holding them would hang ``virsh start``), execs a fresh interpreter, and returns at once.
+The worker then waits (bounded) for the domain to run and applies the live tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from kvmhooks.config import CONFIG_ENV, Config, load_config
+from kvmhooks.domain import UUID_RE
+from kvmhooks.errors import ApplyError, KvmhooksError
+from kvmhooks.log import VMLog, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def spawn_detached(args: Sequence[str], config_path: str | None = None) -> int:
+    """Start ``python -m kvmhooks.worker ARGS`` fully detached; returns the intermediate child's status."""
+    argv = [sys.executable, "-I", "-m", "kvmhooks.worker", *args]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+    if config_path:
+        env[CONFIG_ENV] = config_path
+    pid = os.fork()
+    if pid == 0:  # first child: new session, fork again so the worker is no session leader, then leave
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
+            os.chdir("/")
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def wait_running(dom: object, timeout: float) -> None:
+    """Wait until libvirt reports the domain running (its start job then ends and pins can be taken)."""
+    import libvirt
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state, _ = dom.state()  # type: ignore[attr-defined]
+        if state == libvirt.VIR_DOMAIN_RUNNING:
+            return
+        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            raise ApplyError("the domain stopped before it could be tuned")
+        if time.monotonic() >= deadline:
+            raise ApplyError(f"the domain was not running after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def run_started(uuid: str, cfg: Config) -> int:
+    """Apply the live tuning of a just-started VM. Everything it did goes to the ledger for status."""
+    import libvirt
+
+    from kvmhooks import operations
+
+    started = time.monotonic()
+    vlog = VMLog("?", uuid)
+    try:
+        conn = libvirt.open(cfg.libvirt_uri)
+    except libvirt.libvirtError as e:
+        vlog.error("worker: cannot connect to %s: %s", cfg.libvirt_uri, e)
+        operations.mark(uuid, cfg, error=f"worker: cannot connect to libvirt: {e}")
+        return 1
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        vlog = VMLog(dom.name(), uuid)
+        wait_running(dom, cfg.worker_timeout)
+        from kvmhooks.apply.live import apply_started
+
+        applied = apply_started(conn, dom, cfg, vlog)
+        applied["worker"] = {"pid": os.getpid(), "seconds": round(time.monotonic() - started, 3)}
+        operations.mark(uuid, cfg, state="running", applied=applied, error=None)
+        vlog.info("worker: done in %.3f s", time.monotonic() - started)
+        return 0
+    except (KvmhooksError, libvirt.libvirtError) as e:
+        vlog.error("worker: %s", e)
+        operations.mark(uuid, cfg, error=f"worker: {e}")
+        return 1
+    finally:
+        conn.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "started" or not UUID_RE.fullmatch(args[1]):
+        print("usage: python -m kvmhooks.worker started UUID", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config()
+    except KvmhooksError as e:
+        print(f"kvmhooks worker: {e}", file=sys.stderr)
+        return 1
+    setup_logging(cfg.log, cfg.log_level, "worker")
+    try:
+        return run_started(args[1], cfg)
+    except Exception:
+        log.exception("worker for %s crashed", args[1])
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
