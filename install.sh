@@ -1,0 +1,239 @@
+#!/bin/bash
+# install.sh — install (or with --uninstall, remove) kvmhooks on a libvirt host. Idempotent; as root.
+#
+#   ./install.sh                 venv + package, hook, config skeleton, hugetlbfs mounts, `kvmhooks` on PATH
+#   ./install.sh --uninstall     remove all of it again and restore a hook we replaced
+#
+# Options: --prefix DIR (default /opt/kvmhooks), --hook qemu|qemu.d (default: qemu.d on libvirt >= 6.5),
+#          --replace-hook (allow moving an existing non-kvmhooks /etc/libvirt/hooks/qemu aside),
+#          --no-apt (do not install Debian packages), --no-reload (leave a running libvirtd alone).
+set -euo pipefail
+
+PREFIX=/opt/kvmhooks
+HOOKS=/etc/libvirt/hooks
+CONF_DIR=/etc/kvmhooks
+BIN_LINK=/usr/local/bin/kvmhooks
+STATE_FILE=""        # set after option parsing
+MARKER="kvmhooks: libvirt qemu hook"
+FSTAB_MARK="# added by kvmhooks install.sh"
+mode=install
+hook_mode=""
+replace_hook=no
+use_apt=yes
+reload=yes
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --uninstall) mode=uninstall ;;
+    --prefix) PREFIX=$2; shift ;;
+    --hook) hook_mode=$2; shift ;;
+    --replace-hook) replace_hook=yes ;;
+    --no-apt) use_apt=no ;;
+    --no-reload) reload=no ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+STATE_FILE=$PREFIX/install.state
+
+say() { echo "kvmhooks install: $*"; }
+die() { echo "kvmhooks install: error: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root"
+
+systemd_running() { [ -d /run/systemd/system ]; }
+
+reload_libvirtd() {
+  # libvirtd finds hook scripts at start and at reload (SIGHUP); hugetlbfs mounts only at start.
+  [ "$reload" = yes ] || return 0
+  local need_restart=$1
+  if systemd_running && systemctl is-active -q libvirtd 2>/dev/null; then
+    if [ "$need_restart" = yes ]; then systemctl restart libvirtd; say "restarted libvirtd";
+    else systemctl reload libvirtd; say "reloaded libvirtd"; fi
+  elif pid=$(pgrep -x libvirtd); then
+    kill -HUP $pid
+    say "sent SIGHUP to libvirtd (pid $pid) so it picks up the hook"
+    if [ "$need_restart" = yes ]; then
+      say "NOTE: a hugetlbfs mount was added: restart libvirtd before starting hugepage-backed VMs"
+    fi
+  fi
+}
+
+libvirt_version() {  # prints e.g. 9000000, or 0 when unknown
+  local v
+  v=$(libvirtd --version 2>/dev/null | awk '{print $NF}') || true
+  [ -n "$v" ] || { echo 0; return; }
+  IFS=. read -r a b c <<<"$v"
+  echo $(( ${a:-0} * 1000000 + ${b:-0} * 1000 + ${c:-0} ))
+}
+
+install_deps() {
+  [ "$use_apt" = yes ] && command -v apt-get >/dev/null || return 0
+  local missing=()
+  for p in python3-venv python3-libvirt python3-lxml; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]} from Debian"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+           --no-install-recommends "${missing[@]}" >/dev/null; }
+  fi
+}
+
+install_package() {
+  # A venv that sees Debian's python3-libvirt and python3-lxml (no compiler needed), plus qemu.qmp from PyPI.
+  if [ ! -x "$PREFIX/venv/bin/python3" ]; then
+    mkdir -p "$PREFIX"
+    /usr/bin/python3 -m venv --system-site-packages "$PREFIX/venv"
+  fi
+  "$PREFIX/venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC" 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "is ignored" || true
+  "$PREFIX/venv/bin/python3" -c "import kvmhooks.hook, libvirt, lxml, qemu.qmp" \
+    || die "the kvmhooks venv cannot import its dependencies"
+  ln -sfn "$PREFIX/venv/bin/kvmhooks" "$BIN_LINK"
+  say "package installed in $PREFIX/venv; 'kvmhooks' is $BIN_LINK"
+}
+
+is_ours() { [ -f "$1" ] && grep -q "$MARKER" "$1"; }
+
+install_hook() {
+  local target backup=""
+  if [ -z "$hook_mode" ]; then
+    if [ "$(libvirt_version)" -ge 6005000 ] || [ "$(libvirt_version)" = 0 ]; then hook_mode=qemu.d; else hook_mode=qemu; fi
+  fi
+  mkdir -p "$HOOKS"
+  case "$hook_mode" in
+    qemu.d) mkdir -p "$HOOKS/qemu.d"; target=$HOOKS/qemu.d/kvmhooks ;;
+    qemu) target=$HOOKS/qemu
+      if [ -e "$target" ] && ! is_ours "$target"; then
+        [ "$replace_hook" = yes ] || die "$target exists and is not ours; use --hook qemu.d (libvirt >= 6.5) \
+or --replace-hook to move it to $target.kvmhooks-orig"
+        backup=$target.kvmhooks-orig
+        mv "$target" "$backup"
+        say "moved your existing hook to $backup (restored by --uninstall)"
+      fi ;;
+    *) die "--hook takes qemu or qemu.d" ;;
+  esac
+  # Install atomically: libvirtd may run the hook at any moment.
+  sed "1s|.*|#!$PREFIX/venv/bin/python3 -I|" "$SRC/hooks/qemu" > "$target.tmp"
+  chmod 755 "$target.tmp"
+  mv -f "$target.tmp" "$target"
+  # If we moved from one location to the other, do not leave a second copy running.
+  for other in "$HOOKS/qemu" "$HOOKS/qemu.d/kvmhooks"; do
+    [ "$other" != "$target" ] && is_ours "$other" && rm -f "$other"
+  done
+  printf 'hook=%s\nbackup=%s\n' "$target" "$backup" > "$STATE_FILE.tmp"
+  # Keep the first backup we ever made.
+  if [ -f "$STATE_FILE" ] && grep -q '^backup=.' "$STATE_FILE" && [ -z "$backup" ]; then
+    sed -i "s|^backup=.*|$(grep '^backup=' "$STATE_FILE")|" "$STATE_FILE.tmp"
+  fi
+  mv "$STATE_FILE.tmp" "$STATE_FILE"
+  say "hook installed as $target"
+}
+
+install_config() {
+  mkdir -p "$CONF_DIR" /var/log/kvmhooks
+  if [ ! -f "$CONF_DIR/config.toml" ]; then
+    cat > "$CONF_DIR/config.toml" <<'TOML'
+# kvmhooks host configuration. Every setting is optional; the values shown are the defaults.
+
+# Seconds a hook waits for the shared ledger lock before failing the VM start.
+#lock_timeout = 30
+# Seconds prepare keeps reclaiming memory when the kernel gives fewer huge pages than asked.
+#retry_timeout = 10
+# Memory per NUMA node that huge page reservations never take.
+#host_reserve = "1G"
+# Pools kvmhooks never resizes (VMs may still use free pages the admin put there), e.g. ["node0/1G"].
+#leave_alone = []
+# Where logs go: "syslog", or a file path. Never stdout.
+#log = "/var/log/kvmhooks/kvmhooks.log"
+#log_level = "INFO"
+#libvirt_uri = "qemu:///system"
+# Seconds the post-start worker waits for a VM to be running.
+#worker_timeout = 60
+
+#[cpu]
+# Host CPUs automatic placement may hand out (default: all online CPUs minus housekeeping).
+#allowed = "2-15"
+# CPUs kept for the host itself; never dedicated to a VM.
+#housekeeping = "0"
+TOML
+    say "wrote $CONF_DIR/config.toml (all defaults)"
+  fi
+}
+
+ensure_mount() {  # $1 mount point, $2 pagesize option or "", returns 0 when it mounted something new
+  local dir=$1 opt=$2
+  mkdir -p "$dir"
+  if ! mountpoint -q "$dir"; then
+    mount -t hugetlbfs ${opt:+-o pagesize=$opt} hugetlbfs "$dir"
+    say "mounted hugetlbfs on $dir${opt:+ (pagesize=$opt)}"
+    newly_mounted=yes
+  fi
+  if systemd_running; then
+    [ "$dir" = /dev/hugepages ] && return 0   # systemd's own dev-hugepages.mount
+    local unit
+    unit=$(systemd-escape -p --suffix=mount "$dir")
+    if [ ! -f "/etc/systemd/system/$unit" ]; then
+      cat > "/etc/systemd/system/$unit" <<UNIT
+# $FSTAB_MARK
+[Unit]
+Description=Huge pages file system ($opt) for kvmhooks
+Before=libvirtd.service
+[Mount]
+What=hugetlbfs
+Where=$dir
+Type=hugetlbfs
+Options=pagesize=$opt
+[Install]
+WantedBy=multi-user.target
+UNIT
+      systemctl daemon-reload && systemctl enable -q "$unit"
+    fi
+  elif ! awk -v d="$dir" '$2 == d && $3 == "hugetlbfs"' /etc/fstab | grep -q .; then
+    echo "hugetlbfs $dir hugetlbfs ${opt:+pagesize=$opt,}mode=1770,gid=kvm 0 0 $FSTAB_MARK" >> /etc/fstab
+    say "added $dir to /etc/fstab"
+  fi
+}
+
+install_mounts() {
+  newly_mounted=no
+  ensure_mount /dev/hugepages ""
+  if [ -d /sys/kernel/mm/hugepages/hugepages-1048576kB ]; then
+    ensure_mount /dev/hugepages1G 1G
+  fi
+}
+
+uninstall() {
+  local hook="" backup=""
+  if [ -f "$STATE_FILE" ]; then
+    hook=$(sed -n 's/^hook=//p' "$STATE_FILE"); backup=$(sed -n 's/^backup=//p' "$STATE_FILE")
+  fi
+  for h in "$hook" "$HOOKS/qemu" "$HOOKS/qemu.d/kvmhooks"; do
+    [ -n "$h" ] && is_ours "$h" && rm -f "$h" && say "removed hook $h"
+  done
+  if [ -n "$backup" ] && [ -f "$backup" ]; then
+    mv "$backup" "$HOOKS/qemu" && say "restored your hook $HOOKS/qemu"
+  fi
+  [ -L "$BIN_LINK" ] && rm -f "$BIN_LINK"
+  if [ -f /etc/fstab ] && grep -q "$FSTAB_MARK" /etc/fstab; then
+    sed -i "\|$FSTAB_MARK|d" /etc/fstab && say "removed our /etc/fstab lines (mounts stay until reboot)"
+  fi
+  for u in /etc/systemd/system/*.mount; do
+    [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
+  done
+  rm -rf "$PREFIX" "$CONF_DIR" /run/kvmhooks
+  say "uninstalled (logs kept in /var/log/kvmhooks)"
+  reload_libvirtd no
+}
+
+if [ "$mode" = uninstall ]; then uninstall; exit 0; fi
+install_deps
+install_package
+install_config
+install_mounts
+install_hook
+reload_libvirtd "$newly_mounted"
+say "done. Annotate a VM (see README) or run 'kvmhooks host' to see what kvmhooks sees."
