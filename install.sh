@@ -6,7 +6,8 @@
 #
 # Options: --prefix DIR (default /opt/kvmhooks), --hook qemu|qemu.d (default: qemu.d on libvirt >= 6.5),
 #          --replace-hook (allow moving an existing non-kvmhooks /etc/libvirt/hooks/qemu aside),
-#          --no-apt (do not install Debian packages), --no-reload (leave a running libvirtd alone).
+#          --no-apt (do not install Debian packages), --no-reload (leave a running libvirtd alone),
+#          --hooks-dir DIR, --conf-dir DIR, --bin-link PATH (other locations; the test suite uses them).
 set -euo pipefail
 
 PREFIX=/opt/kvmhooks
@@ -31,7 +32,10 @@ while [ $# -gt 0 ]; do
     --replace-hook) replace_hook=yes ;;
     --no-apt) use_apt=no ;;
     --no-reload) reload=no ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --hooks-dir) HOOKS=$2; shift ;;
+    --conf-dir) CONF_DIR=$2; shift ;;
+    --bin-link) BIN_LINK=$2; shift ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -84,7 +84,7 @@ def run_started(uuid: str, cfg: Config) -> int:
         from kvmhooks.apply.live import apply_started
 
         applied = apply_started(conn, dom, cfg, vlog)
-        applied["worker"] = {"pid": os.getpid(), "seconds": round(time.monotonic() - started, 3)}
+        applied["worker"] = {"pid": os.getpid(), "sid": os.getsid(0), "seconds": round(time.monotonic() - started, 3)}
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
         vlog.info("worker: done in %.3f s", time.monotonic() - started)
         return 0

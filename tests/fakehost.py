@@ -116,3 +116,34 @@ def domain_xml(name: str = "vm1", uuid: str = "11111111-2222-3333-4444-555555555
             f"<memory unit='KiB'>{memory_kib}</memory><currentMemory unit='KiB'>{memory_kib}</currentMemory>"
             f"{mb}<vcpu placement='static'{vcpu_attrs}>{vcpus}</vcpu>{extra}"
             f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}</devices></domain>").encode()
+
+
+class FakeKernel:
+    """Plays the kernel's side of a fake tree: raising a pool takes its memory out of the node's MemFree,
+    as the real kernel does, so capacity checks in later (or concurrent) reservations see it.
+
+    Usable from any process: the node's memory before any huge page is kept in a file of the tree.
+    """
+
+    def __init__(self, host: FakeHost):
+        from kvmhooks.apply.pools import SysfsPools
+
+        self.host = host
+        self.pools = SysfsPools(host.sysfs, host.proc)
+        base = host.root / "fake-kernel-free"
+        if not base.exists():
+            base.write_text(" ".join(str(host.free_per_node_kib) for _ in range(host.nodes)))
+        self.base = [int(x) for x in base.read_text().split()]
+
+    def install(self) -> object:
+        kernel = self
+
+        class Pools(type(self.pools)):  # type: ignore[misc]
+            def set(self, node: int, size_kib: int, count: int) -> int:
+                got = super().set(node, size_kib, count)
+                kernel.host.set_pool(node, size_kib, got)
+                used = sum(kernel.host.pool(node, s) * s for s in kernel.host.page_sizes)
+                kernel.host.set_free(node, kernel.base[node] - used)
+                return got
+
+        return Pools(self.host.sysfs, self.host.proc)

@@ -1,0 +1,187 @@
+"""End-to-end harness: a real libvirtd + QEMU (TCG) started by the tests themselves, kvmhooks installed by
+its own install.sh, and a tiny guest that boots in seconds. Needs root on a Debian host with the packages
+tests/run.sh installs; everything is checked the way a user would, with virsh and /sys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvmhooks.guest import READY_LINE, build_guest, domain_xml
+
+REPO = Path(__file__).resolve().parents[2]
+URI = "qemu:///system"
+CONFIG = Path("/etc/kvmhooks/config.toml")
+LEDGER = Path("/run/kvmhooks/ledger.json")
+LOG = Path("/var/log/kvmhooks/kvmhooks.log")
+POOL2M = Path("/sys/devices/system/node/node0/hugepages/hugepages-2048kB")
+PREFIX = "kvmhtest-"
+NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
+HUGEPAGE_BACKING = "<memoryBacking><hugepages/></memoryBacking>"
+
+# The test host's kvmhooks configuration: no housekeeping CPU (this host has only 2), a short worker
+# deadline, and the normal log file so the tests can read what the hook did.
+TEST_CONFIG = """\
+lock_timeout = 20
+retry_timeout = 3
+host_reserve = "512M"
+worker_timeout = 30
+[cpu]
+housekeeping = ""
+"""
+
+pytestmark = pytest.mark.e2e
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run("virsh", "-c", URI, *args, check=check)
+
+
+def pids(name: str) -> list[int]:
+    out = run("pgrep", "-x", name, check=False).stdout.split()
+    return [int(p) for p in out]
+
+
+def stop_daemon(name: str, timeout: float = 15) -> None:
+    for pid in pids(name):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids(name):
+        os.kill(pid, signal.SIGKILL)
+
+
+def start_libvirtd() -> None:
+    Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
+    if not pids("virtlogd"):
+        run("virtlogd", "-d")
+    run("libvirtd", "-d")
+    deadline = time.monotonic() + 30
+    while virsh("version", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd did not answer within 30 s")
+        time.sleep(0.1)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class VM:
+    name: str
+    uuid: str
+    console: Path
+
+    def ready(self) -> bool:
+        try:
+            return READY_LINE in self.console.read_text(errors="replace")
+        except OSError:
+            return False
+
+
+@dataclass
+class Env:
+    kernel: Path
+    initrd: Path
+    vms: list[VM] = field(default_factory=list)
+
+    def define(self, tuning: str | None = None, memory_mib: int = 256, backing: str = HUGEPAGE_BACKING,
+               **kw: object) -> VM:
+        name = f"{PREFIX}{uuidlib.uuid4().hex[:8]}"
+        uuid = str(uuidlib.uuid4())
+        console = Path(f"/var/log/libvirt/qemu/{name}-console.log")
+        console.unlink(missing_ok=True)
+        meta = f"<kvm:tuning {NS}>{tuning}</kvm:tuning>" if tuning is not None else ""
+        xml = domain_xml(name, uuid, self.kernel, self.initrd, memory_mib=memory_mib, console_log=console,
+                         metadata=meta, memory_backing=backing, **kw)  # type: ignore[arg-type]
+        path = Path(f"/tmp/{name}.xml")
+        path.write_text(xml)
+        virsh("define", str(path))
+        vm = VM(name, uuid, console)
+        self.vms.append(vm)
+        return vm
+
+    def cleanup(self) -> None:
+        for vm in self.vms:
+            virsh("destroy", vm.name, check=False)
+            virsh("undefine", vm.name, check=False)
+        self.vms.clear()
+
+
+def pool2m() -> int:
+    return int((POOL2M / "nr_hugepages").read_text())
+
+
+def free2m() -> int:
+    return int((POOL2M / "free_hugepages").read_text())
+
+
+def ledger() -> dict:  # type: ignore[type-arg]
+    try:
+        return json.loads(LEDGER.read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return {"domains": {}, "pools": {}}
+
+
+def domstate(name: str) -> str:
+    return virsh("domstate", name).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def host() -> Iterator[Env]:
+    if os.geteuid() != 0:
+        pytest.skip("end-to-end tests need root (they install kvmhooks and run libvirtd)")
+    for tool in ("libvirtd", "virsh", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed; tests/run.sh installs it")
+    # What udev does on a normal host; without it every define/start re-probes QEMU for ~40 s.
+    if Path("/dev/kvm").exists():
+        shutil.chown("/dev/kvm", group="kvm")
+        os.chmod("/dev/kvm", 0o660)
+    saved_config = CONFIG.read_text() if CONFIG.exists() else None
+    run(str(REPO / "install.sh"), "--no-apt", "--no-reload", timeout=300)
+    CONFIG.write_text(TEST_CONFIG)
+    # Our own daemon, started after the hugetlbfs mounts and the hook exist (libvirtd reads both at start).
+    stop_daemon("libvirtd")
+    start_libvirtd()
+    kernel, initrd = build_guest()
+    env = Env(kernel, initrd)
+    for name in virsh("list", "--all", "--name").stdout.split():
+        if name.startswith(PREFIX):
+            virsh("destroy", name, check=False)
+            virsh("undefine", name, check=False)
+    try:
+        yield env
+    finally:
+        env.cleanup()
+        if saved_config is not None:
+            CONFIG.write_text(saved_config)
+
+
+@pytest.fixture
+def env(host: Env) -> Iterator[Env]:
+    yield host
+    host.cleanup()

@@ -1,0 +1,168 @@
+"""The v1 annotation contract and the safe parser (valid, invalid, hostile input)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmhooks.domain import MAX_XML_BYTES, parse_domain, qmp_socket_arg
+from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
+from tests.fakehost import domain_xml
+
+FULL = """
+<kvm:hugepages size="2M" nodes="auto" required="yes"/>
+<kvm:cpu policy="dedicated" threads="prefer" emulator="share"/>
+<kvm:vcpupin vcpu="0" cpuset="2"/>
+<kvm:vcpupin vcpu="1" cpuset="3"/>
+<kvm:emulatorpin cpuset="0-1"/>
+<kvm:iothreadpin iothread="1" cpuset="1"/>
+<kvm:cputune persist="no"/>
+<kvm:vcpus live="2"/>
+<kvm:memtune hard_limit="2G" soft_limit="1536M" swap_hard_limit="3G" min_guarantee="1G"/>
+<kvm:balloon target="75%" min="512M" stats-period="2" policy="fixed" transport="auto"/>
+"""
+
+
+def test_the_readme_example_parses() -> None:
+    dom = parse_domain(domain_xml(memory_kib=4 * 1024 * 1024, tuning=FULL, vcpus=4, extra="<iothreads>1</iothreads>"))
+    t = dom.tuning
+    assert t is not None and t.enabled and dom.annotated
+    assert t.hugepages is not None and t.hugepages.size_kib == 2048 and t.hugepages.nodes is None
+    assert t.cpu is not None and t.cpu.policy == "dedicated"
+    assert [(p.target, set(p.cpus)) for p in t.vcpupins] == [(0, {2}), (1, {3})]
+    assert t.emulatorpin == {0, 1}
+    assert t.iothreadpins[0].target == 1
+    assert t.vcpus_live == 2
+    assert t.memtune is not None and t.memtune.hard_limit == 2 * 1024 * 1024 and t.memtune.min_guarantee == 1024**2
+    assert t.balloon is not None and t.balloon.target_kib == 3 * 1024 * 1024 and t.balloon.min_kib == 512 * 1024
+
+
+def test_unannotated_and_disabled() -> None:
+    assert parse_domain(domain_xml(tuning=None)).tuning is None
+    dom = parse_domain(domain_xml(tuning="<kvm:hugepages/>").replace(b"<kvm:tuning ", b'<kvm:tuning enabled="no" '))
+    assert dom.annotated and dom.active_tuning is None
+
+
+def test_defaults() -> None:
+    dom = parse_domain(domain_xml(tuning="<kvm:hugepages/><kvm:balloon policy='auto'/>"))
+    assert dom.tuning is not None and dom.tuning.hugepages is not None
+    assert dom.tuning.hugepages.size_kib is None and dom.tuning.hugepages.required
+    assert dom.tuning.balloon is not None and dom.tuning.balloon.min_kib == 262144 // 2
+    assert dom.tuning.balloon.stats_period == 2 and dom.tuning.balloon.target_kib is None
+
+
+def test_balloon_floor_follows_memtune_min_guarantee_in_any_order() -> None:
+    dom = parse_domain(domain_xml(tuning="<kvm:balloon target='200M'/><kvm:memtune min_guarantee='150M'/>"))
+    assert dom.tuning is not None and dom.tuning.balloon is not None
+    assert dom.tuning.balloon.min_kib == 150 * 1024
+
+
+@pytest.mark.parametrize(("tuning", "element", "attribute", "value"), [
+    ('<kvm:hugepages size="3M"/>', "hugepages", "size", "3M"),
+    ('<kvm:hugepages nodes="zero"/>', "hugepages", "nodes", "zero"),
+    ('<kvm:hugepages required="maybe"/>', "hugepages", "required", "maybe"),
+    ('<kvm:hugepages count="-1"/>', "hugepages", "count", "-1"),
+    ('<kvm:hugepages colour="red"/>', "hugepages", "colour", "red"),
+    ('<kvm:cpu policy="exclusive"/>', "cpu", "policy", "exclusive"),
+    ('<kvm:cpu policy="dedicated" threads="share"/>', "cpu", "threads", "share"),
+    ('<kvm:vcpupin vcpu="2" cpuset="1"/>', "vcpupin", "vcpu", "2"),
+    ('<kvm:vcpupin vcpu="0" cpuset="1-x"/>', "vcpupin", "cpuset", "1-x"),
+    ('<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="0" cpuset="2"/>', "vcpupin", "vcpu", "0"),
+    ('<kvm:emulatorpin cpuset=""/>', "emulatorpin", "cpuset", ""),
+    ('<kvm:iothreadpin iothread="1" cpuset="0"/>', "iothreadpin", "iothread", "1"),
+    ('<kvm:vcpus live="3"/>', "vcpus", "live", "3"),
+    ('<kvm:memtune hard_limit="2GB"/>', "memtune", "hard_limit", "2GB"),
+    ('<kvm:memtune hard_limit="1G" soft_limit="2G"/>', "memtune", "soft_limit", "2G"),
+    ('<kvm:balloon target="512M"/>', "balloon", "target", "512M"),
+    ('<kvm:balloon target="150%"/>', "balloon", "target", "150%"),
+    ('<kvm:balloon target="100M" min="200M"/>', "balloon", "target", "100M"),
+    ('<kvm:balloon/>', "balloon", "target", None),
+    ('<kvm:balloon target="200M" transport="qmp"/>', "balloon", "transport", "qmp"),
+    ('<kvm:balloon target="200M" stats-period="x"/>', "balloon", "stats-period", "x"),
+    ('<kvm:cputune persist="sometimes"/>', "cputune", "persist", "sometimes"),
+])
+def test_bad_values_name_vm_element_attribute_value(tuning: str, element: str, attribute: str,
+                                                     value: str | None) -> None:
+    with pytest.raises(AnnotationError) as exc:
+        parse_domain(domain_xml(name="web1", tuning=tuning))
+    e = exc.value
+    assert (e.vm, e.element, e.attribute, e.value) == ("web1", element, attribute, value)
+    msg = str(e)
+    assert "\n" not in msg and msg.startswith("VM 'web1': <kvm:" + element)
+    if value:
+        assert repr(value) in msg
+
+
+def test_unknown_and_repeated_elements() -> None:
+    with pytest.raises(AnnotationError, match="unknown element"):
+        parse_domain(domain_xml(tuning="<kvm:hugepage/>"))
+    with pytest.raises(AnnotationError, match="more than once"):
+        parse_domain(domain_xml(tuning="<kvm:hugepages/><kvm:hugepages/>"))
+    with pytest.raises(AnnotationError, match="outside the kvmhooks namespace"):
+        parse_domain(domain_xml(tuning="<hugepages/>"))
+
+
+def test_balloon_needs_a_balloon_device() -> None:
+    with pytest.raises(DomainConfigError, match="memballoon"):
+        parse_domain(domain_xml(tuning="<kvm:balloon target='200M'/>", devices=""))
+
+
+def test_qmp_socket_is_recognised_only_at_our_path() -> None:
+    uuid = "11111111-2222-3333-4444-555555555555"
+    ok = (f"<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-qmp'/>"
+          f"<qemu:arg value='{qmp_socket_arg(uuid)}'/></qemu:commandline>")
+    xml = domain_xml(tuning="<kvm:balloon target='200M' transport='qmp'/>").replace(b"</domain>",
+                                                                                  ok.encode() + b"</domain>")
+    assert parse_domain(xml).qmp_socket == f"/var/lib/libvirt/qemu/kvmhooks/{uuid}.qmp"
+    other = xml.replace(b"kvmhooks/" + uuid.encode() + b".qmp", b"../../../etc/x.qmp")
+    with pytest.raises(AnnotationError):
+        parse_domain(other)
+
+
+def test_numa_cells_and_numatune() -> None:
+    extra = ("<cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/><cell id='1' cpus='1' memory='128' "
+             "unit='MiB'/></numa></cpu><numatune><memory mode='strict' nodeset='0-1'/>"
+             "<memnode cellid='1' mode='strict' nodeset='1'/></numatune>")
+    dom = parse_domain(domain_xml(extra=extra))
+    assert [c.memory_kib for c in dom.cells] == [131072, 131072]
+    assert dom.numatune_nodes == {0, 1} and dom.memnodes == {1: {1}}
+
+
+# --- hostile input ---------------------------------------------------------------------------------------
+
+XXE = b"""<?xml version="1.0"?>
+<!DOCTYPE domain [<!ENTITY xxe SYSTEM "file:///etc/shadow">]>
+<domain><name>&xxe;</name><uuid>11111111-2222-3333-4444-555555555555</uuid><memory>1</memory></domain>"""
+
+LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<domain><name>&lol3;</name></domain>"""
+
+
+@pytest.mark.parametrize("data", [XXE, LAUGHS], ids=["xxe", "billion-laughs"])
+def test_doctype_and_entities_are_refused(data: bytes) -> None:
+    with pytest.raises(XMLInputError, match="DOCTYPE|entity"):
+        parse_domain(data)
+
+
+def test_external_xinclude_and_network_are_not_followed() -> None:
+    data = domain_xml(name="x").replace(
+        b"<name>x</name>", b"<name xmlns:xi='http://www.w3.org/2001/XInclude'>x<xi:include href='/etc/passwd'/></name>")
+    assert parse_domain(data).name == "x"  # include element ignored, never resolved
+
+
+def test_oversize_and_malformed() -> None:
+    with pytest.raises(XMLInputError, match="larger"):
+        parse_domain(b"<domain>" + b" " * MAX_XML_BYTES + b"</domain>")
+    with pytest.raises(XMLInputError, match="well-formed"):
+        parse_domain(b"<domain><name>x</domain>")
+    with pytest.raises(XMLInputError, match="<uuid>"):
+        parse_domain(domain_xml(uuid="../../etc/passwd"))
+    with pytest.raises(XMLInputError, match="expected a <domain>"):
+        parse_domain(b"<network/>")
+
+
+def test_wrong_namespace_is_not_ours() -> None:
+    data = domain_xml(tuning="<kvm:hugepages/>").replace(b"http://kvmhooks.org/xmlns/domain/1.0",
+                                                        b"http://kvmhooks.org/xmlns/domain/2.0")
+    assert parse_domain(data).tuning is None
