@@ -134,6 +134,9 @@ class Domain:
     has_tablet: bool = False
     annotated: bool = False
     tuning: Tuning | None = None
+    # The live <cputune> (in a running domain's XML: what is applied now), for adopting at reconnect.
+    live_vcpupins: dict[int, frozenset[int]] = field(default_factory=dict)
+    live_emulatorpin: frozenset[int] | None = None
 
     @property
     def active_tuning(self) -> Tuning | None:
@@ -242,6 +245,16 @@ def parse_domain(data: bytes) -> Domain:
             qmp_socket = qmp_socket_path(uuid)
 
     cpu_el = root.find("cpu")
+    live_vcpupins: dict[int, frozenset[int]] = {}
+    live_emulatorpin = None
+    try:
+        for vp in root.iterfind("cputune/vcpupin"):
+            live_vcpupins[_int(vp.get("vcpu"), "<vcpupin vcpu>", 0)] = parse_cpuset(vp.get("cpuset", ""))
+        ep = root.find("cputune/emulatorpin")
+        if ep is not None:
+            live_emulatorpin = parse_cpuset(ep.get("cpuset", ""))
+    except ValueError as e:
+        raise XMLInputError(f"VM {name!r}: <cputune>: {e}") from None
     os_hint = ""
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.endswith("}os") and el.get("id"):
@@ -256,6 +269,7 @@ def parse_domain(data: bytes) -> Domain:
         qmp_socket=qmp_socket, cpu_mode=cpu_el.get("mode") if cpu_el is not None else None,
         os_hint=os_hint,
         has_tablet=any(i.get("type") == "tablet" for i in root.iterfind("devices/input")),
+        live_vcpupins=live_vcpupins, live_emulatorpin=live_emulatorpin,
     )
     tuning_el = root.find(f"metadata/{_K}tuning")
     if tuning_el is None:

@@ -68,7 +68,12 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
             operations.adopt(dom, cfg)
     elif op in ("stopped", "release"):
         uuid, _ = read_uuid_and_name(data)
-        operations.release(uuid, cfg)
+        rec = operations.release(uuid, cfg)
+        if rec is not None and rec.cpus and operations.has_running_shared(cfg):
+            # Dedicated CPUs came free: the shared VMs may float over them again (needs libvirt: detached).
+            from kvmhooks.worker import spawn_detached
+
+            spawn_detached(["repin", "-"], os.environ.get(CONFIG_ENV))
     # start, migrate, restore, attach, and anything newer libvirt invents: nothing to do, output nothing.
 
 

@@ -35,6 +35,7 @@ class DomainRecord:
     hugepages: dict[str, int] = field(default_factory=dict)  # pool key → pages
     cpus: list[int] = field(default_factory=list)  # dedicated host CPUs (exclusive among kvmhooks VMs)
     shared: bool = False  # floats over the shared pool; re-pinned when dedicated CPUs change
+    pins: dict[str, Any] = field(default_factory=dict)  # planned pins (CpuPlan.to_record)
     applied: dict[str, Any] = field(default_factory=dict)  # what the worker applied, for status
     error: str | None = None
     updated: float = 0.0

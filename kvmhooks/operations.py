@@ -16,8 +16,10 @@ from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError
 from kvmhooks.ledger import DomainRecord, Ledger, LedgerState, PoolRecord, stamp
 from kvmhooks.log import VMLog
+from kvmhooks.plan.cpus import CpuPlan, plan_cpus
 from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages, pool_writes, release_writes
 from kvmhooks.topology import HostTopology, read_topology
+from kvmhooks.units import format_cpuset
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 class Prepared:
     record: DomainRecord
     hugepages: HugepagePlan | None
+    cpus: CpuPlan | None = None
     warnings: tuple[str, ...] = ()
 
 
@@ -37,10 +40,18 @@ def topology_for(cfg: Config) -> HostTopology:
     return read_topology(cfg.sysfs_root, cfg.proc_root)
 
 
-def check(dom: Domain, cfg: Config, topo: HostTopology | None = None) -> HugepagePlan | None:
-    """Everything prepare would refuse for, without the lock and without touching anything."""
+def check(dom: Domain, cfg: Config, topo: HostTopology | None = None, state: LedgerState | None = None,
+          ) -> tuple[HugepagePlan | None, CpuPlan | None]:
+    """Everything prepare would refuse for, without the lock and without touching anything.
+
+    With ``state`` (a ledger snapshot) the plans are what prepare would do now; without, only what
+    depends on the VM and the host is checked (capacity against an empty ledger).
+    """
     topo = topo or topology_for(cfg)
-    return plan_hugepages(dom, topo, cfg)
+    state = state if state is not None else LedgerState()
+    hp = plan_hugepages(dom, topo, cfg)
+    cpus = plan_cpus(dom, topo, cfg, state, frozenset(hp.pages) if hp else frozenset())
+    return hp, cpus
 
 
 def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepared:
@@ -57,6 +68,8 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepar
             _release_locked(dom.uuid, state, cfg, pools)
         topo = topology_for(cfg)  # fresh, under the lock: earlier holders changed the pools
         plan = plan_hugepages(dom, topo, cfg)
+        # CPUs first: a refusal there must leave the pools untouched.
+        cpu_plan = plan_cpus(dom, topo, cfg, state, frozenset(plan.pages) if plan else frozenset())
         record = DomainRecord(name=dom.name)
         if plan is not None:
             try:
@@ -74,9 +87,14 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepar
                 record.hugepages = plan.pools()
                 vlog.info("reserved %s", ", ".join(f"{w.pool} {w.target - w.before:+d} pages (now {w.target})"
                                                     for w in writes) or "no new pages (pools left alone)")
+        if cpu_plan is not None:
+            record.cpus = sorted(cpu_plan.dedicated)
+            record.shared = cpu_plan.shared
+            record.pins = cpu_plan.to_record()
+            vlog.info("CPUs: dedicated %s, pins %s", record.cpus or "none", record.pins)
         stamp(record)
         state.domains[dom.uuid] = record
-        return Prepared(record, plan, tuple(warnings))
+        return Prepared(record, plan, cpu_plan, tuple(warnings))
 
 
 def _release_locked(uuid: str, state: LedgerState, cfg: Config, pools: SysfsPools) -> DomainRecord | None:
@@ -129,10 +147,29 @@ def adopt(dom: Domain, cfg: Config) -> DomainRecord:
                     state.pools[key] = PoolRecord(max(0, pool_state.nr - pool_state.surplus
                                                       - state.reserved(key) - pages))
             rec.hugepages = plan.pools()
+        _adopt_cpus(dom, rec)
         stamp(rec)
         state.domains[dom.uuid] = rec
-        vlog.info("reconnect: adopted (pages %s)", rec.hugepages or "none")
+        vlog.info("reconnect: adopted (pages %s, dedicated CPUs %s)", rec.hugepages or "none", rec.cpus or "none")
         return rec
+
+
+def _adopt_cpus(dom: Domain, rec: DomainRecord) -> None:
+    """Take the running VM's dedicated CPUs from its live <cputune>: what is pinned now is what it holds."""
+    t = dom.active_tuning
+    if t is None or t.cpu is None:
+        return
+    if t.cpu.policy == "shared":
+        rec.shared = True
+        return
+    explicit = {p.target for p in t.vcpupins}
+    cpus = {c for v, cs in dom.live_vcpupins.items() if v not in explicit and len(cs) == 1 for c in cs}
+    emu = dom.live_emulatorpin
+    if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
+        cpus |= emu
+    rec.cpus = sorted(cpus)
+    rec.pins = {"vcpus": {str(v): format_cpuset(c) for v, c in sorted(dom.live_vcpupins.items())},
+                "emulator": format_cpuset(emu) if emu else None, "iothreads": {}}
 
 
 def mark(uuid: str, cfg: Config, **changes: object) -> None:
@@ -148,3 +185,7 @@ def mark(uuid: str, cfg: Config, **changes: object) -> None:
             else:
                 setattr(rec, k, v)
         stamp(rec)
+
+
+def has_running_shared(cfg: Config) -> bool:
+    return any(r.shared for r in ledger_for(cfg).read().domains.values())

@@ -96,10 +96,30 @@ def run_started(uuid: str, cfg: Config) -> int:
         conn.close()
 
 
+def run_repin(cfg: Config) -> int:
+    """After a dedicated VM stopped: let the shared VMs float over the CPUs it gave back."""
+    import libvirt
+
+    from kvmhooks.apply.live import repin_shared
+
+    try:
+        conn = libvirt.open(cfg.libvirt_uri)
+    except libvirt.libvirtError as e:
+        log.error("repin worker: cannot connect to %s: %s", cfg.libvirt_uri, e)
+        return 1
+    try:
+        repin_shared(conn, cfg, VMLog("-", "-"))
+        return 0
+    finally:
+        conn.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] != "started" or not UUID_RE.fullmatch(args[1]):
-        print("usage: python -m kvmhooks.worker started UUID", file=sys.stderr)
+    valid = (len(args) == 2 and ((args[0] == "started" and UUID_RE.fullmatch(args[1]))
+                                 or (args[0] == "repin" and args[1] == "-")))
+    if not valid:
+        print("usage: python -m kvmhooks.worker started UUID | repin -", file=sys.stderr)
         return 2
     try:
         cfg = load_config()
@@ -108,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     setup_logging(cfg.log, cfg.log_level, "worker")
     try:
-        return run_started(args[1], cfg)
+        return run_started(args[1], cfg) if args[0] == "started" else run_repin(cfg)
     except Exception:
         log.exception("worker for %s crashed", args[1])
         return 1
