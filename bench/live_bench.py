@@ -1,0 +1,75 @@
+"""Live-tuning latency on the real libvirtd (run after `sudo bash tests/run.sh` or install.sh, as root).
+
+    sudo .venv/bin/python bench/live_bench.py [--runs 10]
+
+- pins: time from `virsh start` returning until every vCPU and emulator pin is visible through libvirt
+  (what `virsh vcpupin`/`emulatorpin` print), median over repeated starts of one TCG guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import libvirt  # noqa: E402
+
+from kvmhooks.guest import build_guest, domain_xml  # noqa: E402
+
+NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
+
+
+def define(conn: libvirt.virConnect, name: str, tuning: str, **kw: object) -> libvirt.virDomain:
+    kernel, initrd = build_guest()
+    xml = domain_xml(name, str(uuidlib.uuid4()), kernel, initrd, metadata=f"<kvm:tuning {NS}>{tuning}</kvm:tuning>",
+                     console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"), **kw)  # type: ignore[arg-type]
+    return conn.defineXML(xml)
+
+
+def pins_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
+    dom = define(conn, "kvmhbench-pins", '<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>'
+                 '<kvm:emulatorpin cpuset="0"/>')
+    want_v = [(False, True), (True, False)]
+    out = []
+    try:
+        for _ in range(runs):
+            subprocess.run(["virsh", "-c", "qemu:///system", "start", dom.name()], check=True, capture_output=True)
+            t0 = time.perf_counter()
+            while True:
+                v = [tuple(x[:2]) for x in dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)]
+                e = tuple(dom.emulatorPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[:2])
+                if v == want_v and e == (True, False):
+                    break
+                if time.perf_counter() - t0 > 10:
+                    raise SystemExit("pins never appeared: is kvmhooks installed and libvirtd restarted?")
+                time.sleep(0.002)
+            out.append(time.perf_counter() - t0)
+            dom.destroy()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    conn = libvirt.open("qemu:///system")
+    rows = [("pins visible after `virsh start` returns", pins_latency(conn, args.runs))]
+    print(f"median of {args.runs} starts of a TCG guest\n")
+    print("| measurement | median ms | min ms | max ms |\n|---|---:|---:|---:|")
+    for name, xs in rows:
+        print(f"| {name} | {statistics.median(xs) * 1000:.0f} | {min(xs) * 1000:.0f} | {max(xs) * 1000:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
