@@ -44,6 +44,8 @@ class Config:
     proc_root: Path = Path("/proc")
     state_dir: Path = Path("/run/kvmhooks")
     hooks_dir: Path = Path("/etc/libvirt/hooks")
+    # Persistent bookkeeping of `kvmhooks annotate` (what it added, so --remove takes exactly that away).
+    lib_dir: Path = Path("/var/lib/kvmhooks")
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -52,7 +54,8 @@ class Config:
 
 
 _SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
-           "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path}
+           "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path,
+           "lib_dir": Path}
 
 
 def load_config(path: Path | None = None) -> Config:

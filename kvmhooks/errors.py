@@ -10,6 +10,8 @@
      ├── CapacityError            the host cannot give what the VM asks for (pages, CPUs)
      ├── LockTimeout              the shared ledger stayed locked past its deadline
      ├── ConfigError              /etc/kvmhooks/config.toml is invalid
+     ├── NotFound                 no such domain (CLI)
+     ├── ConnectError             libvirtd cannot be reached (CLI, worker)
      └── ApplyError               writing to the host (sysfs, libvirt, QMP) failed; wraps the cause
 
 Only the entry points (hook, worker, cli) turn these into exit codes and one-line messages. A wrapper
@@ -63,6 +65,14 @@ class LockTimeout(KvmhooksError):
 
 class ConfigError(KvmhooksError):
     """The host configuration file is invalid."""
+
+
+class NotFound(KvmhooksError):
+    """A domain named on the command line does not exist."""
+
+
+class ConnectError(KvmhooksError):
+    """libvirtd cannot be reached; the message says which URI and suggests starting it."""
 
 
 class ApplyError(KvmhooksError):

@@ -1,0 +1,156 @@
+"""Edit a domain definition for ``kvmhooks annotate``: our metadata element plus what it needs to work.
+
+Pure text-in/text-out over lxml, so the CLI can show a diff before (or instead of) defining it. Only our
+parts change: the ``<kvm:tuning>`` element, ``<memoryBacking><hugepages>`` and the dedicated QMP socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from lxml import etree
+
+from kvmhooks import NAMESPACE
+from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg, safe_parse
+from kvmhooks.errors import KvmhooksError
+from kvmhooks.topology import HostTopology
+from kvmhooks.units import libvirt_to_kib, parse_cpuset
+
+_K = f"{{{NAMESPACE}}}"
+_Q = f"{{{QEMU_CMDLINE_NS}}}"
+GIB_KIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AnnotateRequest:
+    hugepages: str | None = None  # 2M / 1G / auto
+    cpu: str | None = None  # dedicated / shared
+    pin: str | None = None  # auto / "2,3"
+    balloon: str | None = None  # target
+    qmp: bool = False
+    remove: bool = False
+    remove_backing: bool = False  # with remove: annotate had added the hugepage backing
+
+
+@dataclass(frozen=True)
+class Edited:
+    xml: str
+    added_backing: bool = False
+
+
+def _child(parent: etree._Element, tag: str, first: bool = False) -> etree._Element:
+    el = parent.find(tag)
+    if el is None:
+        el = etree.Element(tag)
+        if first:
+            parent.insert(0, el)
+        else:
+            parent.append(el)
+    return el
+
+
+def _set(tuning: etree._Element, name: str, **attrs: str) -> None:
+    for old in tuning.findall(_K + name):
+        tuning.remove(old)
+    el = etree.SubElement(tuning, _K + name)
+    for k, v in attrs.items():
+        el.set(k.replace("_", "-") if k == "stats_period" else k, v)
+
+
+def auto_page_kib(memory_kib: int, topo: HostTopology) -> int:
+    """The contract's `auto`: 1G when the memory is whole GiB and the host has (mounted) 1G pages, else 2M."""
+    if memory_kib % GIB_KIB == 0 and GIB_KIB in topo.page_sizes and GIB_KIB in topo.hugetlbfs:
+        return GIB_KIB
+    return 2048
+
+
+def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edited:
+    root = safe_parse(xml.encode())
+    uuid = (root.findtext("uuid") or "").strip()
+    if req.remove:
+        meta = root.find("metadata")
+        if meta is not None:
+            for el in meta.findall(_K + "tuning"):
+                meta.remove(el)
+        _remove_qmp(root, uuid)
+        if req.remove_backing:
+            mb = root.find("memoryBacking")
+            if mb is not None and mb.find("hugepages") is not None:
+                mb.remove(mb.find("hugepages"))  # type: ignore[arg-type]
+                if len(mb) == 0:
+                    root.remove(mb)
+        return Edited(etree.tostring(root, encoding="unicode"))
+    meta = root.find("metadata")
+    if meta is None:
+        meta = etree.Element("metadata")
+        after = root.find("title") if root.find("title") is not None else root.find("uuid")
+        if after is not None:
+            after.addnext(meta)
+        else:
+            root.insert(0, meta)
+    tuning = meta.find(_K + "tuning")
+    if tuning is None:
+        tuning = etree.SubElement(meta, _K + "tuning", nsmap={"kvm": NAMESPACE})
+    added_backing = False
+    if req.hugepages:
+        _set(tuning, "hugepages", size=req.hugepages)
+        mem = root.find("memory")
+        memory_kib = libvirt_to_kib(mem.text or "0", mem.get("unit")) if mem is not None else 0
+        size = {"2M": 2048, "1G": GIB_KIB}.get(req.hugepages) or auto_page_kib(memory_kib, topo)
+        mb = root.find("memoryBacking")
+        if mb is None:
+            mb = etree.Element("memoryBacking")
+            anchor = root.find("currentMemory") if root.find("currentMemory") is not None else root.find("memory")
+            if anchor is not None:
+                anchor.addnext(mb)
+            else:
+                root.append(mb)
+        hp = mb.find("hugepages")
+        if hp is None:
+            hp = etree.SubElement(mb, "hugepages")
+            added_backing = True
+        if size != topo.default_page_kib and not hp.findall("page"):
+            etree.SubElement(hp, "page", size=str(size), unit="KiB")
+    if req.cpu or req.pin == "auto":
+        _set(tuning, "cpu", policy=req.cpu or "dedicated")
+    if req.pin and req.pin != "auto":
+        try:
+            cpus = [int(c) for c in req.pin.split(",")]
+            for c in cpus:
+                parse_cpuset(str(c))
+        except ValueError:
+            raise KvmhooksError(f"--pin {req.pin!r}: expected 'auto' or host CPUs for vCPU 0,1,... like 2,3") from None
+        for old in tuning.findall(_K + "vcpupin"):
+            tuning.remove(old)
+        for v, c in enumerate(cpus):
+            etree.SubElement(tuning, _K + "vcpupin", vcpu=str(v), cpuset=str(c))
+    if req.balloon:
+        _set(tuning, "balloon", target=req.balloon)
+    if req.qmp:
+        _add_qmp(root, uuid)
+    return Edited(etree.tostring(root, encoding="unicode"), added_backing)
+
+
+def _add_qmp(root: etree._Element, uuid: str) -> None:
+    cmd = root.find(_Q + "commandline")
+    if cmd is None:
+        cmd = etree.SubElement(root, _Q + "commandline", nsmap={"qemu": QEMU_CMDLINE_NS})
+    values = [a.get("value") for a in cmd.findall(_Q + "arg")]
+    if qmp_socket_arg(uuid) in values:
+        return
+    etree.SubElement(cmd, _Q + "arg", value="-qmp")
+    etree.SubElement(cmd, _Q + "arg", value=qmp_socket_arg(uuid))
+
+
+def _remove_qmp(root: etree._Element, uuid: str) -> None:
+    cmd = root.find(_Q + "commandline")
+    if cmd is None:
+        return
+    args = cmd.findall(_Q + "arg")
+    for prev, arg in itertools.pairwise(args):
+        if prev.get("value") == "-qmp" and arg.get("value") == qmp_socket_arg(uuid):
+            cmd.remove(prev)
+            cmd.remove(arg)
+    if len(cmd) == 0:
+        root.remove(cmd)

@@ -1,0 +1,571 @@
+"""The ``kvmhooks`` command: see and steer what the hook does.
+
+Exit codes: 0 ok, 1 a finding or a failure, 2 usage. Human tables by default, ``--json`` for scripts.
+Talks to libvirt through libvirt-python (never by running virsh), and reads the same ledger and topology
+code the hook uses. This module (with hook and worker) is where exceptions become exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvmhooks import NAMESPACE, PREFIX, __version__, operations
+from kvmhooks.config import Config, load_config, pool_key
+from kvmhooks.domain import Domain, parse_domain
+from kvmhooks.errors import ConnectError, KvmhooksError, NotFound
+from kvmhooks.ledger import LedgerState
+from kvmhooks.topology import HostTopology
+from kvmhooks.units import format_cpuset, format_kib
+
+EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+def connect(uri: str) -> Any:
+    import libvirt
+
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; is libvirtd running? "
+                           "(systemctl start libvirtd, or libvirtd -d)") from None
+
+
+def lookup(conn: Any, name: str) -> Any:
+    import libvirt
+
+    for fn in (conn.lookupByName, conn.lookupByUUIDString):
+        try:
+            return fn(name)
+        except libvirt.libvirtError:
+            continue
+    raise NotFound(f"no domain named {name!r} (see 'virsh list --all')")
+
+
+def inactive_xml(dom: Any, secure: bool = False) -> str:
+    import libvirt
+
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
+    return str(dom.XMLDesc(flags))
+
+
+def read_ledger(cfg: Config) -> LedgerState:
+    try:
+        return operations.ledger_for(cfg).read()
+    except PermissionError:
+        raise KvmhooksError(f"cannot read {cfg.ledger_path}: run as root") from None
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def emit(args: argparse.Namespace, data: object, human: Callable[[], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else human())
+
+
+def summarize(dom: Domain) -> str:
+    t = dom.tuning
+    if t is None:
+        return "-"
+    parts = []
+    if not t.enabled:
+        return "disabled"
+    if t.hugepages:
+        parts.append(f"hugepages {format_kib(t.hugepages.size_kib) if t.hugepages.size_kib else 'auto'}")
+    if t.cpu:
+        parts.append(f"cpu {t.cpu.policy}")
+    if t.vcpupins or t.emulatorpin or t.iothreadpins:
+        parts.append("pins")
+    if t.memtune:
+        parts.append("memtune")
+    if t.vcpus_live:
+        parts.append(f"vcpus {t.vcpus_live}")
+    if t.balloon:
+        parts.append(f"balloon {t.balloon.policy}")
+    return ", ".join(parts) or "(empty)"
+
+
+# --- status -------------------------------------------------------------------------------------------------
+
+def pool_rows(topo: HostTopology, state: LedgerState) -> list[dict[str, Any]]:
+    rows = []
+    for nid, node in sorted(topo.nodes.items()):
+        for size, ps in sorted(node.pools.items()):
+            key = pool_key(nid, size)
+            reserved = state.reserved(key)
+            if not (ps.nr or reserved):
+                continue
+            rec = state.pools.get(key)
+            baseline = rec.baseline if rec else ps.nr - ps.surplus
+            rows.append({"pool": key, "size": format_kib(size), "baseline": baseline, "reserved": reserved,
+                         "nr_hugepages": ps.nr, "in_use": ps.in_use, "free": ps.free})
+    return rows
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    import libvirt
+
+    state = read_ledger(cfg)
+    topo = operations.topology_for(cfg)
+    vms: list[dict[str, Any]] = []
+    conn = None
+    note = ""
+    try:
+        conn = connect(args.uri or cfg.libvirt_uri)
+    except ConnectError as e:
+        note = f"note: {e}; showing the ledger only"
+    if conn is not None:
+        doms = [lookup(conn, n) for n in args.domains] if args.domains else conn.listAllDomains()
+    else:
+        doms = []
+    seen = set()
+    for d in doms:
+        uuid = d.UUIDString()
+        try:
+            dom = parse_domain(d.XMLDesc(0).encode())
+        except KvmhooksError as e:
+            vms.append({"name": d.name(), "uuid": uuid, "state": "?", "annotations": f"invalid: {e}"})
+            continue
+        rec = state.domains.get(uuid)
+        if rec is None and not dom.annotated and not args.domains:
+            continue
+        seen.add(uuid)
+        info = d.info()
+        row: dict[str, Any] = {"name": d.name(), "uuid": uuid,
+                               "state": {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+                                         libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}.get(info[0], str(info[0])),
+                               "annotations": summarize(dom)}
+        if rec is not None:
+            row.update(hugepages=rec.hugepages, cpus=format_cpuset(rec.cpus) if rec.cpus else "",
+                       shared=rec.shared, pins=rec.pins, applied=rec.applied, error=rec.error, ledger_state=rec.state)
+        if d.isActive():
+            row["memory_kib"] = {"max": info[1], "actual": info[2]}
+            t = dom.active_tuning
+            if t is not None and t.balloon is not None:
+                row["balloon"] = {"target": t.balloon.target_kib, "min": t.balloon.min_kib, "actual": info[2],
+                                  "policy": t.balloon.policy}
+        vms.append(row)
+    for uuid, rec in sorted(state.domains.items()):
+        if uuid not in seen and not args.domains:
+            vms.append({"name": rec.name, "uuid": uuid, "state": "unknown to libvirt" if conn else "?",
+                        "annotations": "?", "hugepages": rec.hugepages, "cpus": format_cpuset(rec.cpus),
+                        "error": rec.error, "ledger_state": rec.state})
+    pools = pool_rows(topo, state)
+
+    def human() -> str:
+        out = []
+        if note:
+            out.append(note)
+        rows = []
+        for v in vms:
+            hp = ", ".join(f"{k.split('/')[0]} {n}x{format_kib(int(k.split('/')[1][:-2]))}"
+                           for k, n in v.get("hugepages", {}).items())
+            applied = v.get("applied") or {}
+            pins = applied.get("pins", {})
+            pin_s = " ".join(f"{k}:{c}" for k, c in pins.get("vcpus", {}).items())
+            if pins.get("emulator"):
+                pin_s += f" emu:{pins['emulator']}"
+            bal = v.get("balloon")
+            bal_s = f"{format_kib(bal['actual'])}/{format_kib(bal['target'])}" if bal and bal["target"] else ""
+            rows.append([v["name"], v["state"], v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
+                         bal_s or "-", v.get("error") or ""])
+        out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",
+                          "LAST ERROR"], rows) if rows else "no annotated VMs")
+        if pools:
+            out.append("")
+            out.append(table(["POOL", "BASELINE", "RESERVED", "NR_HUGEPAGES", "IN USE", "FREE"],
+                             [[p["pool"], p["baseline"], p["reserved"], p["nr_hugepages"], p["in_use"], p["free"]]
+                              for p in pools]))
+        return "\n".join(out)
+
+    emit(args, {"vms": vms, "pools": pools}, human)
+    return EXIT_OK
+
+
+# --- plan / validate --------------------------------------------------------------------------------------
+
+def _xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool]:
+    """The domain XML to look at and whether the VM runs now (then its own reservations are excluded)."""
+    if args.xml:
+        try:
+            return Path(args.xml).read_bytes(), False
+        except OSError as e:
+            raise KvmhooksError(f"cannot read {args.xml}: {e.strerror}") from None
+    if not args.domain:
+        raise KvmhooksError("name a domain or give --xml FILE")
+    conn = connect(args.uri or cfg.libvirt_uri)
+    d = lookup(conn, args.domain)
+    return inactive_xml(d).encode(), bool(d.isActive())
+
+
+def plan_actions(dom: Domain, cfg: Config, topo: HostTopology, state: LedgerState) -> list[dict[str, str]]:
+    """Every action prepare and started would take now, as (phase, what) — computed, never applied."""
+    from kvmhooks.plan.hugepages import pool_writes
+    from kvmhooks.topology import pool_dir
+
+    actions: list[dict[str, str]] = []
+    hp, cpus = operations.check(dom, cfg, topo, state)
+    if hp is not None:
+        for w in pool_writes(dom.uuid, hp, topo, state, cfg, dom.name):
+            actions.append({"phase": "prepare", "action": f"write {pool_dir(cfg.sysfs_root, w.node, w.size_kib)}"
+                            f"/nr_hugepages = {w.target} (now {w.before}; +{w.target - w.before} pages)"})
+        for k in hp.pools():
+            if k in cfg.leave_alone:
+                actions.append({"phase": "prepare", "action": f"use free pages of {k} (left alone by config)"})
+    if cpus is not None and cpus.dedicated:
+        actions.append({"phase": "prepare", "action": f"reserve dedicated CPUs {format_cpuset(cpus.dedicated)} "
+                        "in the ledger"})
+    actions.append({"phase": "prepare", "action": f"record {dom.uuid} in {cfg.ledger_path}"})
+    t = dom.active_tuning
+    assert t is not None
+    flags = "AFFECT_LIVE" + ("|AFFECT_CONFIG" if t.persist_cputune else "")
+    if t.vcpus_live is not None:
+        actions.append({"phase": "started", "action": f"libvirt setVcpusFlags({t.vcpus_live}, AFFECT_LIVE)"})
+    if cpus is not None:
+        for v, cs in sorted(cpus.vcpus.items()):
+            actions.append({"phase": "started", "action": f"libvirt pinVcpuFlags({v}, {format_cpuset(cs)}, {flags})"})
+        if cpus.emulator:
+            actions.append({"phase": "started", "action": f"libvirt pinEmulator({format_cpuset(cpus.emulator)}, "
+                            f"{flags})"})
+        for i, cs in sorted(cpus.iothreads.items()):
+            actions.append({"phase": "started", "action": f"libvirt pinIOThread({i}, {format_cpuset(cs)}, {flags})"})
+        if cpus.dedicated and any(r.shared for r in state.domains.values()):
+            actions.append({"phase": "started", "action": "re-pin running shared VMs off "
+                            f"{format_cpuset(cpus.dedicated)}"})
+    if t.memtune is not None:
+        for k, v in t.memtune.items():
+            actions.append({"phase": "started", "action": f"libvirt setMemoryParameters({{{k!r}: {v}}}, AFFECT_LIVE)"})
+    if t.balloon is not None:
+        via = "QMP " + dom.qmp_socket if dom.qmp_socket and t.balloon.transport != "libvirt" else "libvirt"
+        if t.balloon.policy == "fixed":
+            actions.append({"phase": "started", "action": f"balloon to {format_kib(t.balloon.target_kib or 0)} via "
+                            f"{via} once the guest driver is up (floor {format_kib(t.balloon.min_kib)})"})
+        else:
+            actions.append({"phase": "started", "action": f"automatic balloon between {format_kib(t.balloon.min_kib)}"
+                            f" and {format_kib(dom.memory_kib)} by 'kvmhooks balloond' via {via}"})
+    return actions
+
+
+def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
+    data, running = _xml_for(args, cfg)
+    dom = parse_domain(data)
+    if dom.active_tuning is None:
+        emit(args, {"vm": dom.name, "actions": [], "note": "not annotated (or enabled='no'): kvmhooks does nothing"},
+             lambda: f"VM {dom.name!r}: not annotated (or enabled='no'): kvmhooks does nothing")
+        return EXIT_OK
+    state = read_ledger(cfg)
+    state.domains.pop(dom.uuid, None)  # plan the next start: what it holds now would be given back first
+    topo = operations.topology_for(cfg)
+    try:
+        actions = plan_actions(dom, cfg, topo, state)
+    except KvmhooksError as e:
+        reason = str(e)
+        emit(args, {"vm": dom.name, "refuse": reason}, lambda: f"would refuse the start: {reason}")
+        return EXIT_FINDING
+    note = " (running now: this is the plan for its next start)" if running else ""
+
+    def human() -> str:
+        return f"VM {dom.name!r}{note}:\n" + "\n".join(f"  {a['phase']:8} {a['action']}" for a in actions)
+
+    emit(args, {"vm": dom.name, "running": running, "actions": actions}, human)
+    return EXIT_OK
+
+
+def validate_problems(data: bytes, cfg: Config) -> tuple[str, list[str]]:
+    from kvmhooks.plan.cpus import plan_cpus
+    from kvmhooks.plan.hugepages import plan_hugepages
+
+    try:
+        dom = parse_domain(data)
+    except KvmhooksError as e:
+        return "?", [str(e)]
+    problems = []
+    topo = operations.topology_for(cfg)
+    hp = None
+    try:
+        hp = plan_hugepages(dom, topo, cfg)
+    except KvmhooksError as e:
+        problems.append(str(e))
+    try:
+        plan_cpus(dom, topo, cfg, LedgerState(), frozenset(hp.pages) if hp else frozenset())
+    except KvmhooksError as e:
+        problems.append(str(e))
+    return dom.name, problems
+
+
+def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
+    data, _ = _xml_for(args, cfg)
+    name, problems = validate_problems(data, cfg)
+    emit(args, {"vm": name, "ok": not problems, "problems": problems},
+         lambda: "\n".join(problems) if problems else f"VM {name!r}: annotation valid for this host")
+    return EXIT_FINDING if problems else EXIT_OK
+
+
+# --- host / doctor ----------------------------------------------------------------------------------------
+
+def hook_state(cfg: Config) -> dict[str, Any]:
+    marker = "kvmhooks: libvirt qemu hook"
+    found = [str(p) for p in (cfg.hooks_dir / "qemu", cfg.hooks_dir / "qemu.d/kvmhooks")
+             if p.is_file() and marker in p.read_text(errors="replace")]
+    out: dict[str, Any] = {"installed": found}
+    try:
+        import subprocess
+
+        pid = subprocess.run(["pgrep", "-x", "-o", "libvirtd"], capture_output=True, text=True).stdout.split()
+        if pid and found:
+            started = Path(f"/proc/{pid[0]}").stat().st_mtime
+            out["libvirtd_pid"] = int(pid[0])
+            out["picked_up"] = all(Path(f).stat().st_mtime <= started for f in found)
+    except OSError:
+        pass
+    return out
+
+
+def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.plan.cpus import allowed_cpus
+
+    topo = operations.topology_for(cfg)
+    state = read_ledger(cfg)
+    data: dict[str, Any] = {
+        "nodes": {n: {"cpus": format_cpuset(node.cpus), "mem_total": node.mem_total_kib, "mem_free": node.mem_free_kib}
+                  for n, node in sorted(topo.nodes.items())},
+        "smt": topo.smt,
+        "cores": sorted({format_cpuset(c.siblings) for c in topo.cpus.values()}, key=lambda s: int(s.split(",")[0]
+                                                                                        .split("-")[0])),
+        "allowed_cpus": format_cpuset(allowed_cpus(topo, cfg)),
+        "dedicated_cpus": format_cpuset(state.dedicated_cpus()),
+        "page_sizes": [format_kib(s) for s in sorted(topo.page_sizes)],
+        "hugetlbfs": {format_kib(s): m for s, m in sorted(topo.hugetlbfs.items())},
+        "pools": pool_rows(topo, state),
+        "hook": hook_state(cfg),
+    }
+
+    def human() -> str:
+        lines = [table(["NODE", "CPUS", "MEMORY", "FREE"],
+                       [[n, v["cpus"], format_kib(v["mem_total"]), format_kib(v["mem_free"])]
+                        for n, v in data["nodes"].items()]), "",
+                 f"cores (SMT siblings): {' '.join(data['cores'])}  (SMT {'on' if topo.smt else 'off'})",
+                 f"CPUs kvmhooks may hand out: {data['allowed_cpus'] or 'none'}; dedicated now: "
+                 f"{data['dedicated_cpus'] or 'none'}",
+                 f"huge page sizes: {', '.join(data['page_sizes'])}; hugetlbfs: "
+                 + (", ".join(f"{k} on {v}" for k, v in data["hugetlbfs"].items()) or "NOT MOUNTED")]
+        hook = data["hook"]
+        where = ", ".join(hook["installed"]) if hook["installed"] else "NOT INSTALLED (run install.sh)"
+        lines.append("hook: " + where
+                     + ("" if "picked_up" not in hook else
+                        "; libvirtd has it" if hook["picked_up"] else
+                        "; libvirtd started before it: restart libvirtd (or kill -HUP it)"))
+        if data["pools"]:
+            lines += ["", table(["POOL", "BASELINE", "RESERVED", "NR_HUGEPAGES", "IN USE", "FREE"],
+                                [[p["pool"], p["baseline"], p["reserved"], p["nr_hugepages"], p["in_use"], p["free"]]
+                                 for p in data["pools"]])]
+        return "\n".join(lines)
+
+    emit(args, data, human)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.doctor import DomainFacts, check_domain, check_host, read_host_facts
+
+    topo = operations.topology_for(cfg)
+    facts = read_host_facts(topo, cfg)
+    doms: list[DomainFacts] = []
+    running_vcpus = 0
+    try:
+        conn = connect(args.uri or cfg.libvirt_uri)
+    except ConnectError as e:
+        conn = None
+        print(f"kvmhooks: note: {e}; checking the host only", file=sys.stderr)
+    if conn is not None:
+        targets = [lookup(conn, n) for n in args.domains] if args.domains else conn.listAllDomains()
+        for d in conn.listAllDomains():
+            if d.isActive():
+                running_vcpus += d.info()[3]
+        for d in targets:
+            try:
+                doms.append(DomainFacts(d.name(), parse_domain(d.XMLDesc(0).encode()), active=bool(d.isActive())))
+            except KvmhooksError as e:
+                doms.append(DomainFacts(d.name(), None, str(e), bool(d.isActive())))
+    findings = check_host(facts, doms)
+    for d in doms:
+        findings += check_domain(facts, d, cfg, running_vcpus)
+    warnings = [f for f in findings if f.severity == "warning"]
+
+    def human() -> str:
+        if not findings:
+            return "no findings: host and VMs follow the KVM tuning advice kvmhooks knows"
+        return "\n\n".join(f"[{f.severity}] {f.subject}: {f.what}\n  why: {f.why}\n  fix: {f.fix}" for f in findings)
+
+    emit(args, [f.__dict__ for f in findings], human)
+    return EXIT_FINDING if warnings else EXIT_OK
+
+
+# --- reconcile --------------------------------------------------------------------------------------------
+
+def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.apply.pools import SysfsPools
+
+    conn = connect(args.uri or cfg.libvirt_uri)
+    running = {d.UUIDString(): d for d in conn.listAllDomains() if d.isActive()}
+    state = read_ledger(cfg)
+    actions: list[str] = []
+    for uuid, rec in sorted(state.domains.items()):
+        if uuid not in running:
+            actions.append(f"release {rec.name} ({uuid}): not running; frees "
+                           + (", ".join(f"{k} {n} pages" for k, n in rec.hugepages.items()) or "no pages")
+                           + (f", CPUs {format_cpuset(rec.cpus)}" if rec.cpus else ""))
+            if not args.dry_run:
+                operations.release(uuid, cfg)
+    for uuid, d in sorted(running.items()):
+        if uuid in state.domains:
+            continue
+        try:
+            dom = parse_domain(d.XMLDesc(0).encode())
+        except KvmhooksError:
+            continue
+        if dom.active_tuning is not None:
+            actions.append(f"adopt {dom.name} ({uuid}): running and annotated but missing from the ledger")
+            if not args.dry_run:
+                operations.adopt(dom, cfg)
+    # Pools: baseline + what the ledger holds, nothing more, nothing less.
+    pools = SysfsPools(cfg.sysfs_root, cfg.proc_root)
+    with operations.ledger_for(cfg).transaction() as st:
+        topo = operations.topology_for(cfg)
+        for key, prec in sorted(st.pools.items()):
+            node, size = int(key.removeprefix("node").split("/")[0]), int(key.split("/")[1].removesuffix("kB"))
+            if key in cfg.leave_alone or node not in topo.nodes or size not in topo.nodes[node].pools:
+                continue
+            target = prec.baseline + st.reserved(key)
+            now = topo.nodes[node].pools[size].nr
+            if now != target:
+                actions.append(f"set pool {key} from {now} to {target} (baseline {prec.baseline} + reserved "
+                               f"{st.reserved(key)})")
+                if not args.dry_run:
+                    pools.set(node, size, target)
+    emit(args, {"dry_run": args.dry_run, "actions": actions},
+         lambda: ("\n".join(("would " if args.dry_run else "") + a for a in actions)
+                  if actions else "ledger, running VMs and pools agree: nothing to do"))
+    return EXIT_OK
+
+
+# --- annotate ---------------------------------------------------------------------------------------------
+
+def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.annotate import AnnotateRequest, edit_domain_xml
+
+    if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp):
+        raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp or --remove")
+    conn = connect(args.uri or cfg.libvirt_uri)
+    d = lookup(conn, args.domain)
+    uuid = d.UUIDString()
+    # What annotate itself added, so --remove takes exactly that away and nothing of the admin's.
+    record = cfg.lib_dir / "annotated" / f"{uuid}.json"
+    added = json.loads(record.read_text()) if record.exists() else {}
+    before = inactive_xml(d)
+    req = AnnotateRequest(hugepages=args.hugepages, cpu=args.cpu, pin=args.pin, balloon=args.balloon, qmp=args.qmp,
+                          remove=args.remove, remove_backing=bool(added.get("backing")))
+    topo = operations.topology_for(cfg)
+    edited = edit_domain_xml(inactive_xml(d, secure=True), req, topo)  # secure: keep passwords on redefine
+    if not args.remove:
+        parse_domain(edited.xml.encode())  # refuse to define what the hook would refuse at start
+    if args.dry_run:
+        after = edit_domain_xml(before, req, topo).xml
+    else:
+        conn.defineXML(edited.xml)
+        after = inactive_xml(lookup(conn, uuid))
+        if args.remove:
+            record.unlink(missing_ok=True)
+        elif edited.added_backing:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"backing": True}))
+    diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
+                                        f"{args.domain} (before)", f"{args.domain} (after)"))
+    emit(args, {"vm": args.domain, "dry_run": args.dry_run, "diff": diff},
+         lambda: (diff or "no change") + ("\n(dry run: nothing was changed)" if args.dry_run else ""))
+    return EXIT_OK
+
+
+# --- demo ---------------------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.demo import run_demo
+
+    return run_demo(cfg, keep=args.keep, uri=args.uri or cfg.libvirt_uri)
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmhooks", description="See and steer kvmhooks, the libvirt hook that tunes "
+                                "annotated KVM guests at start.",
+                                epilog="exit codes: 0 ok, 1 a finding or a failure, 2 usage")
+    p.add_argument("--version", action="version", version=f"kvmhooks {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--config", type=Path, help="host config (default /etc/kvmhooks/config.toml)")
+    common.add_argument("--uri", help="libvirt URI (default from config: qemu:///system)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", parents=[common], help="what each annotated VM holds and has applied")
+    s.add_argument("domains", nargs="*", metavar="DOM")
+    s.set_defaults(func=cmd_status)
+    for name, fn, hlp in (("plan", cmd_plan, "dry run: every action the hook would take for a VM"),
+                          ("validate", cmd_validate, "check a VM's annotation against the contract and this host")):
+        s = sub.add_parser(name, parents=[common], help=hlp)
+        s.add_argument("domain", nargs="?", metavar="DOM")
+        s.add_argument("--xml", metavar="FILE", help="a domain XML file instead of a defined domain")
+        s.set_defaults(func=fn)
+    s = sub.add_parser("annotate", parents=[common], help="write the annotation (and what it needs) into a domain")
+    s.add_argument("domain", metavar="DOM")
+    s.add_argument("--hugepages", metavar="SIZE", choices=["2M", "1G", "auto"], help="2M, 1G or auto")
+    s.add_argument("--cpu", metavar="POLICY", choices=["dedicated", "shared"], help="dedicated or shared")
+    s.add_argument("--pin", metavar="auto|LIST", help="auto (dedicated placement) or host CPUs for vCPU 0,1,...")
+    s.add_argument("--balloon", metavar="TARGET", help="balloon target: a size (768M) or a percentage (75%%)")
+    s.add_argument("--qmp", action="store_true", help="add the dedicated QMP socket kvmhooks drives the balloon over")
+    s.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    s.add_argument("--remove", action="store_true", help="remove the annotation and what annotate added")
+    s.set_defaults(func=cmd_annotate)
+    s = sub.add_parser("reconcile", parents=[common], help="repair the ledger and pools against running VMs")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=cmd_reconcile)
+    s = sub.add_parser("host", parents=[common], help="topology, pools, mounts and hook state")
+    s.set_defaults(func=cmd_host)
+    s = sub.add_parser("doctor", parents=[common], help="KVM tuning advice for this host and its VMs (reads only)")
+    s.add_argument("domains", nargs="*", metavar="DOM")
+    s.set_defaults(func=cmd_doctor)
+    s = sub.add_parser("demo", parents=[common], help="boot an annotated tiny TCG guest and show the tuning land")
+    s.add_argument("--keep", action="store_true", help="keep the demo VM defined and running")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        return int(args.func(args, cfg))
+    except KvmhooksError as e:
+        print(f"kvmhooks: {e}", file=sys.stderr)
+        return EXIT_FINDING
+    except PermissionError as e:
+        print(f"kvmhooks: permission denied: {e.filename or e}: run as root", file=sys.stderr)
+        return EXIT_FINDING
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["NAMESPACE", "PREFIX", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

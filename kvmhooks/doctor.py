@@ -1,0 +1,147 @@
+"""The classic KVM tuning advice as checks. Pure over a snapshot of host facts and domains; reads only.
+
+Each finding says what is wrong, why it matters, and the exact command or XML that fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmhooks.config import Config
+from kvmhooks.domain import Domain
+from kvmhooks.errors import KvmhooksError
+from kvmhooks.plan.hugepages import plan_hugepages
+from kvmhooks.topology import HostTopology
+from kvmhooks.units import format_kib
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    subject: str  # "host" or a VM name
+    what: str
+    why: str
+    fix: str
+    severity: str = "warning"  # warning | info
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    topo: HostTopology
+    numa_balancing: int | None
+    ksm_run: int | None
+    ksm_merge_across_nodes: int | None
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    name: str
+    domain: Domain | None
+    error: str | None = None  # the annotation or XML did not parse
+    active: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def read_host_facts(topo: HostTopology, cfg: Config) -> HostFacts:
+    return HostFacts(topo, _int(cfg.proc_root / "sys/kernel/numa_balancing"),
+                     _int(cfg.sysfs_root / "kernel/mm/ksm/run"),
+                     _int(cfg.sysfs_root / "kernel/mm/ksm/merge_across_nodes"))
+
+
+def check_host(h: HostFacts, domains: list[DomainFacts]) -> list[Finding]:
+    out = []
+    multi = len(h.topo.nodes) > 1
+    tuned = any(d.domain is not None and d.domain.active_tuning is not None for d in domains)
+    if multi and h.numa_balancing == 1:
+        out.append(Finding(
+            "numa-balancing", "host", "automatic NUMA balancing is on",
+            "it keeps migrating guest memory between nodes, fighting pinned vCPUs and numatune, and costs "
+            "page faults on every scan" + (" (kvmhooks pins VMs here)" if tuned else ""),
+            "sysctl -w kernel.numa_balancing=0 && echo kernel.numa_balancing=0 > /etc/sysctl.d/90-kvmhooks.conf"))
+    if multi and h.ksm_run == 1 and h.ksm_merge_across_nodes == 1:
+        out.append(Finding(
+            "ksm-across-nodes", "host", "KSM merges pages across NUMA nodes",
+            "a merged page lives on one node, so guests on the other nodes read it remotely; with pinned "
+            "NUMA-local guests that undoes the placement",
+            "echo 2 > /sys/kernel/mm/ksm/run; echo 0 > /sys/kernel/mm/ksm/merge_across_nodes; "
+            "echo 1 > /sys/kernel/mm/ksm/run"))
+    return out
+
+
+def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) -> list[Finding]:
+    """Advice for one VM. ``running_vcpus``: vCPUs of all running VMs, to judge how busy the host is."""
+    name = d.name
+    if d.domain is None:
+        return [Finding("annotation", name, d.error or "the domain XML could not be read",
+                        "kvmhooks refuses to start the VM until this is fixed", "virsh edit " + name)]
+    dom = d.domain
+    out: list[Finding] = []
+    t = dom.active_tuning
+    topo = h.topo
+    # Huge pages: mounted, and pages available for backed VMs we do not reserve for.
+    if t is not None and t.hugepages is not None:
+        try:
+            plan_hugepages(dom, topo, cfg)
+        except KvmhooksError as e:
+            out.append(Finding("hugepages", name, str(e), "the VM will not start", str(e).split("; ", 1)[-1]))
+    elif dom.hugepage_backing:
+        size = dom.backing_page_kib[0] if dom.backing_page_kib else topo.default_page_kib
+        free = sum(p.free for n in topo.nodes.values() if (p := n.pools.get(size)) is not None)
+        if size not in topo.hugetlbfs:
+            out.append(Finding("hugetlbfs", name, f"no hugetlbfs is mounted for {format_kib(size)} pages",
+                               "libvirt refuses to start a hugepage-backed VM without it",
+                               "re-run install.sh, or mount -t hugetlbfs hugetlbfs /dev/hugepages; restart libvirtd"))
+        elif not d.active and free * size < dom.memory_kib:
+            out.append(Finding("hugepages", name, f"backed by {format_kib(size)} huge pages but only {free} are free",
+                               "QEMU will fail to allocate its memory at start",
+                               f"let kvmhooks reserve them: kvmhooks annotate {name} --hugepages "
+                               f"{format_kib(size)}"))
+    # NUMA: VMs larger than a node, or on a multi-node host without any placement.
+    if len(topo.nodes) > 1 and dom.numatune_nodes is None and not dom.memnodes:
+        smallest = min(n.mem_total_kib for n in topo.nodes.values())
+        per_node_cpus = min(len(n.cpus) for n in topo.nodes.values()) or 1
+        if dom.memory_kib > smallest or dom.max_vcpus > per_node_cpus:
+            out.append(Finding("numatune", name, "the VM spans NUMA nodes without <numatune>",
+                               "its memory and vCPUs land on nodes at random, with remote memory accesses",
+                               "give it a guest NUMA topology matching the host (<cpu><numa><cell .../>) and "
+                               "<numatune><memory mode='strict' nodeset='0-1'/></numatune>, or keep it on one node"))
+    # CPU model.
+    if dom.domain_type == "kvm":
+        if dom.cpu_mode is None:
+            out.append(Finding("cpu-mode", name, "no <cpu mode=...>: the guest sees a generic qemu64 CPU",
+                               "it misses AVX, AES-NI and other extensions: slower crypto and vector code",
+                               "<cpu mode='host-model'/> (migration-safe), or <cpu mode='host-passthrough'/> for the "
+                               "last bit of speed when the VM never migrates to a different CPU"))
+        elif dom.cpu_mode == "host-passthrough":
+            out.append(Finding("cpu-mode", name, "host-passthrough CPU", "fastest, but live migration only works "
+                               "to hosts with an identical CPU and microcode", "use host-model if you migrate",
+                               "info"))
+    # Unpinned vCPUs on an overcommitted host.
+    online = len(topo.online) or 1
+    pinned = t is not None and (t.cpu is not None or bool(t.vcpupins))
+    if running_vcpus > online and not pinned and not dom.live_vcpupins:
+        out.append(Finding("pinning", name, f"vCPUs are not pinned on a busy host ({running_vcpus} vCPUs running on "
+                           f"{online} host CPUs)", "the scheduler moves vCPUs around and latency-sensitive guests "
+                           "suffer", f"kvmhooks annotate {name} --cpu shared (or dedicated)"))
+    # Windows without a tablet: the PS/2 mouse drifts under VNC/SPICE.
+    if "microsoft.com/win" in dom.os_hint and not dom.has_tablet:
+        out.append(Finding("tablet", name, "Windows guest without a USB tablet",
+                           "a relative PS/2 mouse drifts away from the pointer in VNC/SPICE consoles",
+                           "<input type='tablet' bus='usb'/> under <devices>"))
+    # memtune limits below the VM's memory.
+    if t is not None and t.memtune is not None:
+        for attr, kib in (("hard_limit", t.memtune.hard_limit), ("swap_hard_limit", t.memtune.swap_hard_limit)):
+            if kib is not None and kib <= dom.memory_kib:
+                out.append(Finding("memtune", name, f"memtune {attr} ({format_kib(kib)}) is not above the VM's memory "
+                                   f"({format_kib(dom.memory_kib)})",
+                                   "QEMU needs its guest's memory plus its own overhead: the OOM killer will end it",
+                                   f"raise {attr} to at least {format_kib(dom.memory_kib + 256 * 1024)} or drop it"))
+    return out
