@@ -504,6 +504,18 @@ def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     return run_demo(cfg, keep=args.keep, uri=args.uri or cfg.libvirt_uri)
 
 
+def cmd_balloond(args: argparse.Namespace, cfg: Config) -> int:
+    from dataclasses import replace
+
+    from kvmhooks.balloond import run
+    from kvmhooks.log import setup_logging
+
+    setup_logging("stderr" if args.foreground_log else cfg.log, cfg.log_level, "balloond")
+    if args.interval:
+        cfg = replace(cfg, balloon_interval=args.interval)
+    return run(cfg, once=args.once)
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", parents=[common], help="KVM tuning advice for this host and its VMs (reads only)")
     s.add_argument("domains", nargs="*", metavar="DOM")
     s.set_defaults(func=cmd_doctor)
+    s = sub.add_parser("balloond", parents=[common], help="the automatic balloon service (runs in the foreground)")
+    s.add_argument("--once", action="store_true", help="one cycle, then exit")
+    s.add_argument("--interval", type=float, help="seconds between cycles (default from config: 10)")
+    s.add_argument("--log-stderr", dest="foreground_log", action="store_true", help="log to stderr")
+    s.set_defaults(func=cmd_balloond)
     s = sub.add_parser("demo", parents=[common], help="boot an annotated tiny TCG guest and show the tuning land")
     s.add_argument("--keep", action="store_true", help="keep the demo VM defined and running")
     s.set_defaults(func=cmd_demo)

@@ -40,6 +40,13 @@ class Config:
     cpu_housekeeping: frozenset[int] = frozenset({0})
     # How long the detached worker waits for the domain to be running before giving up.
     worker_timeout: float = 60.0
+    # How long the worker waits for a guest's balloon driver to come up (a guest boots in that time).
+    balloon_timeout: float = 120.0
+    # The automatic balloon service: seconds between cycles, largest change per cycle, and the host memory
+    # use above which guests are squeezed (prior art: Proxmox autoballoon, 80 % / 100 MiB / 10 s).
+    balloon_interval: float = 10.0
+    balloon_step_kib: int = 100 * 1024
+    balloon_host_target: float = 0.80
     sysfs_root: Path = Path("/sys")
     proc_root: Path = Path("/proc")
     state_dir: Path = Path("/run/kvmhooks")
@@ -54,6 +61,7 @@ class Config:
 
 
 _SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
+           "balloon_timeout": float, "balloon_interval": float, "balloon_host_target": float,
            "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path,
            "lib_dir": Path}
 
@@ -74,18 +82,19 @@ def load_config(path: Path | None = None) -> Config:
 
 def config_from_dict(data: dict[str, object], where: str = "config") -> Config:
     cfg = Config()
-    known = {f.name for f in fields(Config)} | {"host_reserve", "cpu"}
+    known = {f.name for f in fields(Config)} | {"host_reserve", "cpu", "balloon_step"}
     changes: dict[str, object] = {}
     for key, value in data.items():
-        if key not in known or key in ("host_reserve_kib", "extra", "cpu_allowed", "cpu_housekeeping"):
+        if key not in known or key in ("host_reserve_kib", "extra", "cpu_allowed", "cpu_housekeeping",
+                                       "balloon_step_kib"):
             raise ConfigError(f"{where}: unknown setting {key!r}")
         try:
             if key in _SIMPLE:
                 if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                     raise ValueError("expected a string or number")
                 changes[key] = _SIMPLE[key](value)
-            elif key == "host_reserve":
-                changes["host_reserve_kib"] = parse_size_kib(str(value))
+            elif key in ("host_reserve", "balloon_step"):
+                changes[key + "_kib"] = parse_size_kib(str(value))
             elif key == "leave_alone":
                 if not isinstance(value, list):
                     raise ValueError("expected a list like ['node0/1G']")

@@ -59,6 +59,10 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepar
     vlog = VMLog(dom.name, dom.uuid)
     pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
     check(dom, cfg)  # validation errors surface before we queue for the lock
+    if dom.qmp_socket is not None:
+        from kvmhooks.apply.sockets import ensure_socket_dir
+
+        ensure_socket_dir(dom.qmp_socket)
     warnings: list[str] = []
     with ledger_for(cfg).transaction() as state:
         if dom.uuid in state.domains:
@@ -115,6 +119,10 @@ def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRe
     pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
     with ledger_for(cfg).transaction() as state:
         rec = _release_locked(uuid, state, cfg, pools)
+    from kvmhooks.apply.sockets import remove_socket
+    from kvmhooks.domain import qmp_socket_path
+
+    remove_socket(qmp_socket_path(uuid))  # QEMU leaves its -qmp socket behind
     if rec is not None:
         VMLog(rec.name, uuid).info("released %s", ", ".join(f"{k} {v} pages" for k, v in rec.hugepages.items())
                                    or "its entry (it held no pages)")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from kvmhooks.config import CONFIG_ENV, Config, load_config
-from kvmhooks.domain import UUID_RE
+from kvmhooks.domain import UUID_RE, parse_domain
 from kvmhooks.errors import ApplyError, KvmhooksError
 from kvmhooks.log import VMLog, setup_logging
 
@@ -86,7 +86,15 @@ def run_started(uuid: str, cfg: Config) -> int:
         applied = apply_started(conn, dom, cfg, vlog)
         applied["worker"] = {"pid": os.getpid(), "sid": os.getsid(0), "seconds": round(time.monotonic() - started, 3)}
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
-        vlog.info("worker: done in %.3f s", time.monotonic() - started)
+        vlog.info("worker: CPU and memory tuning done in %.3f s", time.monotonic() - started)
+        # The balloon last: it waits for the guest's driver (the guest must boot first).
+        d = parse_domain(dom.XMLDesc(0).encode())
+        t = d.active_tuning
+        if t is not None and t.balloon is not None:
+            from kvmhooks.apply.balloon import apply_balloon
+
+            operations.mark(uuid, cfg, applied={"balloon": apply_balloon(d, t.balloon, dom, cfg.balloon_timeout,
+                                                                         vlog)})
         return 0
     except (KvmhooksError, libvirt.libvirtError) as e:
         vlog.error("worker: %s", e)
