@@ -157,6 +157,12 @@ install_config() {
 #libvirt_uri = "qemu:///system"
 # Seconds the post-start worker waits for a VM to be running.
 #worker_timeout = 60
+# Seconds the worker waits for a guest's balloon driver before leaving its memory alone.
+#balloon_timeout = 120
+# The automatic balloon service (kvmhooks balloond): cycle, largest step, host memory use that squeezes guests.
+#balloon_interval = 10
+#balloon_step = "100M"
+#balloon_host_target = 0.8
 
 #[cpu]
 # Host CPUs automatic placement may hand out (default: all online CPUs minus housekeeping).
@@ -202,6 +208,26 @@ UNIT
   fi
 }
 
+install_service() {
+  # The automatic balloon service: a systemd unit where systemd runs; elsewhere the admin starts
+  # 'kvmhooks balloond' as they start libvirtd.
+  systemd_running || { say "no systemd: start the automatic balloon service with 'kvmhooks balloond &' if you use policy=\"auto\""; return 0; }
+  cat > /etc/systemd/system/kvmhooks-balloond.service <<UNIT
+# $FSTAB_MARK
+[Unit]
+Description=kvmhooks automatic memory balloon
+After=libvirtd.service
+Wants=libvirtd.service
+[Service]
+ExecStart=$PREFIX/venv/bin/kvmhooks balloond
+Restart=on-failure
+[Install]
+WantedBy=multi-user.target
+UNIT
+  systemctl daemon-reload && systemctl enable -q --now kvmhooks-balloond.service
+  say "kvmhooks-balloond.service enabled"
+}
+
 install_mounts() {
   newly_mounted=no
   ensure_mount /dev/hugepages ""
@@ -225,6 +251,10 @@ uninstall() {
   if [ -f /etc/fstab ] && grep -q "$FSTAB_MARK" /etc/fstab; then
     sed -i "\|$FSTAB_MARK|d" /etc/fstab && say "removed our /etc/fstab lines (mounts stay until reboot)"
   fi
+  if [ -f /etc/systemd/system/kvmhooks-balloond.service ]; then
+    systemctl disable -q --now kvmhooks-balloond.service 2>/dev/null || true
+    rm -f /etc/systemd/system/kvmhooks-balloond.service
+  fi
   for u in /etc/systemd/system/*.mount; do
     [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
   done
@@ -239,5 +269,6 @@ install_package
 install_config
 install_mounts
 install_hook
+install_service
 reload_libvirtd "$newly_mounted"
 say "done. Annotate a VM (see README) or run 'kvmhooks host' to see what kvmhooks sees."

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmhooks.domain import qmp_socket_arg
 from kvmhooks.guest import READY_LINE, build_guest, domain_xml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ lock_timeout = 20
 retry_timeout = 3
 host_reserve = "512M"
 worker_timeout = 30
+balloon_timeout = 15
 [cpu]
 housekeeping = ""
 """
@@ -109,9 +111,11 @@ class Env:
     vms: list[VM] = field(default_factory=list)
 
     def define(self, tuning: str | None = None, memory_mib: int = 256, backing: str = HUGEPAGE_BACKING,
-               **kw: object) -> VM:
+               qmp: bool = False, **kw: object) -> VM:
         name = f"{PREFIX}{uuidlib.uuid4().hex[:8]}"
         uuid = str(uuidlib.uuid4())
+        if qmp:
+            kw["qemu_args"] = ("-qmp", qmp_socket_arg(uuid))
         console = Path(f"/var/log/libvirt/qemu/{name}-console.log")
         console.unlink(missing_ok=True)
         meta = f"<kvm:tuning {NS}>{tuning}</kvm:tuning>" if tuning is not None else ""
@@ -144,6 +148,11 @@ def ledger() -> dict:  # type: ignore[type-arg]
         return json.loads(LEDGER.read_text())  # type: ignore[no-any-return]
     except FileNotFoundError:
         return {"domains": {}, "pools": {}}
+
+
+def dommemstat(name: str) -> dict[str, int]:
+    out = virsh("dommemstat", name).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
 
 
 def domstate(name: str) -> str:
