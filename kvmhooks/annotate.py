@@ -70,9 +70,11 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
     uuid = (root.findtext("uuid") or "").strip()
     if req.remove:
         meta = root.find("metadata")
-        if meta is not None:
+        if meta is not None and meta.findall(_K + "tuning"):
             for el in meta.findall(_K + "tuning"):
                 meta.remove(el)
+            if len(meta) == 0:  # we emptied it
+                root.remove(meta)
         _remove_qmp(root, uuid)
         if req.remove_backing:
             mb = root.find("memoryBacking")
@@ -130,6 +132,17 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
     if req.qmp:
         _add_qmp(root, uuid)
     return Edited(etree.tostring(root, encoding="unicode"), added_backing)
+
+
+def normalize(xml: str) -> str:
+    """One layout for any domain XML (libvirt's or ours), so a diff shows only what changed in meaning."""
+    root = safe_parse(xml.encode())
+    for el in root.iter():
+        if len(el) and el.text is not None and not el.text.strip():
+            el.text = None
+        if el.tail is not None and not el.tail.strip():
+            el.tail = None
+    return etree.tostring(root, encoding="unicode", pretty_print=True)
 
 
 def _add_qmp(root: etree._Element, uuid: str) -> None:

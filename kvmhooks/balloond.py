@@ -89,6 +89,9 @@ def cycle(conn: Any, cfg: Config) -> dict[str, int]:
 def run(cfg: Config, once: bool = False, stop: threading.Event | None = None) -> int:
     import libvirt
 
+    from kvmhooks.cli import quiet_libvirt
+
+    quiet_libvirt()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

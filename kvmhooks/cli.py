@@ -31,11 +31,19 @@ EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 def connect(uri: str) -> Any:
     import libvirt
 
+    quiet_libvirt()
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
         raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; is libvirtd running? "
                            "(systemctl start libvirtd, or libvirtd -d)") from None
+
+
+def quiet_libvirt() -> None:
+    """libvirt prints every error to stderr by default; we report the ones that matter ourselves."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 def lookup(conn: Any, name: str) -> Any:
@@ -149,10 +157,12 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             row.update(hugepages=rec.hugepages, cpus=format_cpuset(rec.cpus) if rec.cpus else "",
                        shared=rec.shared, pins=rec.pins, applied=rec.applied, error=rec.error, ledger_state=rec.state)
         if d.isActive():
-            row["memory_kib"] = {"max": info[1], "actual": info[2]}
+            # memoryStats asks QEMU; info()[2] is libvirt's copy, updated by throttled BALLOON_CHANGE events.
+            actual = int(d.memoryStats().get("actual", info[2]))
+            row["memory_kib"] = {"max": info[1], "actual": actual}
             t = dom.active_tuning
             if t is not None and t.balloon is not None:
-                row["balloon"] = {"target": t.balloon.target_kib, "min": t.balloon.min_kib, "actual": info[2],
+                row["balloon"] = {"target": t.balloon.target_kib, "min": t.balloon.min_kib, "actual": actual,
                                   "policy": t.balloon.policy}
         vms.append(row)
     for uuid, rec in sorted(state.domains.items()):
@@ -462,7 +472,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
 # --- annotate ---------------------------------------------------------------------------------------------
 
 def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
-    from kvmhooks.annotate import AnnotateRequest, edit_domain_xml
+    from kvmhooks.annotate import AnnotateRequest, edit_domain_xml, normalize
 
     if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp):
         raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp or --remove")
@@ -489,7 +499,7 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
         elif edited.added_backing:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"backing": True}))
-    diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
+    diff = "".join(difflib.unified_diff(normalize(before).splitlines(True), normalize(after).splitlines(True),
                                         f"{args.domain} (before)", f"{args.domain} (after)"))
     emit(args, {"vm": args.domain, "dry_run": args.dry_run, "diff": diff},
          lambda: (diff or "no change") + ("\n(dry run: nothing was changed)" if args.dry_run else ""))

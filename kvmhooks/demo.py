@@ -62,7 +62,7 @@ def run_demo(cfg: Config, keep: bool = False, uri: str = "qemu:///system") -> in
     target = 256 * 1024 * 75 // 100
     while time.monotonic() < deadline:
         booted = console.exists() and READY_LINE in console.read_text(errors="replace")
-        actual = dom.info()[2]
+        actual = int(dom.memoryStats().get("actual", 0))
         rec = operations.ledger_for(cfg).read().domains.get(dom.UUIDString())
         applied = rec.applied if rec else {}
         print(f"    t+{time.monotonic() - t0:4.1f}s guest {'up' if booted else 'booting'}, pins "

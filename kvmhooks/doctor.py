@@ -11,7 +11,8 @@ from pathlib import Path
 from kvmhooks.config import Config
 from kvmhooks.domain import Domain
 from kvmhooks.errors import KvmhooksError
-from kvmhooks.plan.hugepages import plan_hugepages
+from kvmhooks.ledger import LedgerState
+from kvmhooks.plan.hugepages import plan_hugepages, pool_writes
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib
 
@@ -89,7 +90,9 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
     # Huge pages: mounted, and pages available for backed VMs we do not reserve for.
     if t is not None and t.hugepages is not None:
         try:
-            plan_hugepages(dom, topo, cfg)
+            hp = plan_hugepages(dom, topo, cfg)
+            if hp is not None and not d.active:  # could it start now? (the pools as they are)
+                pool_writes(dom.uuid, hp, topo, LedgerState(), cfg, dom.name)
         except KvmhooksError as e:
             out.append(Finding("hugepages", name, str(e), "the VM will not start", str(e).split("; ", 1)[-1]))
     elif dom.hugepage_backing:

@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmhooks worker: {e}", file=sys.stderr)
         return 1
     setup_logging(cfg.log, cfg.log_level, "worker")
+    from kvmhooks.cli import quiet_libvirt
+
+    quiet_libvirt()
     try:
         return run_started(args[1], cfg) if args[0] == "started" else run_repin(cfg)
     except Exception:

@@ -37,7 +37,8 @@ class LibvirtBalloon:
         self.dom = dom
 
     def actual_kib(self) -> int:
-        return int(call("info", self.dom.info)[2])
+        # memoryStats asks QEMU (query-balloon); info()[2] lags behind by up to a throttled event.
+        return int(call("dommemstat", self.dom.memoryStats)["actual"])
 
     def set_target_kib(self, kib: int) -> None:
         import libvirt
