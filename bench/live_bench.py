@@ -4,6 +4,8 @@
 
 - pins: time from `virsh start` returning until every vCPU and emulator pin is visible through libvirt
   (what `virsh vcpupin`/`emulatorpin` print), median over repeated starts of one TCG guest.
+- balloon: time from the guest's balloon driver being ready (the worker sees guest stats) to actual ==
+  target, as the worker measures it, over QMP and over the libvirt fallback side by side.
 """
 
 from __future__ import annotations
@@ -59,12 +61,50 @@ def pins_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
     return out
 
 
+def balloon_latency(conn: libvirt.virConnect, runs: int, qmp: bool) -> list[float]:
+    import json
+
+    from kvmhooks.domain import qmp_socket_arg
+
+    uuid = str(uuidlib.uuid4())
+    kernel, initrd = build_guest()
+    name = f"kvmhbench-balloon-{'qmp' if qmp else 'libvirt'}"
+    xml = domain_xml(name, uuid, kernel, initrd, metadata=f'<kvm:tuning {NS}><kvm:balloon target="192M"/></kvm:tuning>',
+                     console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"),
+                     qemu_args=("-qmp", qmp_socket_arg(uuid)) if qmp else ())
+    dom = conn.defineXML(xml)
+    out = []
+    try:
+        for _ in range(runs):
+            dom.create()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                rec = json.loads(Path("/run/kvmhooks/ledger.json").read_text())["domains"].get(uuid, {})
+                bal = rec.get("applied", {}).get("balloon")
+                if bal:
+                    if "landed_seconds" not in bal:
+                        raise SystemExit(f"balloon did not land: {bal}")
+                    out.append(bal["landed_seconds"])
+                    break
+                time.sleep(0.1)
+            else:
+                raise SystemExit("the worker never recorded the balloon")
+            dom.destroy()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     conn = libvirt.open("qemu:///system")
-    rows = [("pins visible after `virsh start` returns", pins_latency(conn, args.runs))]
+    rows = [("pins visible after `virsh start` returns", pins_latency(conn, args.runs)),
+            ("balloon 256M → 192M landed after the driver is ready, QMP", balloon_latency(conn, args.runs, True)),
+            ("balloon 256M → 192M landed after the driver is ready, libvirt", balloon_latency(conn, args.runs, False))]
     print(f"median of {args.runs} starts of a TCG guest\n")
     print("| measurement | median ms | min ms | max ms |\n|---|---:|---:|---:|")
     for name, xs in rows:

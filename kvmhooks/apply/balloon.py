@@ -6,7 +6,7 @@ import time
 from typing import Any, Protocol
 
 from kvmhooks.apply.libvirt import call
-from kvmhooks.apply.qmp import QMPBalloon
+from kvmhooks.apply.qmp import POLL, QMPBalloon
 from kvmhooks.domain import BalloonSpec, Domain
 from kvmhooks.log import VMLog
 from kvmhooks.plan.balloon import fixed_target
@@ -65,7 +65,7 @@ class LibvirtBalloon:
             actual = self.actual_kib()
             if abs(actual - target_kib) <= tolerance_kib or time.monotonic() >= deadline:
                 return actual
-            time.sleep(0.05)
+            time.sleep(POLL)
 
     def close(self) -> None:
         pass

@@ -26,6 +26,8 @@ T = TypeVar("T")
 BALLOON_QOM = "/machine/peripheral/balloon0"
 # QMP answers in milliseconds; 5 s means the monitor is stuck (QEMU paused in a long operation, or dead).
 DEFAULT_TIMEOUT = 5.0
+# Between query-balloon polls while a target lands (events alone lag: QEMU sends at most one a second).
+POLL = 0.02
 
 
 class QMPTransportError(ApplyError):
@@ -109,6 +111,6 @@ class QMPBalloon:
                     if abs(actual - target_kib) <= tolerance_kib or time.monotonic() >= deadline:
                         return actual
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(listener.get(), min(0.1, max(0.01, deadline - time.monotonic())))
+                        await asyncio.wait_for(listener.get(), min(POLL, max(0.001, deadline - time.monotonic())))
 
         return self._run("wait for BALLOON_CHANGE", waiter(), timeout + self.timeout)
