@@ -6,19 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
-PKGS="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt python3-lxml python3-venv
-      busybox-static cpio procps"
-missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
-# The tiny test guest's kernel comes from 'apt-get download', which needs package lists.
-if [ -n "$missing" ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
-  echo "tests/run.sh: installing from Debian: ${missing:-(package lists only)}"
-  apt-get update -q >/dev/null
-  [ -z "$missing" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
-fi
+bash scripts/host-deps.sh
 
 VENV=.venv
 [ -x $VENV/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $VENV
-$VENV/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -e "^WARNING: Location" || true
+$VENV/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "== ruff";  $VENV/bin/ruff check .
 echo "== mypy";  $VENV/bin/mypy

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Debian packages kvmhooks, its demo and its tests need: libvirt + QEMU, the Python bindings, and what the
+# tiny guest is built from. Installs only what is missing. As root.
+set -euo pipefail
+PKGS="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt python3-lxml python3-venv
+      busybox-static cpio procps"
+missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+# The tiny guest's kernel comes from 'apt-get download', which needs package lists.
+if [ -n "$missing" ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  echo "host-deps: installing from Debian: ${missing:-(package lists only)}"
+  apt-get update -q >/dev/null
+  [ -z "$missing" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+fi

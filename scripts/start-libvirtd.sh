@@ -1,0 +1,27 @@
+#!/bin/bash
+# Start libvirtd so that it sees the kvmhooks hook and the hugetlbfs mounts (it reads both at start).
+# With systemd: (re)start the units. Without (containers, CI): start virtlogd/libvirtd by hand, restarting
+# a running libvirtd (its VMs keep running; the reconnect hook adopts them). As root.
+set -euo pipefail
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+if [ -d /run/systemd/system ]; then
+  systemctl enable -q --now virtlogd.socket libvirtd.service
+  systemctl restart libvirtd.service
+else
+  mkdir -p /run/libvirt
+  # What udev does on a normal host: without it every define/start re-probes QEMU for ~40 s.
+  if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 660 /dev/kvm; fi
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  if pids=$(pgrep -x libvirtd); then
+    kill $pids
+    for _ in $(seq 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    pkill -9 -x libvirtd 2>/dev/null || true
+  fi
+  libvirtd -d
+fi
+for _ in $(seq 300); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  sleep 0.1
+done
+echo "start-libvirtd: libvirtd did not answer within 30 s" >&2
+exit 1
