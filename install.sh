@@ -57,7 +57,7 @@ reload_libvirtd() {
     else systemctl reload libvirtd; say "reloaded libvirtd"; fi
   elif pid=$(pgrep -x libvirtd); then
     kill -HUP $pid
-    say "sent SIGHUP to libvirtd (pid $pid) so it picks up the hook"
+    say "sent SIGHUP to libvirtd (pid $pid) so it re-reads its hooks"
     if [ "$need_restart" = yes ]; then
       say "NOTE: a hugetlbfs mount was added: restart libvirtd before starting hugepage-backed VMs"
     fi
@@ -102,23 +102,32 @@ install_package() {
 
 is_ours() { [ -f "$1" ] && grep -q "$MARKER" "$1"; }
 
-install_hook() {
-  local target backup=""
+choose_hook_mode() {
+  # Decided (and a conflict refused) before anything is installed, so a refusal leaves the host as it was.
   if [ -z "$hook_mode" ]; then
     if [ "$(libvirt_version)" -ge 6005000 ] || [ "$(libvirt_version)" = 0 ]; then hook_mode=qemu.d; else hook_mode=qemu; fi
   fi
+  case "$hook_mode" in
+    qemu.d) ;;
+    qemu) if [ -e "$HOOKS/qemu" ] && ! is_ours "$HOOKS/qemu" && [ "$replace_hook" != yes ]; then
+            die "$HOOKS/qemu exists and is not ours; use --hook qemu.d (libvirt >= 6.5) \
+or --replace-hook to move it to $HOOKS/qemu.kvmhooks-orig"
+          fi ;;
+    *) die "--hook takes qemu or qemu.d" ;;
+  esac
+}
+
+install_hook() {
+  local target backup=""
   mkdir -p "$HOOKS"
   case "$hook_mode" in
     qemu.d) mkdir -p "$HOOKS/qemu.d"; target=$HOOKS/qemu.d/kvmhooks ;;
     qemu) target=$HOOKS/qemu
       if [ -e "$target" ] && ! is_ours "$target"; then
-        [ "$replace_hook" = yes ] || die "$target exists and is not ours; use --hook qemu.d (libvirt >= 6.5) \
-or --replace-hook to move it to $target.kvmhooks-orig"
         backup=$target.kvmhooks-orig
         mv "$target" "$backup"
         say "moved your existing hook to $backup (restored by --uninstall)"
       fi ;;
-    *) die "--hook takes qemu or qemu.d" ;;
   esac
   # Install atomically: libvirtd may run the hook at any moment.
   sed "1s|.*|#!$PREFIX/venv/bin/python3 -I|" "$SRC/hooks/qemu" > "$target.tmp"
@@ -264,6 +273,7 @@ uninstall() {
 }
 
 if [ "$mode" = uninstall ]; then uninstall; exit 0; fi
+choose_hook_mode
 install_deps
 install_package
 install_config

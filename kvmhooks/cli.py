@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +36,9 @@ def connect(uri: str) -> Any:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; is libvirtd running? "
-                           "(systemctl start libvirtd, or libvirtd -d)") from None
+        hint = ("run as root (qemu:///system needs root or the libvirt group)" if os.geteuid() != 0 else
+                "is libvirtd running? (systemctl start libvirtd, or libvirtd -d)")
+        raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; {hint}") from None
 
 
 def quiet_libvirt() -> None:
