@@ -33,6 +33,17 @@ def test_explicit_pins_show_in_virsh_within_a_second(env: Env) -> None:
     assert "<cputune>" not in virsh("dumpxml", "--inactive", vm.name).stdout
 
 
+def test_iothread_pin(env: Env) -> None:
+    vm = env.define('<kvm:iothreadpin iothread="1" cpuset="1"/>', backing="", extra="<iothreads>1</iothreads>")
+    virsh("start", vm.name)
+
+    def iothreads() -> dict[str, str]:
+        rows = [line.split() for line in virsh("iothreadinfo", vm.name).stdout.splitlines()]
+        return {r[0]: r[-1] for r in rows if len(r) >= 2 and r[0].isdigit()}
+
+    wait_for(lambda: iothreads().get("1") == "1", 5, "the iothread pin in virsh iothreadinfo")
+
+
 def test_persist_yes_writes_cputune_into_the_definition(env: Env) -> None:
     vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:emulatorpin cpuset="0"/><kvm:cputune persist="yes"/>',
                     backing="")
