@@ -39,14 +39,14 @@ class Edited:
     added_backing: bool = False
 
 
-def _child(parent: etree._Element, tag: str, first: bool = False) -> etree._Element:
-    el = parent.find(tag)
-    if el is None:
-        el = etree.Element(tag)
-        if first:
-            parent.insert(0, el)
-        else:
-            parent.append(el)
+def _new_after(root: etree._Element, tag: str, *anchors: str) -> etree._Element:
+    """A new child of <domain> right after the first anchor element present (libvirt's usual order)."""
+    el = etree.Element(tag)
+    anchor = next((a for a in (root.find(t) for t in anchors) if a is not None), None)
+    if anchor is not None:
+        anchor.addnext(el)
+    else:
+        root.append(el)
     return el
 
 
@@ -85,12 +85,7 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
         return Edited(etree.tostring(root, encoding="unicode"))
     meta = root.find("metadata")
     if meta is None:
-        meta = etree.Element("metadata")
-        after = root.find("title") if root.find("title") is not None else root.find("uuid")
-        if after is not None:
-            after.addnext(meta)
-        else:
-            root.insert(0, meta)
+        meta = _new_after(root, "metadata", "description", "title", "uuid", "name")
     tuning = meta.find(_K + "tuning")
     if tuning is None:
         tuning = etree.SubElement(meta, _K + "tuning", nsmap={"kvm": NAMESPACE})
@@ -102,12 +97,7 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
         size = {"2M": 2048, "1G": GIB_KIB}.get(req.hugepages) or auto_page_kib(memory_kib, topo)
         mb = root.find("memoryBacking")
         if mb is None:
-            mb = etree.Element("memoryBacking")
-            anchor = root.find("currentMemory") if root.find("currentMemory") is not None else root.find("memory")
-            if anchor is not None:
-                anchor.addnext(mb)
-            else:
-                root.append(mb)
+            mb = _new_after(root, "memoryBacking", "currentMemory", "memory")
         hp = mb.find("hugepages")
         if hp is None:
             hp = etree.SubElement(mb, "hugepages")

@@ -338,6 +338,21 @@ class _Reader:
             raise self.fail(attr, v, "must be more than zero")
         return kib
 
+    def size_or_percent(self, attr: str, whole_kib: int) -> int | None:
+        """A size, or a percentage of ``whole_kib``; never more than the whole."""
+        v = self.el.get(attr)
+        if v is None:
+            return None
+        try:
+            pct = parse_percent(v)
+        except ValueError as e:
+            raise self.fail(attr, v, str(e)) from None
+        kib = whole_kib * pct // 100 if pct is not None else self.size(attr)
+        assert kib is not None
+        if kib > whole_kib:
+            raise self.fail(attr, v, f"exceeds the VM's memory ({whole_kib} KiB)")
+        return kib
+
     def cpuset(self, attr: str, required: bool = True) -> frozenset[int] | None:
         v = self.el.get(attr)
         if v is None:
@@ -457,29 +472,12 @@ def _parse_hugepages(r: _Reader, dom: Domain) -> HugepagesSpec:
 
 
 def _parse_balloon(r: _Reader, dom: Domain, memtune: object) -> BalloonSpec:
-    target_text = r.get("target")
-    target = None
-    if target_text is not None:
-        try:
-            pct = parse_percent(target_text)
-        except ValueError as e:
-            raise r.fail("target", target_text, str(e)) from None
-        target = dom.memory_kib * pct // 100 if pct is not None else r.size("target")
-        assert target is not None
-        if target > dom.memory_kib:
-            raise r.fail("target", target_text, f"exceeds the VM's memory ({dom.memory_kib} KiB)")
-    min_text = r.get("min")
-    if min_text is not None:
-        try:
-            pct = parse_percent(min_text)
-        except ValueError as e:
-            raise r.fail("min", min_text, str(e)) from None
-        min_kib = dom.memory_kib * pct // 100 if pct is not None else r.size("min")
-        assert min_kib is not None
-    elif isinstance(memtune, MemtuneSpec) and memtune.min_guarantee:
-        min_kib = memtune.min_guarantee
-    else:
-        min_kib = dom.memory_kib // 2
+    target_text, min_text = r.get("target"), r.get("min")
+    target = r.size_or_percent("target", dom.memory_kib)
+    min_kib = r.size_or_percent("min", dom.memory_kib)
+    if min_kib is None:
+        min_kib = memtune.min_guarantee if isinstance(memtune, MemtuneSpec) and memtune.min_guarantee \
+            else dom.memory_kib // 2
     if min_kib > dom.memory_kib:
         raise r.fail("min", min_text, f"exceeds the VM's memory ({dom.memory_kib} KiB)")
     policy = r.choice("policy", ("fixed", "auto"), "fixed")

@@ -163,6 +163,7 @@ def host() -> Iterator[Env]:
     run(str(REPO / "install.sh"), "--no-apt", "--no-reload", timeout=300)
     CONFIG.write_text(TEST_CONFIG)
     # Our own daemon, started after the hugetlbfs mounts and the hook exist (libvirtd reads both at start).
+    was_running = bool(pids("libvirtd"))
     start_libvirtd()
     kernel, initrd = build_guest()
     env = Env(kernel, initrd)
@@ -176,6 +177,9 @@ def host() -> Iterator[Env]:
         env.cleanup()
         if saved_config is not None:
             CONFIG.write_text(saved_config)
+        if not was_running:  # leave the host as we found it
+            stop_daemon("libvirtd")
+            stop_daemon("virtlogd")
 
 
 @pytest.fixture
