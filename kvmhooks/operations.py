@@ -10,14 +10,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kvmhooks.apply.pools import SysfsPools, apply_pool_writes, shrink_pools
+from kvmhooks.apply.pools import SysfsPools, apply_pool_writes, restore, shrink_pools
 from kvmhooks.config import Config
 from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError
 from kvmhooks.ledger import DomainRecord, Ledger, LedgerState, PoolRecord, stamp
 from kvmhooks.log import VMLog
 from kvmhooks.plan.cpus import CpuPlan, plan_cpus
-from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages, pool_writes, release_writes
+from kvmhooks.plan.hugepages import HugepagePlan, PoolWrite, plan_hugepages, pool_writes, release_writes
 from kvmhooks.topology import HostTopology, read_topology
 from kvmhooks.units import format_cpuset
 
@@ -64,6 +64,16 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepar
 
         ensure_socket_dir(dom.qmp_socket)
     warnings: list[str] = []
+    raised: list[PoolWrite] = []
+    try:
+        return _prepare_locked(dom, cfg, pools, vlog, warnings, raised)
+    except BaseException:
+        restore(pools, raised)  # the ledger was not written: take back the pages we added
+        raise
+
+
+def _prepare_locked(dom: Domain, cfg: Config, pools: SysfsPools, vlog: VMLog, warnings: list[str],
+                    raised: list[PoolWrite]) -> Prepared:
     with ledger_for(cfg).transaction() as state:
         if dom.uuid in state.domains:
             # A previous start of this VM never reached release (crash, killed libvirtd): give that back
@@ -79,6 +89,7 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepar
             try:
                 writes = pool_writes(dom.uuid, plan, topo, state, cfg, dom.name)
                 apply_pool_writes(pools, writes, time.monotonic() + cfg.retry_timeout, dom.name)
+                raised.extend(writes)
             except CapacityError as e:
                 if plan.required:
                     raise
@@ -141,7 +152,7 @@ def adopt(dom: Domain, cfg: Config) -> DomainRecord:
             return rec
         rec = DomainRecord(name=dom.name, state="adopted")
         try:
-            plan = plan_hugepages(dom, topology_for(cfg), Config(**{**cfg.__dict__, "host_reserve_kib": 0}))
+            plan = plan_hugepages(dom, topology_for(cfg), cfg)
         except Exception as e:  # the VM runs already: record what we can, never fail
             vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
             plan = None

@@ -215,3 +215,15 @@ def test_adopt_accounts_without_writing(host: FakeHost) -> None:
     assert operations.ledger_for(cfg).read().reserved("node0/2048kB") == 128
     operations.release(U1, cfg)
     assert host.pool(0) == 10
+
+
+def test_a_ledger_write_failure_gives_the_pages_back(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmhooks.ledger import Ledger
+
+    def broken(self: Ledger, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Ledger, "_write", broken)
+    with pytest.raises(OSError):
+        operations.prepare(parse_domain(domain_xml(uuid=U1)), host.config())
+    assert host.pool(0) == 0
