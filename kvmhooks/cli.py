@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset, format_kib
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
+# reconcile leaves alone a VM whose prepare ran this recently and that is not running yet: QEMU may still be
+# starting (a TCG or a large hugepage-backed guest can take a while). A real leftover is older than this.
+STARTING_GRACE = 120.0
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -432,8 +436,11 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     running = {d.UUIDString(): d for d in conn.listAllDomains() if d.isActive()}
     state = read_ledger(cfg)
     actions: list[str] = []
+    now = time.time()
     for uuid, rec in sorted(state.domains.items()):
-        if uuid not in running:
+        if uuid not in running and rec.state in ("prepared", "starting") and now - rec.updated < STARTING_GRACE:
+            actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} s ago)")
+        elif uuid not in running:
             actions.append(f"release {rec.name} ({uuid}): not running; frees "
                            + (", ".join(f"{k} {n} pages" for k, n in rec.hugepages.items()) or "no pages")
                            + (f", CPUs {format_cpuset(rec.cpus)}" if rec.cpus else ""))

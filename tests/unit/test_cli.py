@@ -146,3 +146,30 @@ def test_errors_are_one_line_not_tracebacks(env, capsys) -> None:  # type: ignor
     code, _, err = run(capsys, "status", "--config", "/nonexistent/config.toml", "--uri",
                        "qemu+unix:///system?socket=/nonexistent")
     assert code == 0  # no config file = defaults; libvirtd down = a note, the ledger still shown
+
+
+def test_reconcile_frees_leftovers_but_not_a_vm_that_is_starting(env, capsys) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from kvmhooks.config import load_config
+    from kvmhooks.ledger import DomainRecord, Ledger, PoolRecord
+
+    cfg, uri, host = env
+    c = load_config(cfg)
+    host.set_pool(0, 2048, 30)  # 10 for the admin + 20 for the leftover
+    with Ledger(c.ledger_path).transaction() as st:
+        st.domains["99999999-0000-0000-0000-000000000001"] = DomainRecord(
+            name="gone", state="running", hugepages={"node0/2048kB": 20}, updated=time.time() - 3600)
+        st.domains["99999999-0000-0000-0000-000000000002"] = DomainRecord(name="booting", state="prepared",
+                                                                         updated=time.time())
+        st.pools["node0/2048kB"] = PoolRecord(baseline=10)
+    code, out, _ = run(capsys, "reconcile", "--dry-run", "--config", str(cfg), "--uri", uri)
+    assert code == 0 and "would release gone" in out and "would leave booting" in out and host.pool(0) == 30
+    code, out, _ = run(capsys, "reconcile", "--config", str(cfg), "--uri", uri)
+    left = Ledger(c.ledger_path).read().domains
+    assert "99999999-0000-0000-0000-000000000001" not in left and "99999999-0000-0000-0000-000000000002" in left
+    # The test driver's running, annotated "web" was missing from the ledger: adopted, its pages counted.
+    assert "adopt web" in out and left[U_WEB].hugepages == {"node0/2048kB": 128}
+    st = Ledger(c.ledger_path).read()
+    assert host.pool(0) == st.pools["node0/2048kB"].baseline + st.reserved("node0/2048kB")
+    assert run(capsys, "reconcile", "--config", str(cfg), "--uri", uri)[1].startswith("ledger, running VMs and pools")
