@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from kvmhooks.errors import ConfigError
@@ -53,7 +53,6 @@ class Config:
     hooks_dir: Path = Path("/etc/libvirt/hooks")
     # Persistent bookkeeping of `kvmhooks annotate` (what it added, so --remove takes exactly that away).
     lib_dir: Path = Path("/var/lib/kvmhooks")
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def ledger_path(self) -> Path:
@@ -85,7 +84,7 @@ def config_from_dict(data: dict[str, object], where: str = "config") -> Config:
     known = {f.name for f in fields(Config)} | {"host_reserve", "cpu", "balloon_step"}
     changes: dict[str, object] = {}
     for key, value in data.items():
-        if key not in known or key in ("host_reserve_kib", "extra", "cpu_allowed", "cpu_housekeeping",
+        if key not in known or key in ("host_reserve_kib", "cpu_allowed", "cpu_housekeeping",
                                        "balloon_step_kib"):
             raise ConfigError(f"{where}: unknown setting {key!r}")
         try:

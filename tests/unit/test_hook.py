@@ -117,3 +117,13 @@ def test_enabled_no_releases_leftovers(host: FakeHost, cfg: Path) -> None:
     assert hook(cfg, "vm1", "prepare", off).returncode == 0
     assert host.pool(0) == 0
     assert json.loads((host.root / "run/ledger.json").read_text())["domains"] == {}
+
+
+def test_an_oversize_unannotated_vm_is_not_refused(host: FakeHost, cfg: Path) -> None:
+    padding = b"<!--" + b"x" * (5 * 1024 * 1024) + b"--></devices>"
+    big = domain_xml(tuning=None, backing="").replace(b"</devices>", padding)
+    r = hook(cfg, "big", "prepare", big)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    annotated = domain_xml().replace(b"</devices>", padding)
+    r = hook(cfg, "big", "prepare", annotated)
+    assert r.returncode == 1 and b"larger than" in r.stderr
