@@ -26,8 +26,8 @@ from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset, format_kib
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
-# reconcile leaves alone a VM whose prepare ran this recently and that is not running yet: QEMU may still be
-# starting (a TCG or a large hugepage-backed guest can take a while). A real leftover is older than this.
+# reconcile leaves alone a VM whose prepare ran this recently and whose started hook has not run yet: QEMU
+# may still be starting (a large hugepage-backed guest can take a while). A real leftover is older than this.
 STARTING_GRACE = 120.0
 
 
@@ -192,11 +192,18 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             if pins.get("emulator"):
                 pin_s += f" emu:{pins['emulator']}"
             bal = v.get("balloon")
-            bal_s = f"{format_kib(bal['actual'])}/{format_kib(bal['target'])}" if bal and bal["target"] else ""
+            bal_s = ""
+            if bal:
+                bal_s = f"{format_kib(bal['actual'])}/" + (format_kib(bal["target"]) if bal["target"] else "auto")
+            other = []
+            if "vcpus_live" in applied:
+                other.append(f"vcpus {applied['vcpus_live']}")
+            other += [f"{k} {format_kib(val)}" for k, val in applied.get("memtune", {}).items()]
+            problems = "; ".join([*applied.get("problems", []), *([v["error"]] if v.get("error") else [])])
             rows.append([v["name"], v["state"], v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
-                         bal_s or "-", v.get("error") or ""])
+                         bal_s or "-", ", ".join(other) or "-", problems])
         out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",
-                          "LAST ERROR"], rows) if rows else "no annotated VMs")
+                          "OTHER (live)", "PROBLEMS"], rows) if rows else "no annotated VMs")
         if pools:
             out.append("")
             out.append(table(["POOL", "BASELINE", "RESERVED", "NR_HUGEPAGES", "IN USE", "FREE"],
@@ -438,7 +445,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     actions: list[str] = []
     now = time.time()
     for uuid, rec in sorted(state.domains.items()):
-        if uuid not in running and rec.state in ("prepared", "starting") and now - rec.updated < STARTING_GRACE:
+        if uuid not in running and rec.state == "prepared" and now - rec.updated < STARTING_GRACE:
             actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} s ago)")
         elif uuid not in running:
             actions.append(f"release {rec.name} ({uuid}): not running; frees "
