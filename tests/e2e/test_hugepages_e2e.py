@@ -131,3 +131,20 @@ def test_crashed_qemu_gives_pages_back(env: Env) -> None:
     wait_for(lambda: domstate(vm.name) == "shut off", 20, "libvirt to notice the crash")
     wait_for(lambda: pool2m() == before, 10, "the pool to shrink back")
     assert vm.uuid not in ledger()["domains"]
+
+
+def test_concurrent_starts_reserve_exactly(env: Env) -> None:
+    import subprocess
+
+    before = pool2m()
+    vms = [env.define('<kvm:hugepages size="2M"/>', memory_mib=128) for _ in range(4)]
+    procs = [subprocess.Popen(["virsh", "-c", "qemu:///system", "start", vm.name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for vm in vms]
+    assert all(p.wait(120) == 0 for p in procs)
+    assert pool2m() == before + 4 * 64
+    held = ledger()["domains"]
+    assert [held[vm.uuid]["hugepages"] for vm in vms] == [{"node0/2048kB": 64}] * 4
+    procs = [subprocess.Popen(["virsh", "-c", "qemu:///system", "destroy", vm.name], stdout=subprocess.PIPE)
+             for vm in vms]
+    assert all(p.wait(60) == 0 for p in procs)
+    assert pool2m() == before and not any(vm.uuid in ledger()["domains"] for vm in vms)
