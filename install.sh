@@ -7,13 +7,16 @@
 # Options: --prefix DIR (default /opt/kvmhooks), --hook qemu|qemu.d (default: qemu.d on libvirt >= 6.5),
 #          --replace-hook (allow moving an existing non-kvmhooks /etc/libvirt/hooks/qemu aside),
 #          --no-apt (do not install Debian packages), --no-reload (leave a running libvirtd alone),
-#          --hooks-dir DIR, --conf-dir DIR, --bin-link PATH (other locations; the test suite uses them).
+#          --hooks-dir DIR, --conf-dir DIR, --bin-link PATH, --state-dir DIR (other locations; the tests
+#          use them), --force (uninstall even while VMs hold reservations).
 set -euo pipefail
 
 PREFIX=/opt/kvmhooks
 HOOKS=/etc/libvirt/hooks
 CONF_DIR=/etc/kvmhooks
 BIN_LINK=/usr/local/bin/kvmhooks
+STATE_DIR=/run/kvmhooks
+force=no
 STATE_FILE=""        # set after option parsing
 MARKER="kvmhooks: libvirt qemu hook"
 FSTAB_MARK="# added by kvmhooks install.sh"
@@ -35,7 +38,9 @@ while [ $# -gt 0 ]; do
     --hooks-dir) HOOKS=$2; shift ;;
     --conf-dir) CONF_DIR=$2; shift ;;
     --bin-link) BIN_LINK=$2; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --state-dir) STATE_DIR=$2; shift ;;
+    --force) force=yes ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -247,6 +252,11 @@ install_mounts() {
 
 uninstall() {
   local hook="" backup=""
+  # The ledger is the only record of which pages and CPUs running VMs hold: never drop it under them.
+  if [ -s "$STATE_DIR/ledger.json" ] && grep -q '"name"' "$STATE_DIR/ledger.json" && [ "$force" != yes ]; then
+    die "VMs still hold reservations in $STATE_DIR/ledger.json (see 'kvmhooks status'); stop them \
+(then 'kvmhooks reconcile') first, or use --force"
+  fi
   if [ -f "$STATE_FILE" ]; then
     hook=$(sed -n 's/^hook=//p' "$STATE_FILE"); backup=$(sed -n 's/^backup=//p' "$STATE_FILE")
   fi
@@ -267,7 +277,7 @@ uninstall() {
   for u in /etc/systemd/system/*.mount; do
     [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
   done
-  rm -rf "$PREFIX" "$CONF_DIR" /run/kvmhooks
+  rm -rf "$PREFIX" "$CONF_DIR" "$STATE_DIR"
   say "uninstalled (logs kept in /var/log/kvmhooks)"
   reload_libvirtd no
 }

@@ -116,8 +116,10 @@ def repin_shared(conn: Any, cfg: Config, vlog: VMLog) -> list[str]:
 
     ledger = Ledger(cfg.ledger_path, cfg.lock_timeout)
     state = ledger.read()
-    pool = shared_pool(read_topology(cfg.sysfs_root, cfg.proc_root), cfg, state)
     done: list[str] = []
+    if not any(r.shared for r in state.domains.values()):
+        return done
+    pool = shared_pool(read_topology(cfg.sysfs_root, cfg.proc_root), cfg, state)
     if not pool:
         vlog.warning("shared pool is empty; shared VMs keep their pins")
         return done

@@ -102,6 +102,7 @@ class Env:
     kernel: Path
     initrd: Path
     vms: list[VM] = field(default_factory=list)
+    baseline_pages: int = 0  # the 2M pool before any test: every test must leave it so
 
     def define(self, tuning: str | None = None, memory_mib: int = 256, backing: str = HUGEPAGE_BACKING,
                qmp: bool = False, **kw: object) -> VM:
@@ -166,7 +167,7 @@ def host() -> Iterator[Env]:
     was_running = bool(pids("libvirtd"))
     start_libvirtd()
     kernel, initrd = build_guest()
-    env = Env(kernel, initrd)
+    env = Env(kernel, initrd, baseline_pages=pool2m())
     for name in virsh("list", "--all", "--name").stdout.split():
         if name.startswith(PREFIX):
             virsh("destroy", name, check=False)
@@ -186,3 +187,7 @@ def host() -> Iterator[Env]:
 def env(host: Env) -> Iterator[Env]:
     yield host
     host.cleanup()
+    # Nothing leaks: no test VM left in the ledger, the pool back where the session found it.
+    left = {u: r["name"] for u, r in ledger()["domains"].items() if r["name"].startswith(PREFIX)}
+    assert not left, f"ledger entries left behind: {left}"
+    wait_for(lambda: pool2m() == host.baseline_pages, 10, f"the 2M pool back at {host.baseline_pages}")

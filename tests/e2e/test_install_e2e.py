@@ -19,7 +19,8 @@ FOREIGN = "#!/bin/sh\n# the admin's own hook\nexit 0\n"
 @pytest.fixture
 def scratch(tmp_path: Path, host: Env) -> Iterator[list[str]]:
     args = ["--prefix", str(tmp_path / "opt"), "--hooks-dir", str(tmp_path / "hooks"), "--conf-dir",
-            str(tmp_path / "etc"), "--bin-link", str(tmp_path / "bin/kvmhooks"), "--no-apt", "--no-reload"]
+            str(tmp_path / "etc"), "--bin-link", str(tmp_path / "bin/kvmhooks"), "--state-dir", str(tmp_path / "run"),
+            "--no-apt", "--no-reload"]
     (tmp_path / "bin").mkdir()
     (tmp_path / "hooks").mkdir()
     yield args
@@ -47,6 +48,17 @@ def test_qemu_d_beside_a_foreign_hook_idempotent_and_uninstall(scratch: list[str
     install(*scratch, "--uninstall")
     assert not ours.exists() and not (tmp_path / "opt").exists() and not (tmp_path / "bin/kvmhooks").exists()
     assert (hooks / "qemu").read_text() == FOREIGN
+
+
+def test_uninstall_refuses_while_vms_hold_reservations(scratch: list[str], tmp_path: Path) -> None:
+    install(*scratch)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/ledger.json").write_text('{"version": 1, "domains": {"u": {"name": "web1"}}, "pools": {}}')
+    r = install(*scratch, "--uninstall", check=False)
+    assert r.returncode != 0 and "still hold reservations" in r.stderr
+    assert (tmp_path / "hooks/qemu.d/kvmhooks").exists() and (tmp_path / "run/ledger.json").exists()
+    install(*scratch, "--uninstall", "--force")
+    assert not (tmp_path / "hooks/qemu.d/kvmhooks").exists() and not (tmp_path / "run").exists()
 
 
 def test_replacing_a_foreign_qemu_hook_needs_consent_and_is_undone(scratch: list[str], tmp_path: Path) -> None:
