@@ -269,13 +269,27 @@ def plan_actions(dom: Domain, cfg: Config, topo: HostTopology, state: LedgerStat
         for k, v in t.memtune.items():
             actions.append({"phase": "started", "action": f"libvirt setMemoryParameters({{{k!r}: {v}}}, AFFECT_LIVE)"})
     if t.balloon is not None:
-        via = "QMP " + dom.qmp_socket if dom.qmp_socket and t.balloon.transport != "libvirt" else "libvirt"
-        if t.balloon.policy == "fixed":
-            actions.append({"phase": "started", "action": f"balloon to {format_kib(t.balloon.target_kib or 0)} via "
-                            f"{via} once the guest driver is up (floor {format_kib(t.balloon.min_kib)})"})
+        from kvmhooks.apply.qmp import BALLOON_QOM
+        from kvmhooks.plan.balloon import fixed_target
+
+        b = t.balloon
+        qmp = dom.qmp_socket is not None and b.transport != "libvirt"
+        period = b.stats_period or 2
+        wait = "once the guest's balloon driver reports stats (bounded)"
+        if qmp:
+            actions.append({"phase": "started", "action": f"QMP {dom.qmp_socket}: qom-set({BALLOON_QOM}, "
+                            f"guest-stats-polling-interval, {period}), then qom-get guest-stats {wait}"})
         else:
-            actions.append({"phase": "started", "action": f"automatic balloon between {format_kib(t.balloon.min_kib)}"
-                            f" and {format_kib(dom.memory_kib)} by 'kvmhooks balloond' via {via}"})
+            actions.append({"phase": "started", "action": f"libvirt setMemoryStatsPeriod({period}, AFFECT_LIVE), "
+                            f"then memoryStats() {wait}"})
+        if b.policy == "fixed" and b.target_kib is not None:
+            target = fixed_target(b.target_kib, b.min_kib, dom.memory_kib)
+            call = f"QMP balloon(value={target * 1024})" if qmp else f"libvirt setMemoryFlags({target}, AFFECT_LIVE)"
+            actions.append({"phase": "started", "action": f"{call}: {format_kib(target)}, then verify query-balloon "
+                            "until it lands"})
+        else:
+            actions.append({"phase": "started", "action": f"automatic balloon between {format_kib(b.min_kib)} and "
+                            f"{format_kib(dom.memory_kib)} by 'kvmhooks balloond' via {'QMP' if qmp else 'libvirt'}"})
     return actions
 
 
