@@ -104,13 +104,6 @@ def test_unannotated_vm_exits_before_importing_kvmhooks(host: FakeHost, cfg: Pat
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
 
 
-def test_release_of_a_vm_whose_annotation_was_removed_live(host: FakeHost, cfg: Path) -> None:
-    assert hook(cfg, "vm1", "prepare", domain_xml(uuid=U1)).returncode == 0
-    # The default ledger path is what the fast path consults; here the full path runs through the config.
-    r = hook(cfg, "vm1", "release", domain_xml(uuid=U1, tuning='<kvm:hugepages size="2M"/>'), "end")
-    assert r.returncode == 0 and host.pool(0) == 0
-
-
 def test_enabled_no_releases_leftovers(host: FakeHost, cfg: Path) -> None:
     assert hook(cfg, "vm1", "prepare", domain_xml(uuid=U1)).returncode == 0
     off = domain_xml(uuid=U1).replace(b"<kvm:tuning ", b'<kvm:tuning enabled="no" ')
