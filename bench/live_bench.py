@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import subprocess
 import sys
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,24 +26,34 @@ sys.path.insert(0, str(REPO))
 
 import libvirt  # noqa: E402
 
+from kvmhooks.domain import qmp_socket_arg  # noqa: E402
 from kvmhooks.guest import build_guest, domain_xml  # noqa: E402
 
 NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
 
 
-def define(conn: libvirt.virConnect, name: str, tuning: str, **kw: object) -> libvirt.virDomain:
+@contextlib.contextmanager
+def defined(conn: libvirt.virConnect, name: str, tuning: str, qmp: bool = False) -> Iterator[libvirt.virDomain]:
+    """A benchmark VM, destroyed and undefined whatever happens."""
     kernel, initrd = build_guest()
-    xml = domain_xml(name, str(uuidlib.uuid4()), kernel, initrd, metadata=f"<kvm:tuning {NS}>{tuning}</kvm:tuning>",
-                     console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"), **kw)  # type: ignore[arg-type]
-    return conn.defineXML(xml)
+    uuid = str(uuidlib.uuid4())
+    xml = domain_xml(name, uuid, kernel, initrd, metadata=f"<kvm:tuning {NS}>{tuning}</kvm:tuning>",
+                     console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"),
+                     qemu_args=("-qmp", qmp_socket_arg(uuid)) if qmp else ())
+    dom = conn.defineXML(xml)
+    try:
+        yield dom
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
 
 
 def pins_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
-    dom = define(conn, "kvmhbench-pins", '<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>'
-                 '<kvm:emulatorpin cpuset="0"/>')
     want_v = [(False, True), (True, False)]
     out = []
-    try:
+    with defined(conn, "kvmhbench-pins", '<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>'
+                 '<kvm:emulatorpin cpuset="0"/>') as dom:
         for _ in range(runs):
             subprocess.run(["virsh", "-c", "qemu:///system", "start", dom.name()], check=True, capture_output=True)
             t0 = time.perf_counter()
@@ -54,27 +67,14 @@ def pins_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
                 time.sleep(0.002)
             out.append(time.perf_counter() - t0)
             dom.destroy()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
     return out
 
 
 def balloon_latency(conn: libvirt.virConnect, runs: int, qmp: bool) -> list[float]:
-    import json
-
-    from kvmhooks.domain import qmp_socket_arg
-
-    uuid = str(uuidlib.uuid4())
-    kernel, initrd = build_guest()
-    name = f"kvmhbench-balloon-{'qmp' if qmp else 'libvirt'}"
-    xml = domain_xml(name, uuid, kernel, initrd, metadata=f'<kvm:tuning {NS}><kvm:balloon target="192M"/></kvm:tuning>',
-                     console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"),
-                     qemu_args=("-qmp", qmp_socket_arg(uuid)) if qmp else ())
-    dom = conn.defineXML(xml)
     out = []
-    try:
+    name = f"kvmhbench-balloon-{'qmp' if qmp else 'libvirt'}"
+    with defined(conn, name, '<kvm:balloon target="192M"/>', qmp=qmp) as dom:
+        uuid = dom.UUIDString()
         for _ in range(runs):
             dom.create()
             deadline = time.monotonic() + 120
@@ -90,10 +90,6 @@ def balloon_latency(conn: libvirt.virConnect, runs: int, qmp: bool) -> list[floa
             else:
                 raise SystemExit("the worker never recorded the balloon")
             dom.destroy()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
     return out
 
 

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.e2e.conftest import Env, dommemstat, domstate, ledger, virsh, wait_for
 
 KVMHOOKS = "/opt/kvmhooks/venv/bin/kvmhooks"
+
+
+@contextlib.contextmanager
+def balloond(interval: float) -> Iterator[subprocess.Popen[str]]:
+    """The automatic balloon service in the foreground; stopped with SIGTERM, which must end it cleanly."""
+    svc = subprocess.Popen([KVMHOOKS, "balloond", "--interval", str(interval), "--log-stderr"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        yield svc
+    finally:
+        svc.send_signal(signal.SIGTERM)
+        out = svc.communicate(timeout=10)[1]
+    assert svc.returncode == 0 and "Traceback" not in out, out
 
 
 def balloon_record(uuid: str) -> dict:  # type: ignore[type-arg]
@@ -50,9 +64,7 @@ def test_auto_service_shrinks_an_idle_guest_to_its_floor_and_never_below(env: En
     vm = env.define('<kvm:balloon policy="auto" min="160M"/>', backing="", qmp=True)
     virsh("start", vm.name)
     wait_for(lambda: balloon_record(vm.uuid), 60, "the guest's balloon driver")
-    svc = subprocess.Popen([KVMHOOKS, "balloond", "--interval", "0.5", "--log-stderr"], stderr=subprocess.PIPE,
-                           text=True)
-    try:
+    with balloond(0.5) as svc:
         seen = []
 
         def at_floor() -> bool:
@@ -69,11 +81,6 @@ def test_auto_service_shrinks_an_idle_guest_to_its_floor_and_never_below(env: En
         virsh("destroy", vm.name)
         time.sleep(1.5)
         assert svc.poll() is None
-    finally:
-        svc.send_signal(signal.SIGTERM)
-        out = svc.communicate(timeout=10)[1]
-    assert svc.returncode == 0, out
-    assert "Traceback" not in out
 
 
 def test_balloond_survives_a_libvirtd_restart(env: Env) -> None:
@@ -82,9 +89,7 @@ def test_balloond_survives_a_libvirtd_restart(env: Env) -> None:
     vm = env.define('<kvm:balloon policy="auto" min="200M"/>', backing="", qmp=True)
     virsh("start", vm.name)
     wait_for(lambda: balloon_record(vm.uuid), 60, "the guest's balloon driver")
-    svc = subprocess.Popen([KVMHOOKS, "balloond", "--interval", "0.3", "--log-stderr"], stderr=subprocess.PIPE,
-                           text=True)
-    try:
+    with balloond(0.3) as svc:
         wait_for(lambda: dommemstat(vm.name)["actual"] == 200 * 1024, 30, "the floor")
         stop_daemon("libvirtd")
         time.sleep(1)
@@ -94,7 +99,3 @@ def test_balloond_survives_a_libvirtd_restart(env: Env) -> None:
         virsh("setmem", vm.name, "256M", "--live")  # undo its work: it must do it again after the restart
         wait_for(lambda: dommemstat(vm.name)["actual"] == 200 * 1024, 30, "the floor again after the restart")
         assert svc.poll() is None
-    finally:
-        os.kill(svc.pid, signal.SIGTERM)
-        out = svc.communicate(timeout=10)[1]
-    assert svc.returncode == 0 and "Traceback" not in out
