@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from kvmhooks import NAMESPACE
+from kvmhooks import NAMESPACE, PREFIX
 from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg, safe_parse
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.topology import HostTopology
@@ -88,7 +88,7 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
         meta = _new_after(root, "metadata", "description", "title", "uuid", "name")
     tuning = meta.find(_K + "tuning")
     if tuning is None:
-        tuning = etree.SubElement(meta, _K + "tuning", nsmap={"kvm": NAMESPACE})
+        tuning = etree.SubElement(meta, _K + "tuning", nsmap={PREFIX: NAMESPACE})
     added_backing = False
     if req.hugepages:
         _set(tuning, "hugepages", size=req.hugepages)

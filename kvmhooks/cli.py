@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmhooks import NAMESPACE, PREFIX, __version__, operations
+from kvmhooks import __version__, operations
 from kvmhooks.config import Config, load_config, pool_key
 from kvmhooks.domain import Domain, parse_domain
 from kvmhooks.errors import ConnectError, KvmhooksError, NotFound
@@ -621,8 +621,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-__all__ = ["NAMESPACE", "PREFIX", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())
