@@ -148,3 +148,15 @@ def test_concurrent_starts_reserve_exactly(env: Env) -> None:
              for vm in vms]
     assert all(p.wait(60) == 0 for p in procs)
     assert pool2m() == before and not any(vm.uuid in ledger()["domains"] for vm in vms)
+
+
+def test_the_no_editor_path_virsh_metadata(env: Env) -> None:
+    """The README's `virsh metadata --set` line: libvirt stores our element, the hook picks it up."""
+    before = pool2m()
+    vm = env.define(None)  # hugepage backing, no annotation yet
+    virsh("metadata", vm.name, "--uri", "http://kvmhooks.org/xmlns/domain/1.0", "--key", "kvm", "--set",
+          '<tuning><hugepages size="2M"/></tuning>', "--config")
+    virsh("start", vm.name)
+    assert pool2m() == before + 128 and ledger()["domains"][vm.uuid]["hugepages"] == {"node0/2048kB": 128}
+    virsh("destroy", vm.name)
+    assert pool2m() == before
