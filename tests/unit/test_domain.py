@@ -166,3 +166,17 @@ def test_wrong_namespace_is_not_ours() -> None:
     data = domain_xml(tuning="<kvm:hugepages/>").replace(b"http://kvmhooks.org/xmlns/domain/1.0",
                                                         b"http://kvmhooks.org/xmlns/domain/2.0")
     assert parse_domain(data).tuning is None
+
+
+def test_every_annotation_in_the_readme_parses() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```xml\n(<metadata>.*?</metadata>)\n```", readme, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        xml = (f"<domain type='kvm'><name>doc</name><uuid>11111111-2222-3333-4444-555555555555</uuid>{block}"
+               "<memory unit='GiB'>4</memory><memoryBacking><hugepages/></memoryBacking><vcpu>4</vcpu>"
+               "<devices><memballoon model='virtio'/></devices></domain>")
+        assert parse_domain(xml.encode()).active_tuning is not None
