@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from kvmhooks.ledger import LedgerState
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset, format_kib
 
+log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 # reconcile leaves alone a VM whose prepare ran this recently and whose started hook has not run yet: QEMU
 # may still be starting (a large hugepage-backed guest can take a while). A real leftover is older than this.
@@ -450,9 +452,18 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
 
 # --- reconcile --------------------------------------------------------------------------------------------
 
+def audit_log(cfg: Config, command: str) -> None:
+    """Commands that change the host log what they do where the hook logs (the admin's audit trail)."""
+    from kvmhooks.log import setup_logging
+
+    setup_logging(cfg.log, cfg.log_level, command)
+
+
 def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     from kvmhooks.apply.pools import SysfsPools
 
+    if not args.dry_run:
+        audit_log(cfg, "reconcile")
     conn = connect(args.uri or cfg.libvirt_uri)
     running = {d.UUIDString(): d for d in conn.listAllDomains() if d.isActive()}
     state = read_ledger(cfg)
@@ -493,6 +504,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
                                f"{st.reserved(key)})")
                 if not args.dry_run:
                     pools.set(node, size, target)
+                    log.info("reconcile: pool %s set from %d to %d", key, now, target)
     emit(args, {"dry_run": args.dry_run, "actions": actions},
          lambda: ("\n".join(("would " if args.dry_run else "") + a for a in actions)
                   if actions else "ledger, running VMs and pools agree: nothing to do"))
@@ -522,7 +534,10 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
     if args.dry_run:
         after = edit_domain_xml(before, req, topo).xml
     else:
+        audit_log(cfg, "annotate")
         conn.defineXML(edited.xml)
+        log.info("VM %r (%s): annotate %s", args.domain, uuid, "--remove" if args.remove else
+                 " ".join(f"--{k}={v}" for k, v in req.__dict__.items() if v and k not in ("remove", "remove_backing")))
         after = inactive_xml(lookup(conn, uuid))
         if args.remove:
             record.unlink(missing_ok=True)

@@ -102,6 +102,12 @@ class Tuning:
     memtune: MemtuneSpec | None = None
     balloon: BalloonSpec | None = None
 
+    @property
+    def live_work(self) -> bool:
+        """Anything to apply after start (needs the libvirt API, so the detached worker)?"""
+        return bool(self.cpu or self.vcpupins or self.emulatorpin is not None or self.iothreadpins
+                    or self.vcpus_live is not None or self.memtune or self.balloon)
+
 
 @dataclass(frozen=True)
 class NumaCell:

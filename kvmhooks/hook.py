@@ -59,6 +59,9 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
             for w in prepared.warnings:
                 print(f"kvmhooks: warning: {w}", file=sys.stderr)
         elif op == "started":
+            if not dom.active_tuning.live_work:  # huge pages only: all done at prepare, no worker needed
+                operations.mark(dom.uuid, cfg, state="running")
+                return
             from kvmhooks.worker import spawn_detached
 
             operations.mark(dom.uuid, cfg, state="starting")

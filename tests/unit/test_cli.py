@@ -168,6 +168,8 @@ def test_reconcile_frees_leftovers_but_not_a_vm_that_is_starting(env, capsys) ->
     code, out, _ = run(capsys, "reconcile", "--config", str(cfg), "--uri", uri)
     left = Ledger(c.ledger_path).read().domains
     assert "99999999-0000-0000-0000-000000000001" not in left and "99999999-0000-0000-0000-000000000002" in left
+    log = (host.root / "kvmhooks.log").read_text()  # what reconcile did is in the kvmhooks log too
+    assert "VM 'gone' (99999999-0000-0000-0000-000000000001): released node0/2048kB 20 pages" in log
     # The test driver's running, annotated "web" was missing from the ledger: adopted, its pages counted.
     assert "adopt web" in out and left[U_WEB].hugepages == {"node0/2048kB": 128}
     st = Ledger(c.ledger_path).read()

@@ -14,6 +14,7 @@ from tests.fakehost import FakeHost, domain_xml
 from tests.unit.test_hook import hook, write_config
 
 U1 = "11111111-2222-3333-4444-000000000001"
+LIVE = '<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>'  # something to apply after start
 
 
 def node_xml(host: FakeHost, runstate: int = 1) -> str:
@@ -45,7 +46,7 @@ def wait_ledger(host: FakeHost, pred, timeout: float = 20) -> dict:  # type: ign
 def test_started_spawns_a_worker_that_talks_to_libvirt(host: FakeHost) -> None:
     pytest.importorskip("libvirt")
     cfg = write_config(host, libvirt_uri=f'"{node_xml(host)}"')
-    xml = domain_xml(uuid=U1)
+    xml = domain_xml(uuid=U1, tuning=LIVE)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     r = hook(cfg, "vm1", "started", xml)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
@@ -59,7 +60,7 @@ def test_worker_is_detached_from_the_hooks_pipes(host: FakeHost) -> None:
     """A worker waiting on a domain that never runs must not keep the hook (and so virsh start) waiting."""
     pytest.importorskip("libvirt")
     cfg = write_config(host, libvirt_uri=f'"{node_xml(host, runstate=3)}"', worker_timeout="2")
-    xml = domain_xml(uuid=U1)
+    xml = domain_xml(uuid=U1, tuning=LIVE)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     t0 = time.monotonic()
     r = hook(cfg, "vm1", "started", xml)  # capture_output: returns only when every pipe holder is gone
@@ -68,6 +69,16 @@ def test_worker_is_detached_from_the_hooks_pipes(host: FakeHost) -> None:
     assert hook_seconds < 1.5  # the worker itself takes its full 2 s deadline (below)
     rec = wait_ledger(host, lambda r: r.get("error"))
     assert "not running after 2 s" in rec["error"]
+
+
+def test_no_worker_when_there_is_nothing_to_apply_live(host: FakeHost) -> None:
+    cfg = write_config(host, libvirt_uri='"test:///nonexistent"')  # a worker would fail to connect
+    xml = domain_xml(uuid=U1)  # huge pages only
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert hook(cfg, "vm1", "started", xml).returncode == 0
+    time.sleep(0.5)
+    rec = ledger(host)["domains"][U1]
+    assert rec["state"] == "running" and rec["error"] is None and rec["applied"] == {}
 
 
 def test_worker_usage_errors() -> None:
