@@ -151,6 +151,20 @@ install_hook() {
   say "hook installed as $target"
 }
 
+install_logrotate() {
+  [ -d /etc/logrotate.d ] || return 0
+  cat > /etc/logrotate.d/kvmhooks <<ROTATE
+# $FSTAB_MARK
+/var/log/kvmhooks/*.log {
+    weekly
+    rotate 8
+    compress
+    missingok
+    notifempty
+}
+ROTATE
+}
+
 install_config() {
   mkdir -p "$CONF_DIR" /var/log/kvmhooks
   if [ ! -f "$CONF_DIR/config.toml" ]; then
@@ -277,6 +291,7 @@ uninstall() {
   for u in /etc/systemd/system/*.mount; do
     [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
   done
+  [ -f /etc/logrotate.d/kvmhooks ] && grep -q "$FSTAB_MARK" /etc/logrotate.d/kvmhooks && rm -f /etc/logrotate.d/kvmhooks
   rm -rf "$PREFIX" "$CONF_DIR" "$STATE_DIR"
   say "uninstalled (logs kept in /var/log/kvmhooks)"
   reload_libvirtd no
@@ -287,6 +302,7 @@ choose_hook_mode
 install_deps
 install_package
 install_config
+install_logrotate
 install_mounts
 install_hook
 install_service
