@@ -154,7 +154,7 @@ install_hook() {
 install_logrotate() {
   [ -d /etc/logrotate.d ] || return 0
   cat > /etc/logrotate.d/kvmhooks <<ROTATE
-# $FSTAB_MARK
+$FSTAB_MARK
 /var/log/kvmhooks/*.log {
     weekly
     rotate 8
@@ -216,7 +216,7 @@ ensure_mount() {  # $1 mount point, $2 pagesize option or "", returns 0 when it 
     unit=$(systemd-escape -p --suffix=mount "$dir")
     if [ ! -f "/etc/systemd/system/$unit" ]; then
       cat > "/etc/systemd/system/$unit" <<UNIT
-# $FSTAB_MARK
+$FSTAB_MARK
 [Unit]
 Description=Huge pages file system ($opt) for kvmhooks
 Before=libvirtd.service
@@ -241,7 +241,7 @@ install_service() {
   # 'kvmhooks balloond' as they start libvirtd.
   systemd_running || { say "no systemd: start the automatic balloon service with 'kvmhooks balloond &' if you use policy=\"auto\""; return 0; }
   cat > /etc/systemd/system/kvmhooks-balloond.service <<UNIT
-# $FSTAB_MARK
+$FSTAB_MARK
 [Unit]
 Description=kvmhooks automatic memory balloon
 After=libvirtd.service
