@@ -81,7 +81,7 @@ install_deps() {
   [ "$use_apt" = yes ] && command -v apt-get >/dev/null || return 0
   local missing=()
   for p in python3-venv python3-libvirt python3-lxml; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} from Debian"

@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt python3-lxml python3-venv
       busybox-static cpio procps"
-missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+missing=$(for p in $PKGS; do installed "$p" || echo "$p"; done)
 # The tiny guest's kernel comes from 'apt-get download', which needs package lists.
 if [ -n "$missing" ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
   echo "host-deps: installing from Debian: ${missing:-(package lists only)}"
