@@ -8,7 +8,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 missing=$(for p in $PKGS; do installed "$p" || echo "$p"; done)
 # The tiny guest's kernel comes from 'apt-get download', which needs package lists.
 if [ -n "$missing" ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
-  echo "host-deps: installing from Debian: ${missing:-(package lists only)}"
+  echo "host-deps: installing from Debian: $(echo ${missing:-(package lists only)})"
   apt-get update -q >/dev/null
   [ -z "$missing" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
 fi
