@@ -83,12 +83,12 @@ def run_started(uuid: str, cfg: Config) -> int:
         wait_running(dom, cfg.worker_timeout)
         from kvmhooks.apply.live import apply_started
 
-        applied = apply_started(conn, dom, cfg, vlog)
+        d = parse_domain(dom.XMLDesc(0).encode())  # the live XML: what this start runs with
+        applied = apply_started(conn, dom, d, cfg, vlog)
         applied["worker"] = {"pid": os.getpid(), "sid": os.getsid(0), "seconds": round(time.monotonic() - started, 3)}
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
         vlog.info("worker: CPU and memory tuning done in %.3f s", time.monotonic() - started)
         # The balloon last: it waits for the guest's driver (the guest must boot first).
-        d = parse_domain(dom.XMLDesc(0).encode())
         t = d.active_tuning
         if t is not None and t.balloon is not None:
             from kvmhooks.apply.balloon import apply_balloon

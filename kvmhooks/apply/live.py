@@ -10,7 +10,7 @@ from typing import Any
 
 from kvmhooks.apply.libvirt import call, cpumap, from_cpumap
 from kvmhooks.config import Config
-from kvmhooks.domain import Domain, parse_domain
+from kvmhooks.domain import Domain
 from kvmhooks.errors import ApplyError
 from kvmhooks.ledger import DomainRecord, Ledger, stamp
 from kvmhooks.log import VMLog
@@ -28,13 +28,13 @@ def _flags(dom: Any, persist: bool) -> int:
     return flags
 
 
-def apply_started(conn: Any, dom: Any, cfg: Config, vlog: VMLog) -> dict[str, Any]:
-    """Apply the live part of the plan; returns what was applied (recorded in the ledger)."""
+def apply_started(conn: Any, dom: Any, d: Domain, cfg: Config, vlog: VMLog) -> dict[str, Any]:
+    """Apply the live part of the plan (pins from the ledger, the rest from the live XML ``d``); returns what
+    was applied, read back from libvirt (recorded in the ledger)."""
     import libvirt
 
     ledger = Ledger(cfg.ledger_path, cfg.lock_timeout)
     rec = ledger.read().domains.get(dom.UUIDString())
-    d = parse_domain(dom.XMLDesc(0).encode())
     t = d.active_tuning
     applied: dict[str, Any] = {"state": "running"}
     if t is None:
@@ -45,7 +45,7 @@ def apply_started(conn: Any, dom: Any, cfg: Config, vlog: VMLog) -> dict[str, An
         applied["vcpus_live"] = call("vcpucount", dom.vcpusFlags, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         vlog.info("vCPUs online: %s", applied["vcpus_live"])
     if rec is not None and rec.pins:
-        applied["pins"] = apply_pins(conn, dom, d, rec.pins, t.persist_cputune, vlog)
+        applied["pins"] = apply_pins(conn, dom, rec.pins, t.persist_cputune, vlog)
     if t.memtune is not None:
         applied["memtune"], refused = apply_memtune(dom, t.memtune.items(), vlog)
         problems += refused
@@ -56,7 +56,7 @@ def apply_started(conn: Any, dom: Any, cfg: Config, vlog: VMLog) -> dict[str, An
     return applied
 
 
-def apply_pins(conn: Any, dom: Any, d: Domain, pins: dict[str, Any], persist: bool, vlog: VMLog) -> dict[str, Any]:
+def apply_pins(conn: Any, dom: Any, pins: dict[str, Any], persist: bool, vlog: VMLog) -> dict[str, Any]:
     """Pin vCPUs, emulator and iothreads, then read the live pins back."""
     import libvirt
 
