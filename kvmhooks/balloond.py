@@ -44,6 +44,7 @@ def cycle(conn: Any, cfg: Config) -> dict[str, int]:
     import libvirt
 
     state = Ledger(cfg.ledger_path, cfg.lock_timeout).read()
+    _announced.intersection_update(state.domains)  # a VM given back at stop is forgotten here too
     guests: list[GuestMem] = []
     balloons: dict[str, tuple[Balloon, VMLog]] = {}
     try:
