@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmhooks import __version__, operations
-from kvmhooks.config import Config, load_config, pool_key
+from kvmhooks.config import Config, load_config, parse_pool_key, pool_key
 from kvmhooks.domain import Domain, parse_domain
 from kvmhooks.errors import ConnectError, KvmhooksError, NotFound
 from kvmhooks.ledger import LedgerState
@@ -186,8 +186,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             out.append(note)
         rows = []
         for v in vms:
-            hp = ", ".join(f"{k.split('/')[0]} {n}x{format_kib(int(k.split('/')[1][:-2]))}"
-                           for k, n in v.get("hugepages", {}).items())
+            hp = ", ".join(f"node{node} {n}x{format_kib(size)}"
+                           for (node, size), n in ((parse_pool_key(k), n) for k, n in v.get("hugepages", {}).items()))
             applied = v.get("applied") or {}
             pins = applied.get("pins", {})
             pin_s = " ".join(f"{k}:{c}" for k, c in pins.get("vcpus", {}).items())
@@ -494,7 +494,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     with operations.ledger_for(cfg).transaction() as st:
         topo = operations.topology_for(cfg)
         for key, prec in sorted(st.pools.items()):
-            node, size = int(key.removeprefix("node").split("/")[0]), int(key.split("/")[1].removesuffix("kB"))
+            node, size = parse_pool_key(key)
             if key in cfg.leave_alone or node not in topo.nodes or size not in topo.nodes[node].pools:
                 continue
             target = prec.baseline + st.reserved(key)

@@ -124,3 +124,9 @@ def _pool_name(text: str) -> str:
 
 def pool_key(node: int, size_kib: int) -> str:
     return f"node{node}/{size_kib}kB"
+
+
+def parse_pool_key(key: str) -> tuple[int, int]:
+    """The inverse of :func:`pool_key`: "node1/2048kB" → (1, 2048)."""
+    node, _, size = key.partition("/")
+    return int(node.removeprefix("node")), int(size.removesuffix("kB"))

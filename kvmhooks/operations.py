@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from kvmhooks.apply.pools import SysfsPools, apply_pool_writes, restore, shrink_pools
-from kvmhooks.config import Config
+from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError
 from kvmhooks.ledger import DomainRecord, Ledger, LedgerState, PoolRecord, stamp
@@ -80,10 +80,10 @@ def _prepare_locked(dom: Domain, cfg: Config, pools: SysfsPools, vlog: VMLog, wa
             # first, so a VM never holds two reservations.
             vlog.warning("stale reservation found; releasing it before reserving again")
             _release_locked(dom.uuid, state, cfg, pools)
-        topo = topology_for(cfg)  # fresh, under the lock: earlier holders changed the pools
-        plan = plan_hugepages(dom, topo, cfg)
-        # CPUs first: a refusal there must leave the pools untouched.
-        cpu_plan = plan_cpus(dom, topo, cfg, state, frozenset(plan.pages) if plan else frozenset())
+        # Plan again, fresh and under the lock (earlier holders changed the pools). CPUs are planned before
+        # any pool write: a refusal there must leave the pools untouched.
+        topo = topology_for(cfg)
+        plan, cpu_plan = check(dom, cfg, topo, state)
         record = DomainRecord(name=dom.name)
         if plan is not None:
             try:
@@ -151,17 +151,17 @@ def adopt(dom: Domain, cfg: Config) -> DomainRecord:
             vlog.info("reconnect: already in the ledger")
             return rec
         rec = DomainRecord(name=dom.name, state="adopted")
+        topo = topology_for(cfg)
         try:
-            plan = plan_hugepages(dom, topology_for(cfg), cfg)
+            plan = plan_hugepages(dom, topo, cfg)
         except Exception as e:  # the VM runs already: record what we can, never fail
             vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
             plan = None
         if plan is not None:
-            topo = topology_for(cfg)
-            for key, pages in plan.pools().items():
-                node = int(key.removeprefix("node").split("/")[0])
+            for node, pages in plan.pages.items():
+                key = pool_key(node, plan.size_kib)
                 pool_state = topo.nodes[node].pools[plan.size_kib]
-                if key not in state.pools:
+                if pages and key not in state.pools:
                     # Its pages are already inside the pool: the admin's part is what is left.
                     state.pools[key] = PoolRecord(max(0, pool_state.nr - pool_state.surplus
                                                       - state.reserved(key) - pages))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmhooks.config import Config, pool_key
+from kvmhooks.config import Config, parse_pool_key, pool_key
 from kvmhooks.domain import Domain, HugepagesSpec
 from kvmhooks.errors import CapacityError, DomainConfigError, HostError
 from kvmhooks.ledger import LedgerState
@@ -192,8 +192,7 @@ def release_writes(uuid: str, ledger: LedgerState, topo: HostTopology, cfg: Conf
     for key, pages in sorted(rec.hugepages.items()):
         if key in cfg.leave_alone or not pages:
             continue
-        node_s, size_s = key.removeprefix("node").split("/")
-        node, size = int(node_s), int(size_s.removesuffix("kB"))
+        node, size = parse_pool_key(key)
         if node not in topo.nodes or size not in topo.nodes[node].pools:
             continue
         state = topo.nodes[node].pools[size]
