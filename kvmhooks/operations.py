@@ -178,17 +178,23 @@ def _adopt_cpus(dom: Domain, rec: DomainRecord) -> None:
     t = dom.active_tuning
     if t is None or t.cpu is None:
         return
-    if t.cpu.policy == "shared":
-        rec.shared = True
-        return
     explicit = {p.target for p in t.vcpupins}
-    cpus = {c for v, cs in dom.live_vcpupins.items() if v not in explicit and len(cs) == 1 for c in cs}
     emu = dom.live_emulatorpin
-    if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
-        cpus |= emu
-    rec.cpus = sorted(cpus)
+    auto_emulator = t.emulatorpin is None and t.cpu.emulator != "isolate"
+    if t.cpu.policy == "shared":
+        # Its vCPUs float over the shared pool: record which, so the next re-pin moves them too.
+        rec.shared = True
+        floating = [v for v in range(dom.max_vcpus) if v not in explicit]
+        emulator_floats = auto_emulator
+    else:
+        cpus = {c for v, cs in dom.live_vcpupins.items() if v not in explicit and len(cs) == 1 for c in cs}
+        if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
+            cpus |= emu
+        rec.cpus = sorted(cpus)
+        floating, emulator_floats = [], t.cpu.emulator == "pool" and t.emulatorpin is None
     rec.pins = {"vcpus": {str(v): format_cpuset(c) for v, c in sorted(dom.live_vcpupins.items())},
-                "emulator": format_cpuset(emu) if emu else None, "iothreads": {}}
+                "emulator": format_cpuset(emu) if emu else None, "iothreads": {},
+                "floating": floating, "emulator_floats": emulator_floats}
 
 
 def mark(uuid: str, cfg: Config, **changes: object) -> None:

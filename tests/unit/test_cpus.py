@@ -201,3 +201,16 @@ def test_adopt_takes_dedicated_cpus_from_the_live_cputune(small: FakeHost) -> No
     assert rec.cpus == [1]
     b = parse_domain(domain_xml(uuid=U.format(2), tuning='<kvm:cpu policy="dedicated"/>', vcpus=1, backing=""))
     assert operations.prepare(b, cfg).record.cpus == [0]
+
+
+def test_adopted_shared_vm_keeps_floating_so_it_is_re_pinned_later(small: FakeHost) -> None:
+    """After a libvirtd restart a shared VM must still move when dedicated CPUs come and go."""
+    cfg = small.config(cpu_housekeeping=frozenset())
+    xml = domain_xml(uuid=U.format(1), tuning='<kvm:cpu policy="shared"/><kvm:vcpupin vcpu="1" cpuset="0"/>',
+                     vcpus=3, backing="",
+                     extra="<cputune><vcpupin vcpu='0' cpuset='0-1'/><vcpupin vcpu='1' cpuset='0'/>"
+                           "<vcpupin vcpu='2' cpuset='0-1'/><emulatorpin cpuset='0-1'/></cputune>")
+    rec = operations.adopt(parse_domain(xml), cfg)
+    prepared = operations.prepare(parse_domain(xml.replace(U.format(1).encode(), U.format(2).encode())), cfg)
+    assert rec.shared and rec.pins["floating"] == prepared.record.pins["floating"] == [0, 2]
+    assert rec.pins["emulator_floats"] is prepared.record.pins["emulator_floats"] is True
