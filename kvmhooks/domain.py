@@ -22,11 +22,14 @@ from lxml import etree
 from kvmhooks import NAMESPACE
 from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
 from kvmhooks.units import (
+    ASCII_WS,
+    clip,
     libvirt_to_kib,
     parse_cpuset,
     parse_node_list,
     parse_percent,
     parse_size_kib,
+    parse_uint,
 )
 
 # libvirt domain XML is a few KiB; even with hundreds of disks and NICs it stays far below 1 MiB. Four
@@ -38,6 +41,10 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 # Where kvmhooks puts a VM's dedicated QMP socket: writable by the QEMU user (libvirt-qemu), unlike
 # /run/libvirt/qemu (measured: "Permission denied" there). Derived from the UUID only.
 QMP_SOCKET_DIR = "/var/lib/libvirt/qemu/kvmhooks"
+# Bounds for the domain's own counts: far above any QEMU (4096 vCPUs at most today), far below what would
+# make a planner loop over every vCPU number for minutes.
+MAX_DOMAIN_VCPUS = 16384
+MAX_DOMAIN_ID = 65535
 
 _K = f"{{{NAMESPACE}}}"
 
@@ -182,15 +189,21 @@ def safe_parse(data: bytes) -> etree._Element:
 
 def _text(root: etree._Element, path: str) -> str | None:
     el = root.find(path)
-    return None if el is None or el.text is None else el.text.strip()
+    return None if el is None or el.text is None else el.text.strip(ASCII_WS)
 
 
-def _int(text: str | None, what: str, default: int) -> int:
+def _int(vm: str, text: str | None, what: str, default: int, hi: int = MAX_DOMAIN_ID) -> int:
+    """A whole number from the domain XML (element text already stripped, attributes exact): ASCII digits
+    only, at most ``hi``. Anything else is an XMLInputError naming the VM and the field."""
     if text is None:
         return default
-    if not text.strip().isdigit():
-        raise XMLInputError(f"domain XML: {what} {text!r} is not a number")
-    return int(text)
+    try:
+        n = parse_uint(text, len(str(hi)))
+    except ValueError as e:
+        raise XMLInputError(f"VM {vm!r}: domain XML: {what}: {e}") from None
+    if n > hi:
+        raise XMLInputError(f"VM {vm!r}: domain XML: {what} {clip(text)} is more than {hi}")
+    return n
 
 
 def parse_domain(data: bytes) -> Domain:
@@ -206,19 +219,25 @@ def parse_domain(data: bytes) -> Domain:
     try:
         memory_kib = libvirt_to_kib(mem_el.text, mem_el.get("unit"))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: {e}") from None
+        raise XMLInputError(f"VM {name!r}: domain XML: <memory>: {e}") from None
     vcpu_el = root.find("vcpu")
-    max_vcpus = _int(vcpu_el.text if vcpu_el is not None else None, "<vcpu>", 1)
-    current_vcpus = _int(vcpu_el.get("current") if vcpu_el is not None else None, "<vcpu current>", max_vcpus)
+    vcpu_text = None if vcpu_el is None or vcpu_el.text is None else vcpu_el.text.strip(ASCII_WS)
+    max_vcpus = _int(name, vcpu_text, "<vcpu>", 1, MAX_DOMAIN_VCPUS)
+    current_vcpus = _int(name, vcpu_el.get("current") if vcpu_el is not None else None, "<vcpu current>",
+                         max_vcpus, MAX_DOMAIN_VCPUS)
 
     cells: list[NumaCell] = []
     for c in root.iterfind("cpu/numa/cell"):
+        cell_id = _int(name, c.get("id"), "<numa><cell id>", len(cells))
         try:
             cell_cpus = parse_cpuset(c.get("cpus", "")) if c.get("cpus") else frozenset()
-            cells.append(NumaCell(_int(c.get("id"), "<cell id>", len(cells)), cell_cpus,
-                                  libvirt_to_kib(c.get("memory", "0"), c.get("unit"))))
         except ValueError as e:
-            raise XMLInputError(f"VM {name!r}: <numa><cell>: {e}") from None
+            raise XMLInputError(f"VM {name!r}: domain XML: <numa><cell cpus>: {e}") from None
+        try:
+            cell_kib = libvirt_to_kib(c.get("memory", "0"), c.get("unit"))
+        except ValueError as e:
+            raise XMLInputError(f"VM {name!r}: domain XML: <numa><cell memory>: {e}") from None
+        cells.append(NumaCell(cell_id, cell_cpus, cell_kib))
 
     numatune_nodes = None
     numatune_mode = None
@@ -230,9 +249,10 @@ def parse_domain(data: bytes) -> Domain:
             if nt.get("nodeset"):
                 numatune_nodes = parse_node_list(nt.get("nodeset", ""))
         for mn in root.iterfind("numatune/memnode"):
-            memnodes[_int(mn.get("cellid"), "<memnode cellid>", 0)] = parse_node_list(mn.get("nodeset", ""))
+            cellid = _int(name, mn.get("cellid"), "<numatune><memnode cellid>", 0)
+            memnodes[cellid] = parse_node_list(mn.get("nodeset", ""))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: <numatune>: {e}") from None
+        raise XMLInputError(f"VM {name!r}: domain XML: <numatune>: {e}") from None
 
     hp = root.find("memoryBacking/hugepages")
     page_sizes: list[int] = []
@@ -241,7 +261,8 @@ def parse_domain(data: bytes) -> Domain:
             try:
                 page_sizes.append(libvirt_to_kib(page.get("size", ""), page.get("unit")))
             except ValueError as e:
-                raise XMLInputError(f"VM {name!r}: <memoryBacking><hugepages><page>: {e}") from None
+                raise XMLInputError(f"VM {name!r}: domain XML: <memoryBacking><hugepages><page size>: {e}") \
+                    from None
 
     qmp_socket = None
     expected = qmp_socket_arg(uuid)
@@ -255,12 +276,13 @@ def parse_domain(data: bytes) -> Domain:
     live_emulatorpin = None
     try:
         for vp in root.iterfind("cputune/vcpupin"):
-            live_vcpupins[_int(vp.get("vcpu"), "<vcpupin vcpu>", 0)] = parse_cpuset(vp.get("cpuset", ""))
+            vcpu = _int(name, vp.get("vcpu"), "<cputune><vcpupin vcpu>", 0, MAX_DOMAIN_VCPUS)
+            live_vcpupins[vcpu] = parse_cpuset(vp.get("cpuset", ""))
         ep = root.find("cputune/emulatorpin")
         if ep is not None:
             live_emulatorpin = parse_cpuset(ep.get("cpuset", ""))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: <cputune>: {e}") from None
+        raise XMLInputError(f"VM {name!r}: domain XML: <cputune>: {e}") from None
     os_hint = ""
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.endswith("}os") and el.get("id"):
@@ -270,7 +292,7 @@ def parse_domain(data: bytes) -> Domain:
         max_vcpus=max_vcpus, current_vcpus=current_vcpus, cells=tuple(cells),
         numatune_nodes=numatune_nodes, numatune_mode=numatune_mode, memnodes=memnodes,
         hugepage_backing=hp is not None, backing_page_kib=tuple(page_sizes),
-        iothreads=_int(_text(root, "iothreads"), "<iothreads>", 0),
+        iothreads=_int(name, _text(root, "iothreads"), "<iothreads>", 0),
         has_memballoon=any(m.get("model") not in (None, "none") for m in root.iterfind("devices/memballoon")),
         qmp_socket=qmp_socket, cpu_mode=cpu_el.get("mode") if cpu_el is not None else None,
         os_hint=os_hint,
@@ -328,9 +350,13 @@ class _Reader:
         v = self.el.get(attr)
         if v is None:
             return None
-        if not v.strip().isdigit() or not lo <= int(v) <= hi:
+        try:
+            n = parse_uint(v, len(str(hi)))  # exact ASCII digits: no sign, no spaces, no '²' or '٣'
+        except ValueError:
+            n = None
+        if n is None or not lo <= n <= hi:
             raise self.fail(attr, v, f"expected a whole number from {lo} to {hi}")
-        return int(v)
+        return n
 
     def size(self, attr: str) -> int | None:
         v = self.el.get(attr)

@@ -180,3 +180,85 @@ def test_every_annotation_in_the_readme_parses() -> None:
                "<memory unit='GiB'>4</memory><memoryBacking><hugepages/></memoryBacking><vcpu>4</vcpu>"
                "<devices><memballoon model='virtio'/></devices></domain>")
         assert parse_domain(xml.encode()).active_tuning is not None
+
+
+# --- numbers: ASCII digits only, bounded lengths ---------------------------------------------------------
+
+HOSTILE_NUMBERS = ["²", "٣", "1" * 5000, "+5", "-1", "0x10", "１"]
+
+
+def _integer_attrs(v: str) -> list[tuple[str, str, str]]:
+    """(annotation, element, attribute) for every plain-integer attribute, with value v."""
+    return [
+        (f'<kvm:vcpupin vcpu="{v}" cpuset="1"/>', "vcpupin", "vcpu"),
+        (f'<kvm:iothreadpin iothread="{v}" cpuset="1"/>', "iothreadpin", "iothread"),
+        (f'<kvm:hugepages count="{v}"/>', "hugepages", "count"),
+        (f'<kvm:vcpus live="{v}"/>', "vcpus", "live"),
+        (f'<kvm:balloon target="200M" stats-period="{v}"/>', "balloon", "stats-period"),
+    ]
+
+
+def _other_numeric_attrs(v: str) -> list[tuple[str, str, str]]:
+    return [
+        (f'<kvm:memtune hard_limit="{v}"/>', "memtune", "hard_limit"),
+        (f'<kvm:memtune soft_limit="{v}M"/>', "memtune", "soft_limit"),
+        (f'<kvm:balloon target="{v}%"/>', "balloon", "target"),
+        (f'<kvm:balloon target="200M" min="{v}"/>', "balloon", "min"),
+        (f'<kvm:hugepages nodes="{v}"/>', "hugepages", "nodes"),
+        (f'<kvm:vcpupin vcpu="0" cpuset="{v}"/>', "vcpupin", "cpuset"),
+        (f'<kvm:emulatorpin cpuset="0-{v}"/>', "emulatorpin", "cpuset"),
+    ]
+
+
+_NUMERIC_CASES = [(*case, v) for v in [*HOSTILE_NUMBERS, " 12 "] for case in _integer_attrs(v)] + \
+    [(*case, v) for v in HOSTILE_NUMBERS for case in _other_numeric_attrs(v)]
+
+
+@pytest.mark.parametrize(("tuning", "element", "attribute", "value"), _NUMERIC_CASES)
+def test_numbers_in_the_annotation_are_ascii_digits_only(tuning: str, element: str, attribute: str,
+                                                         value: str) -> None:
+    with pytest.raises(AnnotationError) as exc:
+        parse_domain(domain_xml(name="web1", tuning=tuning, extra="<iothreads>2</iothreads>"))
+    e = exc.value
+    assert (e.vm, e.element, e.attribute) == ("web1", element, attribute)
+    assert e.value is not None and value in e.value
+    assert "\n" not in str(e) and str(e).startswith(f"VM 'web1': <kvm:{element} {attribute}=...>")
+
+
+def _with(xml: bytes, old: str, new: str) -> bytes:
+    assert old.encode() in xml
+    return xml.replace(old.encode(), new.encode(), 1)
+
+
+_DOMAIN_FIELDS: list[tuple[str, str, str]] = [
+    # (replace this, with this ({} = the value), field the message names)
+    ("<vcpu placement='static'>2</vcpu>", "<vcpu placement='static'>{}</vcpu>", "<vcpu>"),
+    ("<vcpu placement='static'>2</vcpu>", "<vcpu placement='static' current='{}'>2</vcpu>", "<vcpu current>"),
+    ("<memory unit='KiB'>262144</memory>", "<memory unit='KiB'>{}</memory>", "<memory>"),
+    ("<os>", "<iothreads>{}</iothreads><os>", "<iothreads>"),
+    ("<os>", "<cpu><numa><cell id='{}' cpus='0' memory='1' unit='GiB'/></numa></cpu><os>", "<numa><cell"),
+    ("<os>", "<cpu><numa><cell id='0' cpus='0' memory='{}' unit='GiB'/></numa></cpu><os>", "<numa><cell"),
+    ("<os>", "<cpu><numa><cell id='0' cpus='{}' memory='1' unit='GiB'/></numa></cpu><os>", "<numa><cell"),
+    ("<os>", "<numatune><memnode cellid='{}' mode='strict' nodeset='0'/></numatune><os>", "<numatune>"),
+    ("<os>", "<numatune><memory mode='strict' nodeset='{}'/></numatune><os>", "<numatune>"),
+    ("<hugepages/>", "<hugepages><page size='{}' unit='KiB'/></hugepages>", "<page size>"),
+    ("<os>", "<cputune><vcpupin vcpu='{}' cpuset='0'/></cputune><os>", "<cputune>"),
+    ("<os>", "<cputune><emulatorpin cpuset='{}'/></cputune><os>", "<cputune>"),
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS)
+@pytest.mark.parametrize(("old", "new", "field"), _DOMAIN_FIELDS)
+def test_numbers_in_the_domain_xml_are_ascii_digits_only(old: str, new: str, field: str, value: str) -> None:
+    xml = _with(domain_xml(name="web1"), old, new.format(value))
+    with pytest.raises(XMLInputError) as exc:
+        parse_domain(xml)
+    msg = str(exc.value)
+    assert msg.startswith("VM 'web1': ") and field in msg and "\n" not in msg and len(msg) < 300, msg
+
+
+def test_domain_integers_are_bounded() -> None:
+    """A <vcpu> of 10^14 would make the CPU planner loop over every vCPU number: refused at parse."""
+    with pytest.raises(XMLInputError, match="<vcpu>"):
+        parse_domain(_with(domain_xml(name="web1"), ">2</vcpu>", ">99999999999999</vcpu>"))
+    assert parse_domain(_with(domain_xml(), ">2</vcpu>", ">\n  2\n</vcpu>")).max_vcpus == 2

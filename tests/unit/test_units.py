@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from kvmhooks.units import format_cpuset, format_kib, libvirt_to_kib, parse_cpuset, parse_percent, parse_size_kib
+from kvmhooks.units import (
+    format_cpuset,
+    format_kib,
+    libvirt_to_kib,
+    parse_cpuset,
+    parse_percent,
+    parse_size_kib,
+    parse_uint,
+)
 
 
 @pytest.mark.parametrize(("text", "kib"), [
@@ -56,3 +64,61 @@ def test_bad_cpusets(text: str) -> None:
 def test_format() -> None:
     assert format_cpuset({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
     assert format_kib(2097152) == "2G" and format_kib(1572864) == "1536M" and format_kib(100) == "100K"
+
+
+# --- ASCII digits only, bounded lengths ------------------------------------------------------------------
+# str.isdigit() and int() accept '²', Arabic-Indic '٣', fullwidth '１', '+5', ' 12 ' and '1_000'; int() of
+# more than 4300 digits raises its own ValueError from deep inside. None of that is a number in the contract.
+
+HOSTILE = ["²", "٣", "１２", "1" * 5000, "+5", "-1", "0x10", "1_000", "12\u2003", "\u20031"]
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, " 12 ", "", "0" * 16])
+def test_parse_uint_takes_ascii_digits_only(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_uint(text)
+
+
+def test_parse_uint() -> None:
+    assert parse_uint("0") == 0 and parse_uint("007") == 7 and parse_uint("9" * 15) == 10**15 - 1
+    assert parse_uint("65535", max_digits=5) == 65535
+    with pytest.raises(ValueError, match="at most 5 digits"):
+        parse_uint("123456", max_digits=5)
+    with pytest.raises(ValueError) as exc:
+        parse_uint("1" * 5000)
+    assert len(str(exc.value)) < 200  # never echoes the whole input
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, *(h + "M" for h in HOSTILE), "\u212aiB", "1" * 16 + "K", "1" * 5000 + "G"])
+def test_sizes_take_ascii_digits_only(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size_kib(text)
+
+
+def test_sizes_are_bounded_by_libvirts_maximum() -> None:
+    assert parse_size_kib("8191T") == 8191 * 1024**3
+    with pytest.raises(ValueError, match="too large"):
+        parse_size_kib("999999999999999T")
+
+
+@pytest.mark.parametrize("text", [h + "%" for h in HOSTILE])
+def test_percent_takes_ascii_digits_only(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_percent(text)
+
+
+@pytest.mark.parametrize(("value", "unit"), [*((h, "KiB") for h in HOSTILE), ("1", "\u212aiB"), ("1" * 21, "b")])
+def test_libvirt_units_take_ascii_digits_only(value: str, unit: str) -> None:
+    with pytest.raises(ValueError):
+        libvirt_to_kib(value, unit)
+
+
+def test_libvirt_units_tolerate_element_whitespace() -> None:
+    assert libvirt_to_kib("\n  262144\n", "KiB") == 262144  # pretty-printed element text
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, "0-٣", "٣-4", "^²", "0,1" + ",1" * 10 + ",0x1", "123456"])
+def test_cpusets_take_ascii_digits_only(text: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_cpuset(text)
+    assert len(str(exc.value)) < 200
