@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -398,16 +399,20 @@ class _Reader:
 
 
 def _parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
+    """Validate and read ``<kvm:tuning>`` in two passes, so the order of its elements never matters.
+
+    Pass 1 checks each element on its own (our namespace, a known tag, given once unless repeatable, known
+    attributes) and collects them. Pass 2 reads them in a fixed dependency order (memtune before balloon,
+    whose floor defaults to memtune/min_guarantee) and applies the rules that span elements.
+    """
     vm = dom.name
     top = _Reader(vm, "tuning", el)
     for attr in map(str, el.keys()):
         if attr != "enabled":
             raise top.fail(attr, el.get(attr), "unknown attribute (known: enabled)")
     enabled = top.yesno("enabled", True)
-    seen: set[str] = set()
-    values: dict[str, object] = {"enabled": enabled}
-    vcpupins: list[Pin] = []
-    iothreadpins: list[Pin] = []
+
+    found: dict[str, list[_Reader]] = {}
     for child in el:
         if not isinstance(child.tag, str):
             continue  # comments
@@ -418,72 +423,87 @@ def _parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
         tag = qn.localname
         if tag not in _ELEMENTS:
             raise AnnotationError(vm, tag, None, None, "unknown element (known: " + ", ".join(_ELEMENTS) + ")")
-        if tag in seen and tag not in _REPEATABLE:
+        if tag in found and tag not in _REPEATABLE:
             raise AnnotationError(vm, tag, None, None, "given more than once")
-        seen.add(tag)
         r = _Reader(vm, tag, child)
         for attr in map(str, child.keys()):
             if attr not in _ELEMENTS[tag]:
                 raise r.fail(attr, child.get(attr), "unknown attribute (known: " + ", ".join(_ELEMENTS[tag]) + ")")
-        if tag == "hugepages":
-            values["hugepages"] = _parse_hugepages(r, dom)
-        elif tag == "cpu":
-            policy = r.choice("policy", ("dedicated", "shared"), "")
-            if not policy:
-                raise r.fail("policy", None, "is required: dedicated or shared")
-            threads = r.choice("threads", ("prefer", "isolate", "require"), "prefer")
-            emulator = r.choice("emulator", ("share", "isolate", "pool"), "share")
-            values["cpu"] = CpuSpec(policy, threads, emulator)  # type: ignore[arg-type]
-        elif tag == "vcpupin":
-            vcpu = r.integer("vcpu", 0, 4095)
-            if vcpu is None:
-                raise r.fail("vcpu", None, "is required")
-            if vcpu >= dom.max_vcpus:
-                raise r.fail("vcpu", str(vcpu), f"the VM has {dom.max_vcpus} vCPU(s), numbered 0 to "
-                             f"{dom.max_vcpus - 1}")
-            if any(p.target == vcpu for p in vcpupins):
-                raise r.fail("vcpu", str(vcpu), "pinned more than once")
-            cpus = r.cpuset("cpuset")
-            assert cpus is not None
-            vcpupins.append(Pin(vcpu, cpus))
-        elif tag == "emulatorpin":
-            values["emulatorpin"] = r.cpuset("cpuset")
-        elif tag == "iothreadpin":
-            iot = r.integer("iothread", 1, 4096)
-            if iot is None:
-                raise r.fail("iothread", None, "is required")
-            if iot > dom.iothreads:
-                raise r.fail("iothread", str(iot), f"the VM has {dom.iothreads} iothread(s) (<iothreads>)")
-            if any(p.target == iot for p in iothreadpins):
-                raise r.fail("iothread", str(iot), "pinned more than once")
-            cpus = r.cpuset("cpuset")
-            assert cpus is not None
-            iothreadpins.append(Pin(iot, cpus))
-        elif tag == "cputune":
-            values["persist_cputune"] = r.yesno("persist", False)
-        elif tag == "vcpus":
-            live = r.integer("live", 1, 4096)
-            if live is not None and live > dom.max_vcpus:
-                raise r.fail("live", str(live), f"the VM's maximum is {dom.max_vcpus} vCPU(s) (<vcpu>)")
-            values["vcpus_live"] = live
-        elif tag == "memtune":
-            mt = MemtuneSpec(r.size("hard_limit"), r.size("soft_limit"), r.size("swap_hard_limit"),
-                             r.size("min_guarantee"))
-            if mt.hard_limit and mt.swap_hard_limit and mt.swap_hard_limit < mt.hard_limit:
-                raise r.fail("swap_hard_limit", child.get("swap_hard_limit"),
-                             "must be at least hard_limit (it limits memory plus swap)")
-            if mt.hard_limit and mt.soft_limit and mt.soft_limit > mt.hard_limit:
-                raise r.fail("soft_limit", child.get("soft_limit"), "must not exceed hard_limit")
-            values["memtune"] = mt
-        elif tag == "balloon":
-            values["balloon"] = _parse_balloon(r, dom, values.get("memtune"))
-    balloon_el = el.find(f"{_K}balloon")
-    if "memtune" in values and balloon_el is not None:
-        # memtune may come after balloon in the document: resolve the balloon floor again.
-        values["balloon"] = _parse_balloon(_Reader(vm, "balloon", balloon_el), dom, values["memtune"])
-    values["vcpupins"] = tuple(sorted(vcpupins, key=lambda p: p.target))
-    values["iothreadpins"] = tuple(sorted(iothreadpins, key=lambda p: p.target))
-    return Tuning(**values)  # type: ignore[arg-type]
+        found.setdefault(tag, []).append(r)
+
+    def one(tag: str) -> _Reader | None:
+        return found[tag][0] if tag in found else None
+
+    # Pass 2, in dependency order.
+    hp = one("hugepages")
+    cpu = one("cpu")
+    ep = one("emulatorpin")
+    ct = one("cputune")
+    vc = one("vcpus")
+    mt = one("memtune")
+    memtune = _parse_memtune(mt) if mt is not None else None
+    bl = one("balloon")
+    return Tuning(
+        enabled=enabled,
+        hugepages=_parse_hugepages(hp, dom) if hp is not None else None,
+        cpu=_parse_cpu(cpu) if cpu is not None else None,
+        vcpupins=_parse_pins(found.get("vcpupin", []), "vcpu", 0, 4095,
+                             lambda n: None if n < dom.max_vcpus else
+                             f"the VM has {dom.max_vcpus} vCPU(s), numbered 0 to {dom.max_vcpus - 1}"),
+        emulatorpin=ep.cpuset("cpuset") if ep is not None else None,
+        iothreadpins=_parse_pins(found.get("iothreadpin", []), "iothread", 1, 4096,
+                                 lambda n: None if n <= dom.iothreads else
+                                 f"the VM has {dom.iothreads} iothread(s) (<iothreads>)"),
+        persist_cputune=ct.yesno("persist", False) if ct is not None else False,
+        vcpus_live=_parse_vcpus(vc, dom) if vc is not None else None,
+        memtune=memtune,
+        balloon=_parse_balloon(bl, dom, memtune) if bl is not None else None,
+    )
+
+
+def _parse_cpu(r: _Reader) -> CpuSpec:
+    policy = r.choice("policy", ("dedicated", "shared"), "")
+    if not policy:
+        raise r.fail("policy", None, "is required: dedicated or shared")
+    threads = r.choice("threads", ("prefer", "isolate", "require"), "prefer")
+    emulator = r.choice("emulator", ("share", "isolate", "pool"), "share")
+    return CpuSpec(policy, threads, emulator)  # type: ignore[arg-type]
+
+
+def _parse_pins(readers: list[_Reader], attr: str, lo: int, hi: int,
+                check: Callable[[int], str | None]) -> tuple[Pin, ...]:
+    """vcpupin or iothreadpin elements: each target pinned once, and ``check`` says whether the domain has it."""
+    pins: dict[int, Pin] = {}
+    for r in readers:
+        target = r.integer(attr, lo, hi)
+        if target is None:
+            raise r.fail(attr, None, "is required")
+        problem = check(target)
+        if problem is not None:
+            raise r.fail(attr, str(target), problem)
+        if target in pins:
+            raise r.fail(attr, str(target), "pinned more than once")
+        cpus = r.cpuset("cpuset")
+        assert cpus is not None
+        pins[target] = Pin(target, cpus)
+    return tuple(pins[t] for t in sorted(pins))
+
+
+def _parse_vcpus(r: _Reader, dom: Domain) -> int | None:
+    live = r.integer("live", 1, 4096)
+    if live is not None and live > dom.max_vcpus:
+        raise r.fail("live", str(live), f"the VM's maximum is {dom.max_vcpus} vCPU(s) (<vcpu>)")
+    return live
+
+
+def _parse_memtune(r: _Reader) -> MemtuneSpec:
+    mt = MemtuneSpec(r.size("hard_limit"), r.size("soft_limit"), r.size("swap_hard_limit"), r.size("min_guarantee"))
+    if mt.hard_limit and mt.swap_hard_limit and mt.swap_hard_limit < mt.hard_limit:
+        raise r.fail("swap_hard_limit", r.get("swap_hard_limit"),
+                     "must be at least hard_limit (it limits memory plus swap)")
+    if mt.hard_limit and mt.soft_limit and mt.soft_limit > mt.hard_limit:
+        raise r.fail("soft_limit", r.get("soft_limit"), "must not exceed hard_limit")
+    return mt
 
 
 def _parse_hugepages(r: _Reader, dom: Domain) -> HugepagesSpec:
@@ -503,13 +523,12 @@ def _parse_hugepages(r: _Reader, dom: Domain) -> HugepagesSpec:
     return HugepagesSpec(size, nodes, count, r.yesno("required", True))
 
 
-def _parse_balloon(r: _Reader, dom: Domain, memtune: object) -> BalloonSpec:
+def _parse_balloon(r: _Reader, dom: Domain, memtune: MemtuneSpec | None) -> BalloonSpec:
     target_text, min_text = r.get("target"), r.get("min")
     target = r.size_or_percent("target", dom.memory_kib)
     min_kib = r.size_or_percent("min", dom.memory_kib)
     if min_kib is None:
-        min_kib = memtune.min_guarantee if isinstance(memtune, MemtuneSpec) and memtune.min_guarantee \
-            else dom.memory_kib // 2
+        min_kib = memtune.min_guarantee if memtune is not None and memtune.min_guarantee else dom.memory_kib // 2
     if min_kib > dom.memory_kib:
         raise r.fail("min", min_text, f"exceeds the VM's memory ({dom.memory_kib} KiB)")
     policy = r.choice("policy", ("fixed", "auto"), "fixed")

@@ -56,6 +56,28 @@ def test_balloon_floor_follows_memtune_min_guarantee_in_any_order() -> None:
     assert dom.tuning.balloon.min_kib == 150 * 1024
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ('<kvm:balloon target="100M"/>', '<kvm:memtune min_guarantee="64M"/>'),  # floor 64M, not the 50% default
+    ('<kvm:balloon target="75%" min="64M"/>', '<kvm:memtune hard_limit="1G" min_guarantee="100M"/>'),
+    ('<kvm:vcpupin vcpu="1" cpuset="3"/>', '<kvm:vcpupin vcpu="0" cpuset="2"/>'),
+    ('<kvm:vcpus live="1"/>', '<kvm:cpu policy="dedicated"/>'),
+])
+def test_element_order_never_matters(first: str, second: str) -> None:
+    one = parse_domain(domain_xml(tuning=first + second)).tuning
+    other = parse_domain(domain_xml(tuning=second + first)).tuning
+    assert one is not None and one == other
+
+
+def test_the_same_error_whatever_the_order() -> None:
+    bad = ['<kvm:balloon target="100M"/>', '<kvm:memtune min_guarantee="200M"/>']
+    messages = []
+    for order in (bad, bad[::-1]):
+        with pytest.raises(AnnotationError) as exc:
+            parse_domain(domain_xml(name="web1", tuning="".join(order)))
+        messages.append(str(exc.value))
+    assert messages[0] == messages[1] and "below the floor" in messages[0]
+
+
 @pytest.mark.parametrize(("tuning", "element", "attribute", "value"), [
     ('<kvm:hugepages size="3M"/>', "hugepages", "size", "3M"),
     ('<kvm:hugepages nodes="zero"/>', "hugepages", "nodes", "zero"),
