@@ -88,6 +88,11 @@ class MemtuneSpec:
                                     ("min_guarantee", self.min_guarantee)) if v is not None]
 
 
+BalloonReclaim = Literal["none", "idle"]
+# Proxmox-style weight range for <kvm:balloon shares>: relative, so only the ratio between VMs matters.
+MIN_SHARES, MAX_SHARES, DEFAULT_SHARES = 1, 100000, 1000
+
+
 @dataclass(frozen=True)
 class BalloonSpec:
     target_kib: int | None  # resolved against <memory>; None: no fixed target
@@ -95,6 +100,10 @@ class BalloonSpec:
     stats_period: int = 2
     policy: Literal["fixed", "auto"] = "fixed"
     transport: Literal["auto", "qmp", "libvirt"] = "auto"
+    # "idle": return idle guest memory even without host pressure (opt-in; "none" squeezes only under it).
+    reclaim: BalloonReclaim = "none"
+    # Weight for who gets squeezed first under host pressure (Proxmox's "shares"): more shares, squeezed less.
+    shares: int = DEFAULT_SHARES
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,10 @@ class Domain:
     backing_page_kib: tuple[int, ...] = ()  # explicit <page size=...> under <hugepages>
     iothreads: int = 0
     has_memballoon: bool = False
+    # <memballoon autodeflate='on'>: QEMU deflates the balloon itself when the guest is out of memory.
+    balloon_autodeflate: bool = False
+    # <memballoon freePageReporting='on'>: the guest hands free pages back to the host on its own.
+    balloon_free_page_reporting: bool = False
     qmp_socket: str | None = None
     cpu_mode: str | None = None
     os_hint: str = ""  # from libosinfo metadata, for doctor
@@ -205,6 +218,15 @@ def _int(vm: str, text: str | None, what: str, default: int, hi: int = MAX_DOMAI
     if n > hi:
         raise XMLInputError(f"VM {vm!r}: domain XML: {what} {clip(text)} is more than {hi}")
     return n
+
+
+def _switch(vm: str, el: etree._Element | None, attr: str) -> bool:
+    """libvirt's on/off attribute (virTristateSwitch): absent is off; anything else libvirt itself refuses."""
+    if el is None or el.get(attr) in (None, "off"):
+        return False
+    if el.get(attr) == "on":
+        return True
+    raise XMLInputError(f"VM {vm!r}: domain XML: <{el.tag} {attr}> {clip(el.get(attr, ''))}: expected on or off")
 
 
 def parse_domain(data: bytes) -> Domain:
@@ -272,6 +294,11 @@ def parse_domain(data: bytes) -> Domain:
         if prev == "-qmp" and arg == expected:
             qmp_socket = qmp_socket_path(uuid)
 
+    balloon_dev = next((m for m in root.iterfind("devices/memballoon") if m.get("model") not in (None, "none")),
+                       None)
+    autodeflate = _switch(name, balloon_dev, "autodeflate")
+    free_page_reporting = _switch(name, balloon_dev, "freePageReporting")
+
     cpu_el = root.find("cpu")
     live_vcpupins: dict[int, frozenset[int]] = {}
     live_emulatorpin = None
@@ -294,7 +321,8 @@ def parse_domain(data: bytes) -> Domain:
         numatune_nodes=numatune_nodes, numatune_mode=numatune_mode, memnodes=memnodes,
         hugepage_backing=hp is not None, backing_page_kib=tuple(page_sizes),
         iothreads=_int(name, _text(root, "iothreads"), "<iothreads>", 0),
-        has_memballoon=any(m.get("model") not in (None, "none") for m in root.iterfind("devices/memballoon")),
+        has_memballoon=balloon_dev is not None, balloon_autodeflate=autodeflate,
+        balloon_free_page_reporting=free_page_reporting,
         qmp_socket=qmp_socket, cpu_mode=cpu_el.get("mode") if cpu_el is not None else None,
         os_hint=os_hint,
         has_tablet=any(i.get("type") == "tablet" for i in root.iterfind("devices/input")),
@@ -318,7 +346,7 @@ _ELEMENTS: dict[str, tuple[str, ...]] = {
     "cputune": ("persist",),
     "vcpus": ("live",),
     "memtune": ("hard_limit", "soft_limit", "swap_hard_limit", "min_guarantee"),
-    "balloon": ("target", "min", "stats-period", "policy", "transport"),
+    "balloon": ("target", "min", "stats-period", "policy", "transport", "reclaim", "shares"),
 }
 _REPEATABLE = {"vcpupin", "iothreadpin"}
 PAGE_SIZES_KIB = {"2M": 2048, "1G": 1024 * 1024}
@@ -545,8 +573,11 @@ def _parse_balloon(r: _Reader, dom: Domain, memtune: MemtuneSpec | None) -> Ball
     if not dom.has_memballoon:
         raise DomainConfigError(f"VM {dom.name!r}: <kvm:balloon> needs a balloon device; add "
                                 "<memballoon model='virtio'/> under <devices>")
+    reclaim = r.choice("reclaim", ("none", "idle"), "none")
+    shares = r.integer("shares", MIN_SHARES, MAX_SHARES)
     return BalloonSpec(target, min_kib, 2 if period is None else period, policy,  # type: ignore[arg-type]
-                       transport)  # type: ignore[arg-type]
+                       transport, reclaim,  # type: ignore[arg-type]
+                       DEFAULT_SHARES if shares is None else shares)
 
 
 def read_uuid_and_name(data: bytes) -> tuple[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmhooks.domain import MAX_XML_BYTES, parse_domain, qmp_socket_arg
+from kvmhooks.domain import MAX_XML_BYTES, BalloonSpec, parse_domain, qmp_socket_arg
 from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
 from tests.fakehost import domain_xml
 
@@ -54,6 +54,52 @@ def test_balloon_floor_follows_memtune_min_guarantee_in_any_order() -> None:
     dom = parse_domain(domain_xml(tuning="<kvm:balloon target='200M'/><kvm:memtune min_guarantee='150M'/>"))
     assert dom.tuning is not None and dom.tuning.balloon is not None
     assert dom.tuning.balloon.min_kib == 150 * 1024
+
+
+def _balloon(attrs: str) -> BalloonSpec:
+    tuning = parse_domain(domain_xml(tuning=f"<kvm:balloon policy='auto' {attrs}/>")).tuning
+    assert tuning is not None and tuning.balloon is not None
+    return tuning.balloon
+
+
+def test_balloon_reclaim_and_shares() -> None:
+    assert (_balloon("").reclaim, _balloon("").shares) == ("none", 1000)  # the defaults: v1 annotations unchanged
+    b = _balloon("reclaim='idle' shares='5000'")
+    assert (b.reclaim, b.shares) == ("idle", 5000)
+    assert _balloon("shares='1'").shares == 1 and _balloon("shares='100000'").shares == 100000
+
+
+@pytest.mark.parametrize(("attrs", "attribute", "value"), [
+    ("reclaim='always'", "reclaim", "always"), ("reclaim='IDLE'", "reclaim", "IDLE"),
+    ("shares='0'", "shares", "0"), ("shares='100001'", "shares", "100001"), ("shares='1e3'", "shares", "1e3"),
+    ("shares='²'", "shares", "²"), ("shares=' 12 '", "shares", " 12 "), ("shares='-1'", "shares", "-1"),
+    ("shares='+5'", "shares", "+5"), ("shares='0x10'", "shares", "0x10"),
+    ("shares='" + "1" * 5000 + "'", "shares", "1" * 5000),
+])
+def test_bad_balloon_reclaim_and_shares(attrs: str, attribute: str, value: str) -> None:
+    with pytest.raises(AnnotationError) as exc:
+        parse_domain(domain_xml(name="web1", tuning=f"<kvm:balloon policy='auto' {attrs}/>"))
+    assert (exc.value.vm, exc.value.element, exc.value.attribute, exc.value.value) == ("web1", "balloon", attribute,
+                                                                                       value)
+
+
+@pytest.mark.parametrize(("device", "autodeflate", "reporting"), [
+    ("<memballoon model='virtio'/>", False, False),
+    ("<memballoon model='virtio' autodeflate='on'/>", True, False),
+    ("<memballoon model='virtio' freePageReporting='on'/>", False, True),
+    ("<memballoon model='virtio' autodeflate='on' freePageReporting='on'><stats period='2'/></memballoon>", True, True),
+    ("<memballoon model='virtio' autodeflate='off' freePageReporting='off'/>", False, False),
+    ("<memballoon model='none' autodeflate='on'/>", False, False),
+    ("", False, False),
+])
+def test_memballoon_autodeflate_and_free_page_reporting(device: str, autodeflate: bool, reporting: bool) -> None:
+    dom = parse_domain(domain_xml(tuning=None, devices=device))
+    assert (dom.balloon_autodeflate, dom.balloon_free_page_reporting) == (autodeflate, reporting)
+
+
+def test_memballoon_switches_are_on_or_off() -> None:
+    with pytest.raises(XMLInputError, match=r"^VM 'web1': domain XML: <memballoon autodeflate> 'yes'"):
+        parse_domain(domain_xml(name="web1", devices="<memballoon model='virtio' autodeflate='yes'/>"))
 
 
 @pytest.mark.parametrize(("first", "second"), [
@@ -217,6 +263,7 @@ def _integer_attrs(v: str) -> list[tuple[str, str, str]]:
         (f'<kvm:hugepages count="{v}"/>', "hugepages", "count"),
         (f'<kvm:vcpus live="{v}"/>', "vcpus", "live"),
         (f'<kvm:balloon target="200M" stats-period="{v}"/>', "balloon", "stats-period"),
+        (f'<kvm:balloon target="200M" shares="{v}"/>', "balloon", "shares"),
     ]
 
 
