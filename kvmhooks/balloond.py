@@ -1,8 +1,10 @@
-"""`kvmhooks balloond`: the automatic balloon service. A thin loop around :func:`auto_targets`.
+"""`kvmhooks balloond`: the automatic balloon service. A thin loop around the pure policy
+:func:`kvmhooks.plan.balloon.decide`, carrying each guest's policy state between cycles.
 
-Each cycle reads the ledger (so a VM given back at stop is simply no longer there: nothing to forget),
-host memory from /proc/meminfo, and each running ``policy="auto"`` VM's guest stats; computes targets;
-sets them. A VM vanishing mid-cycle, a QMP socket closing or libvirtd restarting costs that VM (or that
+Each cycle reads the ledger (a VM given back at stop is no longer there, and its state is forgotten),
+host memory from /proc/meminfo, and each running ``policy="auto"`` VM's balloon and guest stats; decides;
+sets the targets and logs every decision's reason (holds only when the reason changes). A VM vanishing
+mid-cycle, a QMP socket closing, a wrong-shaped reply or libvirtd restarting costs that VM (or that
 cycle) only: the loop logs and carries on, reconnecting to libvirt when needed.
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from kvmhooks.domain import parse_domain
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.ledger import Ledger
 from kvmhooks.log import VMLog
-from kvmhooks.plan.balloon import GuestMem, HostMem, auto_targets
+from kvmhooks.plan.balloon import GuestMem, GuestState, HostMem, PolicyParams, decide
 
 log = logging.getLogger(__name__)
 
@@ -35,56 +39,95 @@ def host_memory(proc_root: Path) -> HostMem:
     return HostMem(values.get("MemTotal", 0), values.get("MemAvailable", values.get("MemFree", 0)))
 
 
-# VMs whose transport was already logged (the fallback to libvirt is said once, not every cycle).
-_announced: set[str] = set()
+class Service:
+    """What balloond carries from one cycle to the next: each guest's policy state, which VMs it already
+    announced its transport for, and the last hold reason it logged (a hold is logged when it changes, not
+    every cycle). A VM that stops is forgotten: its entry leaves the ledger at release."""
 
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.params = PolicyParams(step_kib=cfg.balloon_step_kib, host_target=cfg.balloon_host_target,
+                                   interval=cfg.balloon_interval)
+        self.states: dict[str, GuestState] = {}
+        self.announced: set[str] = set()
+        self.last_reason: dict[str, str] = {}
 
-def cycle(conn: Any, cfg: Config) -> dict[str, int]:
-    """One pass over the auto VMs; returns the targets it set (uuid → KiB)."""
-    import libvirt
+    def forget(self, keep: set[str]) -> None:
+        for d in (self.states, self.last_reason):
+            for uuid in set(d) - keep:
+                del d[uuid]
+        self.announced.intersection_update(keep)
 
-    state = Ledger(cfg.ledger_path, cfg.lock_timeout).read()
-    _announced.intersection_update(state.domains)  # a VM given back at stop is forgotten here too
-    guests: list[GuestMem] = []
-    balloons: dict[str, tuple[Balloon, VMLog]] = {}
-    try:
-        for uuid, rec in sorted(state.domains.items()):
-            vlog = VMLog(rec.name, uuid)
-            try:
-                dom = conn.lookupByUUIDString(uuid)
-                if not dom.isActive():
+    def cycle(self, conn: Any, now: float | None = None) -> dict[str, int]:
+        """One pass over the auto VMs; returns the targets it set (uuid → KiB). Anything one VM raises —
+        libvirt, QMP, a reply of the wrong shape, a bug — costs that VM this cycle only."""
+        import libvirt
+
+        state = Ledger(self.cfg.ledger_path, self.cfg.lock_timeout).read()
+        guests: list[GuestMem] = []
+        balloons: dict[str, tuple[Balloon, VMLog]] = {}
+        running: set[str] = set()
+        try:
+            for uuid, rec in sorted(state.domains.items()):
+                vlog = VMLog(rec.name, uuid)
+                try:
+                    g = self._read_vm(conn, uuid, vlog, balloons)
+                    if g is not None:
+                        running.add(uuid)
+                        guests.append(g)
+                except Exception as e:  # per VM: the others still get their cycle
+                    if isinstance(e, libvirt.libvirtError) and not conn.isAlive():
+                        raise  # libvirtd itself went away: the loop reconnects
+                    running.add(uuid)  # keep its state: it may answer next cycle
+                    vlog.warning("balloond: skipped this cycle: %s", e, exc_info=not isinstance(e, KvmhooksError))
+            self.forget(running)
+            t = time.time() if now is None else now
+            decided = decide(host_memory(self.cfg.proc_root), guests, self.states, t, self.params)
+            self.states.update(decided.states)
+            for g in guests:
+                b, vlog = balloons[g.uuid]
+                reason = decided.reasons.get(g.uuid, "")
+                if g.uuid not in decided.targets:
+                    kind = re.sub(r"[0-9.]+", "#", reason)  # the same hold with other numbers: said already
+                    if kind != self.last_reason.get(g.uuid):
+                        vlog.info("balloond: %s", reason)
+                        self.last_reason[g.uuid] = kind
                     continue
-                d = parse_domain(dom.XMLDesc(0).encode())
-                t = d.active_tuning
-                if t is None or t.balloon is None or t.balloon.policy != "auto":
-                    continue
-                b = open_balloon(d, t.balloon, dom, vlog, announce=uuid not in _announced)
-                _announced.add(uuid)
-                balloons[uuid] = (b, vlog)
-                stats = b.guest_stats()
-                if stats.get("last_update", 0) <= 0:
-                    b.enable_stats(t.balloon.stats_period or 2)
-                    continue  # no driver (yet): never guess
-                guests.append(GuestMem(uuid, b.actual_kib(), d.memory_kib, t.balloon.min_kib, stats.get("total"),
-                                       stats.get("available")))
-            except (libvirt.libvirtError, KvmhooksError) as e:
-                vlog.info("balloond: skipped this cycle: %s", e)
-        targets = auto_targets(host_memory(cfg.proc_root), guests, cfg.balloon_step_kib, cfg.balloon_host_target)
-        for g in guests:
-            if g.uuid not in targets:
-                continue
-            b, vlog = balloons[g.uuid]
-            try:
-                b.set_target_kib(targets[g.uuid])
-                vlog.info("balloond: %d → %d KiB (guest available %s of %s KiB, floor %d)", g.actual_kib,
-                          targets[g.uuid], g.available_kib, g.total_kib, g.min_kib)
-            except KvmhooksError as e:
-                vlog.warning("balloond: could not set the target: %s", e)
-                del targets[g.uuid]
-        return targets
-    finally:
-        for b, _ in balloons.values():
-            b.close()
+                self.last_reason.pop(g.uuid, None)
+                try:
+                    b.set_target_kib(decided.targets[g.uuid])
+                    vlog.info("balloond: %s", reason)
+                except Exception as e:
+                    vlog.warning("balloond: could not set the target (%s): %s", reason, e)
+                    del decided.targets[g.uuid]
+            return decided.targets
+        finally:
+            for b, _ in balloons.values():
+                with contextlib.suppress(Exception):
+                    b.close()
+
+    def _read_vm(self, conn: Any, uuid: str, vlog: VMLog, balloons: dict[str, tuple[Balloon, VMLog]]) \
+            -> GuestMem | None:
+        """This VM as the policy sees it, or None when it is not a running auto-policy VM."""
+        dom = conn.lookupByUUIDString(uuid)
+        if not dom.isActive():
+            return None
+        d = parse_domain(dom.XMLDesc(0).encode())
+        t = d.active_tuning
+        if t is None or t.balloon is None or t.balloon.policy != "auto":
+            return None
+        b = open_balloon(d, t.balloon, dom, vlog, announce=uuid not in self.announced)
+        self.announced.add(uuid)
+        balloons[uuid] = (b, vlog)
+        stats = b.guest_stats()
+        actual = b.actual_kib()
+        spec = t.balloon
+        if stats.get("last_update", 0) <= 0:
+            b.enable_stats(spec.stats_period or 2)
+            return GuestMem(uuid, actual, d.memory_kib, spec.min_kib, reclaim=spec.reclaim, shares=spec.shares)
+        return GuestMem(uuid, actual, d.memory_kib, spec.min_kib, stats.get("total"), stats.get("available"),
+                        stats.get("major_faults"), stats.get("swap_in"), float(stats["last_update"]),
+                        reclaim=spec.reclaim, shares=spec.shares)
 
 
 def run(cfg: Config, once: bool = False, stop: threading.Event | None = None) -> int:
@@ -97,18 +140,21 @@ def run(cfg: Config, once: bool = False, stop: threading.Event | None = None) ->
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     conn = None
+    service = Service(cfg)
     log.info("balloond: started (every %g s, step %d KiB, host target %.0f%%)", cfg.balloon_interval,
              cfg.balloon_step_kib, cfg.balloon_host_target * 100)
     while not stop.is_set():
         try:
             if conn is None or not conn.isAlive():
                 conn = libvirt.open(cfg.libvirt_uri)
-            cycle(conn, cfg)
+            service.cycle(conn)
         except libvirt.libvirtError as e:
             log.warning("balloond: libvirt unavailable (%s); retrying next cycle", e)
             conn = None
         except KvmhooksError as e:
             log.warning("balloond: %s", e)
+        except Exception:  # a bug must not end the service that keeps guests alive: log it, go on
+            log.exception("balloond: cycle failed; retrying next cycle")
         if once:
             break
         stop.wait(cfg.balloon_interval)

@@ -6,7 +6,7 @@ import time
 from typing import Any, Protocol
 
 from kvmhooks.apply.libvirt import call
-from kvmhooks.apply.qmp import POLL, QMPBalloon
+from kvmhooks.apply.qmp import BALLOON_QOM, POLL, QMPBalloon, QMPTransportError
 from kvmhooks.domain import BalloonSpec, Domain
 from kvmhooks.log import VMLog
 from kvmhooks.plan.balloon import fixed_target
@@ -53,8 +53,10 @@ class LibvirtBalloon:
     def guest_stats(self) -> dict[str, int]:
         s = call("dommemstat", self.dom.memoryStats)
         out = {"last_update": int(s.get("last_update", 0))}
-        # libvirt's names: 'available' is the memory the guest sees, 'usable' its MemAvailable.
-        for src, dst in (("available", "total"), ("usable", "available"), ("unused", "free")):
+        # libvirt's names: 'available' is the memory the guest sees, 'usable' its MemAvailable; swap_in is in
+        # KiB and major_fault a count, both cumulative (the policy takes their rates as pressure signals).
+        for src, dst in (("available", "total"), ("usable", "available"), ("unused", "free"),
+                         ("major_fault", "major_faults"), ("swap_in", "swap_in")):
             if src in s:
                 out[dst] = int(s[src])
         return out
@@ -71,10 +73,52 @@ class LibvirtBalloon:
         pass
 
 
+# QEMU's guest-stats keys (docs/interop/virtio-balloon-stats): memory in bytes, faults a count; -1 = not
+# reported by this guest. Ours: KiB (faults stay a count).
+_QMP_STATS = (("stat-total-memory", "total", 1024), ("stat-available-memory", "available", 1024),
+              ("stat-free-memory", "free", 1024), ("stat-major-faults", "major_faults", 1),
+              ("stat-swap-in", "swap_in", 1024))
+
+
+def parse_qmp_guest_stats(raw: object) -> dict[str, int]:
+    """The ``guest-stats`` property read over QMP, checked for shape: a QEMU (or anything on the socket)
+    answering something else is an :class:`QMPTransportError` for that VM, not a crash of the service."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("stats", {}), dict):
+        raise QMPTransportError(f"QMP qom-get guest-stats: unexpected reply {str(raw)[:200]!r}")
+    last = raw.get("last-update", 0)
+    out = {"last_update": last if isinstance(last, int) and not isinstance(last, bool) else 0}
+    stats = raw.get("stats", {})
+    for key, name, scale in _QMP_STATS:
+        v = stats.get(key, -1)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[name] = v // scale
+    return out
+
+
+class QMPStatsBalloon(QMPBalloon):
+    """The QMP balloon, reading every guest stat the policy uses (major faults and swap-in too), and checking
+    the shape of what it reads."""
+
+    def guest_stats(self) -> dict[str, int]:
+        return parse_qmp_guest_stats(self.execute("qom-get", {"path": BALLOON_QOM, "property": "guest-stats"}))
+
+    def actual_kib(self) -> int:
+        raw = self.execute("query-balloon")
+        if not isinstance(raw, dict) or not isinstance(raw.get("actual"), int):
+            raise QMPTransportError(f"QMP query-balloon: unexpected reply {str(raw)[:200]!r}")
+        return int(raw["actual"]) // 1024
+
+
 def open_balloon(d: Domain, spec: BalloonSpec, libvirt_dom: Any, vlog: VMLog, announce: bool = True) -> Balloon:
     """QMP when the VM has kvmhooks' socket (and transport allows), else libvirt (and say so, once)."""
     if spec.transport != "libvirt" and d.qmp_socket is not None:
-        return QMPBalloon(d.qmp_socket).connect()
+        b = QMPStatsBalloon(d.qmp_socket)
+        try:
+            b.connect()
+        except BaseException:
+            b.close()  # its private event loop, or balloond leaks one per failed cycle
+            raise
+        return b
     if spec.transport == "auto" and announce:
         vlog.info("balloon: no kvmhooks QMP socket on this VM; using libvirt (kvmhooks annotate --qmp adds one)")
     return LibvirtBalloon(libvirt_dom)

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from kvmhooks.apply.balloon import LibvirtBalloon, QMPStatsBalloon, parse_qmp_guest_stats
 from kvmhooks.apply.qmp import QMPBalloon, QMPTransportError
-from kvmhooks.plan.balloon import GUEST_HIGH, GuestMem, HostMem, auto_targets, fixed_target
+from kvmhooks.plan.balloon import fixed_target
 
 MIB = 1024
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}
@@ -166,7 +167,7 @@ def test_a_closed_socket_mid_session_is_an_error_not_a_hang(sock: Path) -> None:
     s.close()
 
 
-# --- arithmetic and the automatic policy ---------------------------------------------------------------------
+# --- arithmetic -----------------------------------------------------------------------------------------------
 
 def test_fixed_target_clamps() -> None:
     assert fixed_target(192 * MIB, 128 * MIB, 256 * MIB) == 192 * MIB
@@ -174,53 +175,125 @@ def test_fixed_target_clamps() -> None:
     assert fixed_target(512 * MIB, 128 * MIB, 256 * MIB) == 256 * MIB
 
 
-IDLE_HOST = HostMem(total_kib=24 * 1024 * MIB, available_kib=20 * 1024 * MIB)
-BUSY_HOST = HostMem(total_kib=24 * 1024 * MIB, available_kib=2 * 1024 * MIB)
+# --- guest stats, checked for shape ------------------------------------------------------------------------------
+
+def test_qmp_stats_include_major_faults_and_swap_in() -> None:
+    raw = {"stats": {"stat-total-memory": 200 * MIB * 1024, "stat-available-memory": 150 * MIB * 1024,
+                     "stat-major-faults": 42, "stat-swap-in": 8192, "stat-free-memory": -1}, "last-update": 7}
+    assert parse_qmp_guest_stats(raw) == {"last_update": 7, "total": 200 * MIB, "available": 150 * MIB,
+                                          "major_faults": 42, "swap_in": 8}
 
 
-def guest(actual: int, available: int, total: int | None = None, min_kib: int = 512 * MIB,
-          max_kib: int = 4096 * MIB) -> GuestMem:
-    return GuestMem("u", actual, max_kib, min_kib, total if total is not None else actual, available)
+@pytest.mark.parametrize("raw", [None, [], "x", {"stats": []}, {"stats": None}])
+def test_a_wrong_shaped_qmp_reply_is_a_transport_error(raw: object) -> None:
+    with pytest.raises(QMPTransportError, match="unexpected reply"):
+        parse_qmp_guest_stats(raw)
 
 
-def run_cycles(host: HostMem, g: GuestMem, used: int, cycles: int) -> list[int]:
-    """Replay the policy against a guest whose used memory stays constant (a recorded idle guest)."""
-    sizes = []
-    for _ in range(cycles):
-        t = auto_targets(host, [g], 100 * MIB, 0.80).get("u", g.actual_kib)
-        g = guest(t, t - used, min_kib=g.min_kib, max_kib=g.max_kib)
-        sizes.append(t)
-    return sizes
+def test_odd_values_inside_a_right_shaped_reply_are_ignored() -> None:
+    raw = {"stats": {"stat-total-memory": "lots", "stat-available-memory": True}, "last-update": "now"}
+    assert parse_qmp_guest_stats(raw) == {"last_update": 0}
 
 
-def test_idle_guest_shrinks_to_the_floor_at_the_step_rate_and_never_below() -> None:
-    sizes = run_cycles(IDLE_HOST, guest(2048 * MIB, 1800 * MIB), used=248 * MIB, cycles=25)
-    steps = [a - b for a, b in zip([2048 * MIB, *sizes], sizes, strict=False)]
-    assert max(steps) <= 100 * MIB  # never faster than the step
-    assert sizes[-1] == 512 * MIB and min(sizes) == 512 * MIB  # reaches min, never below
+def test_libvirt_stats_include_major_faults_and_swap_in() -> None:
+    class Dom:
+        def memoryStats(self) -> dict[str, int]:
+            return {"actual": 524288, "available": 500000, "usable": 400000, "unused": 300000, "major_fault": 3,
+                    "swap_in": 16, "last_update": 99}
+
+    assert LibvirtBalloon(Dom()).guest_stats() == {"last_update": 99, "total": 500000, "available": 400000,
+                                                   "free": 300000, "major_faults": 3, "swap_in": 16}
 
 
-def test_floor_keeps_a_cushion_above_what_the_guest_uses() -> None:
-    sizes = run_cycles(IDLE_HOST, guest(2048 * MIB, 1048 * MIB), used=1000 * MIB, cycles=30)
-    assert sizes[-1] >= 1000 * MIB / (1 - 0.15) - 1 and min(sizes) >= 512 * MIB
+def test_a_stats_only_qmp_guest_goes_through_the_balloon_adapter(sock: Path, qemu: dict[str, Any]) -> None:
+    b = QMPStatsBalloon(str(sock))
+    b.connect()
+    try:
+        assert b.guest_stats() == {"last_update": 1700000000, "total": 200 * MIB, "available": 150 * MIB}
+        assert b.actual_kib() == 256 * MIB
+    finally:
+        b.close()
 
 
-def test_pressure_up_grows_the_guest_until_its_memory() -> None:
-    g = guest(1024 * MIB, 50 * MIB)  # 5 % available: under pressure
-    assert auto_targets(IDLE_HOST, [g], 100 * MIB, 0.80) == {"u": 1124 * MIB}
-    g = guest(4040 * MIB, 50 * MIB)  # one step would pass the maximum: capped at <memory>
-    assert auto_targets(IDLE_HOST, [g], 100 * MIB, 0.80) == {"u": 4096 * MIB}
+# --- balloond: state across cycles, and one VM's trouble costs only that VM ------------------------------------
+
+class FakeDom:
+    def __init__(self, xml: bytes, active: bool = True):
+        self.xml, self.active = xml, active
+
+    def isActive(self) -> bool:
+        return self.active
+
+    def XMLDesc(self, flags: int) -> str:
+        return self.xml.decode()
 
 
-def test_a_short_host_squeezes_comfortable_guests_but_not_starving_ones() -> None:
-    comfy = guest(2048 * MIB, int(2048 * MIB * (GUEST_HIGH - 0.05)))  # between low and high: holds on an idle host
-    assert auto_targets(IDLE_HOST, [comfy], 100 * MIB, 0.80) == {}
-    assert auto_targets(BUSY_HOST, [comfy], 100 * MIB, 0.80) == {"u": 1948 * MIB}
-    starving = guest(2048 * MIB, 100 * MIB)
-    assert auto_targets(BUSY_HOST, [starving], 100 * MIB, 0.80) == {}
+class FakeConn:
+    def __init__(self, doms: dict[str, FakeDom]):
+        self.doms = doms
+
+    def lookupByUUIDString(self, uuid: str) -> FakeDom:
+        return self.doms[uuid]
+
+    def isAlive(self) -> bool:
+        return True
 
 
-def test_deadband_and_missing_stats() -> None:
-    near_floor = guest(512 * MIB + 5 * MIB, 400 * MIB)
-    assert auto_targets(IDLE_HOST, [near_floor], 100 * MIB, 0.80) == {}
-    assert auto_targets(IDLE_HOST, [GuestMem("u", 1024 * MIB, 4096 * MIB, 512 * MIB)], 100 * MIB, 0.80) == {}
+class FakeGuestBalloon:
+    """A guest using ``used`` KiB whose balloon lands at once; ``stats`` may be replaced by a bad reply."""
+
+    transport = "fake"
+
+    def __init__(self, actual: int, used: int):
+        self.actual, self.used, self.clock = actual, used, 1_000
+        self.bad: Exception | None = None
+
+    def actual_kib(self) -> int:
+        return self.actual
+
+    def set_target_kib(self, kib: int) -> None:
+        self.actual = kib
+
+    def enable_stats(self, period: int) -> None:
+        pass
+
+    def guest_stats(self) -> dict[str, int]:
+        if self.bad is not None:
+            raise self.bad
+        self.clock += 2
+        return {"last_update": self.clock, "total": self.actual, "available": self.actual - self.used}
+
+    def close(self) -> None:
+        pass
+
+
+def test_balloond_carries_state_catches_per_vm_and_forgets_stopped_vms(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmhooks import balloond
+    from kvmhooks.ledger import DomainRecord, Ledger
+    from tests.fakehost import FakeHost, domain_xml
+
+    host = FakeHost(tmp_path).build()
+    (host.proc / "meminfo").write_text("MemTotal: 1000000 kB\nMemAvailable: 900000 kB\n")
+    cfg = host.config(balloon_interval=1.0)
+    uuids = ["11111111-0000-0000-0000-00000000000" + str(i) for i in (1, 2)]
+    tuning = '<kvm:balloon policy="auto" min="128M" reclaim="idle"/>'
+    doms = {u: FakeDom(domain_xml(f"vm{i}", u, 512 * MIB, tuning=tuning, backing=""))
+            for i, u in enumerate(uuids)}
+    with Ledger(cfg.ledger_path).transaction() as st:
+        for i, u in enumerate(uuids):
+            st.domains[u] = DomainRecord(name=f"vm{i}", state="running")
+    fakes = {u: FakeGuestBalloon(512 * MIB, 40 * MIB) for u in uuids}
+    monkeypatch.setattr(balloond, "open_balloon", lambda d, spec, dom, vlog, announce: fakes[d.uuid])
+    svc = balloond.Service(cfg)
+    fakes[uuids[0]].bad = TypeError("'list' object has no attribute 'get'")  # a wrong-shaped reply, say
+    set1 = svc.cycle(FakeConn(doms), now=1000.0)
+    assert uuids[0] not in set1 and set1[uuids[1]] == 487 * MIB  # the other VM still had its cycle
+    fakes[uuids[0]].bad = None
+    for t in range(1, 30):
+        svc.cycle(FakeConn(doms), now=1000.0 + 2 * t)
+    assert all(f.actual == 128 * MIB for f in fakes.values())  # reclaim="idle" reached min for both
+    assert set(svc.states) == set(uuids)
+    doms[uuids[1]].active = False  # stopped (still in the ledger a moment): forgotten
+    svc.cycle(FakeConn(doms), now=2000.0)
+    assert set(svc.states) == {uuids[0]}
