@@ -580,6 +580,31 @@ def _parse_balloon(r: _Reader, dom: Domain, memtune: MemtuneSpec | None) -> Ball
                        DEFAULT_SHARES if shares is None else shares)
 
 
+# scan_uuid reads only this much: libvirt writes <name> and <uuid> first, a few hundred bytes in.
+SCAN_UUID_BYTES = 64 * 1024
+_SCAN_UUID_RE = re.compile(rb"<uuid>[ \t\r\n]*([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-"
+                           rb"[0-9A-Fa-f]{12})[ \t\r\n]*</uuid>")
+
+
+def scan_uuid(data: bytes) -> str | None:
+    """The domain's UUID without parsing the XML, for the stopped/release hooks; None if there is none.
+
+    Release must work for any VM that got through prepare, even when its XML would now be refused (another
+    namespace's metadata with a DOCTYPE in a comment, a definition grown past MAX_XML_BYTES): a refused
+    release leaks the VM's pages and CPUs until a reconcile. So this only looks at the first
+    SCAN_UUID_BYTES for the first literal ``<uuid>`` tag. That tag is the real one: libvirt writes <name>
+    and <uuid> before <metadata>, and user text before it (name, title, description) is escaped, so it
+    cannot contain a literal tag. Only the canonical 8-4-4-4-12 hex form is accepted (returned lowercased);
+    a malformed first tag is None, never a reason to look further.
+    """
+    head = data[:SCAN_UUID_BYTES]
+    start = head.find(b"<uuid>")
+    if start < 0:
+        return None
+    m = _SCAN_UUID_RE.match(head, start)
+    return None if m is None else m.group(1).decode("ascii").lower()
+
+
 def read_uuid_and_name(data: bytes) -> tuple[str, str]:
     """Cheap UUID/name extraction for hooks that only need to release (no validation of the rest)."""
     root = safe_parse(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmhooks.domain import MAX_XML_BYTES, BalloonSpec, parse_domain, qmp_socket_arg
+from kvmhooks.domain import MAX_XML_BYTES, BalloonSpec, parse_domain, qmp_socket_arg, scan_uuid
 from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
 from tests.fakehost import domain_xml
 
@@ -331,3 +331,54 @@ def test_domain_integers_are_bounded() -> None:
     with pytest.raises(XMLInputError, match="<vcpu>"):
         parse_domain(_with(domain_xml(name="web1"), ">2</vcpu>", ">99999999999999</vcpu>"))
     assert parse_domain(_with(domain_xml(), ">2</vcpu>", ">\n  2\n</vcpu>")).max_vcpus == 2
+
+
+# --- scan_uuid: the stopped/release hooks' bounded, tolerant UUID scan ---------------------------------
+
+U = "11111111-2222-3333-4444-555555555555"
+
+
+def test_scan_uuid_reads_libvirts_uuid() -> None:
+    assert scan_uuid(domain_xml(uuid=U)) == U
+    assert scan_uuid(domain_xml(uuid=U.upper().replace("1", "A"))) == U.replace("1", "a")
+    assert scan_uuid(f"<domain><uuid>\n  {U}\n</uuid></domain>".encode()) == U  # pretty-printed
+
+
+def test_scan_uuid_never_parses_the_rest() -> None:
+    """Another namespace's metadata may hold what safe_parse refuses (a DOCTYPE in a comment or CDATA):
+    release must still find the VM, or it would leak its pages and CPUs."""
+    other = ("<other:x xmlns:other='http://example.org/x'><!-- <!DOCTYPE x [<!ENTITY a 'b'>]> -->"
+             "<![CDATA[<!DOCTYPE y><uuid>99999999-2222-3333-4444-555555555555</uuid>]]></other:x>")
+    xml = domain_xml(uuid=U, tuning=None).replace(b"<memory", f"<metadata>{other}</metadata><memory".encode())
+    with pytest.raises(XMLInputError):
+        parse_domain(xml)
+    assert scan_uuid(xml) == U
+
+
+def test_scan_uuid_of_oversize_xml() -> None:
+    xml = domain_xml(uuid=U).replace(b"</domain>", b"<!--" + b"x" * (MAX_XML_BYTES + 1) + b"--></domain>")
+    assert len(xml) > MAX_XML_BYTES
+    assert scan_uuid(xml) == U
+
+
+def test_scan_uuid_looks_at_the_first_64_kib_only() -> None:
+    late = b"<domain>" + b" " * (64 * 1024) + f"<uuid>{U}</uuid></domain>".encode()
+    assert scan_uuid(late) is None
+    split = b"<domain>" + b" " * (64 * 1024 - 20) + f"<uuid>{U}</uuid></domain>".encode()  # tag cut at 64 KiB
+    assert scan_uuid(split) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"garbage", b"\xff\xfe\x00<uuid>", b"<domain><name>x</name></domain>",
+    f"<domain><uuid>{U}".encode(),  # no closing tag
+    b"<domain><uuid>../../etc/passwd</uuid></domain>",
+    f"<domain><uuid>{U}0</uuid></domain>".encode(),
+    f"<domain><uuid>{U.replace('-', '')}</uuid></domain>".encode(),  # libvirt accepts it; it never writes it
+    f"<domain><uuid>{U[:-1]}g</uuid></domain>".encode(),
+    f"<domain><uuid>{U.replace('1', '١')}</uuid></domain>".encode(),  # Arabic-Indic digits
+    b"<domain><uuid>" + b"a" * 10_000_000 + b"</uuid></domain>",
+    # The first literal <uuid> tag is the one: a bad first one is not skipped for a later one.
+    f"<domain><uuid>nope</uuid><uuid>{U}</uuid></domain>".encode(),
+], ids=lambda d: repr(d[:40]))
+def test_scan_uuid_refuses_anything_else(data: bytes) -> None:
+    assert scan_uuid(data) is None
