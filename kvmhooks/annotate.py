@@ -1,7 +1,11 @@
 """Edit a domain definition for ``kvmhooks annotate``: our metadata element plus what it needs to work.
 
 Pure text-in/text-out over lxml, so the CLI can show a diff before (or instead of) defining it. Only our
-parts change: the ``<kvm:tuning>`` element, ``<memoryBacking><hugepages>`` and the dedicated QMP socket.
+parts change: the ``<kvm:tuning>`` element, ``<memoryBacking><hugepages>``, the dedicated QMP socket, and
+with ``--balloon`` the balloon device's own defence, ``autodeflate='on'`` (QEMU's deflate-on-oom: a guest
+about to OOM takes its ballooned memory back itself, whatever balloond does; issue 9). Free page reporting
+is offered (a note), or written when asked for: it changes how the guest uses its memory, which is the
+admin's call, and it cannot work with huge page backing or a VFIO device.
 """
 
 from __future__ import annotations
@@ -29,14 +33,37 @@ class AnnotateRequest:
     pin: str | None = None  # auto / "2,3"
     balloon: str | None = None  # target
     qmp: bool = False
+    free_page_reporting: bool = False  # <memballoon freePageReporting='on'> (refused where it cannot work)
     remove: bool = False
     remove_backing: bool = False  # with remove: annotate had added the hugepage backing
+    remove_autodeflate: bool = False  # with remove: annotate had turned autodeflate on (Edited.added_autodeflate)
 
 
 @dataclass(frozen=True)
 class Edited:
     xml: str
     added_backing: bool = False
+    added_autodeflate: bool = False  # the CLI records it, as the backing, so --remove takes back only ours
+    notes: tuple[str, ...] = ()  # advice for the admin beside the diff (e.g. free page reporting on offer)
+
+
+def has_vfio_hostdev(root: etree._Element) -> bool:
+    """A PCI or mdev host device (both go through VFIO on today's libvirt): the guest's memory is pinned for
+    DMA, so neither the balloon's free page reporting nor huge-page-less reclaim can hand pages back."""
+    return any(h.get("type") in ("pci", "mdev") for h in root.iterfind("devices/hostdev"))
+
+
+def _memballoon(root: etree._Element) -> etree._Element:
+    """The domain's virtio balloon device, added when the XML names none (libvirt would add the same)."""
+    for mb in root.iterfind("devices/memballoon"):
+        if mb.get("model") not in (None, "none"):
+            return mb
+    devices = root.find("devices")
+    if devices is None:
+        devices = etree.SubElement(root, "devices")
+    if devices.find("memballoon") is not None:  # model='none': the admin's choice; parse_domain says so
+        return devices.find("memballoon")  # type: ignore[return-value]
+    return etree.SubElement(devices, "memballoon", model="virtio")
 
 
 def _new_after(root: etree._Element, tag: str, *anchors: str) -> etree._Element:
@@ -76,6 +103,10 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
             if len(meta) == 0:  # we emptied it
                 root.remove(meta)
         _remove_qmp(root, uuid)
+        if req.remove_autodeflate:
+            for dev in root.iterfind("devices/memballoon"):
+                if "autodeflate" in dev.attrib:
+                    del dev.attrib["autodeflate"]
         if req.remove_backing:
             mb = root.find("memoryBacking")
             if mb is not None and mb.find("hugepages") is not None:
@@ -117,11 +148,29 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
             tuning.remove(old)
         for v, c in enumerate(cpus):
             etree.SubElement(tuning, _K + "vcpupin", vcpu=str(v), cpuset=str(c))
+    notes: list[str] = []
+    added_autodeflate = False
     if req.balloon:
         _set(tuning, "balloon", target=req.balloon)
+        dev = _memballoon(root)
+        if dev.get("model") not in (None, "none") and dev.get("autodeflate") != "on":
+            dev.set("autodeflate", "on")
+            added_autodeflate = True
+    hugepage_backed = root.find("memoryBacking/hugepages") is not None
+    vfio = has_vfio_hostdev(root)
+    if req.free_page_reporting:
+        if hugepage_backed or vfio:
+            raise KvmhooksError("free page reporting cannot work for this VM: " + (
+                "it is backed by huge pages (the host cannot take back part of a huge page)" if hugepage_backed
+                else "it has a VFIO host device (its memory is pinned for DMA)"))
+        _memballoon(root).set("freePageReporting", "on")
+    elif req.balloon and not hugepage_backed and not vfio and _memballoon(root).get("freePageReporting") != "on":
+        notes.append("free page reporting is available for this VM: the guest hands the pages it frees back to "
+                     "the host without shrinking (<memballoon freePageReporting='on'>, libvirt ≥ 6.9; takes effect "
+                     "at the next start)")
     if req.qmp:
         _add_qmp(root, uuid)
-    return Edited(etree.tostring(root, encoding="unicode"), added_backing)
+    return Edited(etree.tostring(root, encoding="unicode"), added_backing, added_autodeflate, tuple(notes))
 
 
 def normalize(xml: str) -> str:

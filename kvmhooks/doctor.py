@@ -42,6 +42,19 @@ class DomainFacts:
     error: str | None = None  # the annotation or XML did not parse
     active: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    vfio: bool = False  # a VFIO host device (PCI or mdev): its memory is pinned, pages cannot be handed back
+
+
+def domain_facts(name: str, xml: bytes, active: bool = False) -> DomainFacts:
+    """Facts about one VM from its XML, including what :class:`Domain` does not carry (VFIO devices)."""
+    from kvmhooks.annotate import has_vfio_hostdev
+    from kvmhooks.domain import parse_domain, safe_parse
+
+    try:
+        dom = parse_domain(xml)
+    except KvmhooksError as e:
+        return DomainFacts(name, None, str(e), active)
+    return DomainFacts(name, dom, active=active, vfio=has_vfio_hostdev(safe_parse(xml)))
 
 
 def _int(path: Path) -> int | None:
@@ -139,6 +152,7 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
         out.append(Finding("tablet", name, "Windows guest without a USB tablet",
                            "a relative PS/2 mouse drifts away from the pointer in VNC/SPICE consoles",
                            "<input type='tablet' bus='usb'/> under <devices>"))
+    out += check_balloon(d)
     # memtune limits below the VM's memory.
     if t is not None and t.memtune is not None:
         for attr, kib in (("hard_limit", t.memtune.hard_limit), ("swap_hard_limit", t.memtune.swap_hard_limit)):
@@ -147,4 +161,29 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
                                    f"({format_kib(dom.memory_kib)})",
                                    "QEMU needs its guest's memory plus its own overhead: the OOM killer will end it",
                                    f"raise {attr} to at least {format_kib(dom.memory_kib + 256 * 1024)} or drop it"))
+    return out
+
+
+def check_balloon(d: DomainFacts) -> list[Finding]:
+    """The guest's own defences against ballooning (issue 9): deflate-on-oom for an automatic policy, and
+    free page reporting where it can work. Also meant for ``validate``."""
+    dom = d.domain
+    if dom is None or not dom.has_memballoon:
+        return []
+    out: list[Finding] = []
+    t = dom.active_tuning
+    if t is not None and t.balloon is not None and t.balloon.policy == "auto" and not dom.balloon_autodeflate:
+        out.append(Finding(
+            "balloon-autodeflate", d.name, "automatic balloon policy without <memballoon autodeflate='on'>",
+            "if the guest runs short between two balloond cycles (or balloond is down), its OOM killer fires "
+            "although the host has the memory; with deflate-on-oom the guest takes ballooned pages back itself",
+            f"kvmhooks annotate {d.name} --balloon ... writes it, or add autodeflate='on' to <memballoon> "
+            "(virsh edit); it takes effect at the next start"))
+    if not dom.balloon_free_page_reporting and not dom.hugepage_backing and not d.vfio:
+        out.append(Finding(
+            "free-page-reporting", d.name, "free page reporting is off",
+            "the guest could hand the pages it frees back to the host without any balloon target (libvirt ≥ "
+            "6.9, a guest kernel ≥ 5.7); it cannot with huge page backing or a VFIO device, which this VM has not",
+            "add freePageReporting='on' to <memballoon> (virsh edit); it takes effect at the next start",
+            "info"))
     return out

@@ -8,9 +8,9 @@ import pytest
 
 from kvmhooks.annotate import AnnotateRequest, edit_domain_xml, normalize
 from kvmhooks.config import Config, load_config
-from kvmhooks.doctor import DomainFacts, check_domain, check_host, read_host_facts
+from kvmhooks.doctor import DomainFacts, check_balloon, check_domain, check_host, domain_facts, read_host_facts
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import ConfigError
+from kvmhooks.errors import ConfigError, KvmhooksError
 from kvmhooks.topology import read_topology
 from tests.fakehost import GIB, FakeHost, domain_xml
 
@@ -50,8 +50,34 @@ def test_annotate_adds_and_remove_takes_exactly_that_away(host: FakeHost) -> Non
     assert dom.qmp_socket is not None and dom.tuning.balloon is not None
     again = edit_domain_xml(edited.xml, req, topo)  # idempotent: one of each
     assert normalize(again.xml) == normalize(edited.xml)
-    removed = edit_domain_xml(edited.xml, AnnotateRequest(remove=True, remove_backing=True), topo)
+    assert dom.balloon_autodeflate and edited.added_autodeflate and not again.added_autodeflate
+    removed = edit_domain_xml(edited.xml, AnnotateRequest(remove=True, remove_backing=True,
+                                                          remove_autodeflate=True), topo)
     assert normalize(removed.xml) == normalize(PLAIN)
+
+
+def test_annotate_balloon_turns_on_deflate_on_oom_and_offers_free_page_reporting(host: FakeHost) -> None:
+    topo = read_topology(host.sysfs, host.proc)
+    edited = edit_domain_xml(PLAIN, AnnotateRequest(balloon="75%"), topo)
+    dom = parse_domain(edited.xml.encode())
+    assert dom.balloon_autodeflate and not dom.balloon_free_page_reporting
+    assert any("freePageReporting='on'" in n for n in edited.notes)
+    asked = edit_domain_xml(PLAIN, AnnotateRequest(balloon="75%", free_page_reporting=True), topo)
+    assert parse_domain(asked.xml.encode()).balloon_free_page_reporting and not asked.notes
+    # No balloon device in the XML: the virtio one libvirt would add, with the defence.
+    bare = domain_xml(name="bare", tuning=None, backing="", devices="").decode()
+    assert parse_domain(edit_domain_xml(bare, AnnotateRequest(balloon="50%"), topo).xml.encode()).balloon_autodeflate
+    # Not offered, and refused, where it cannot work: huge page backing, a VFIO device.
+    backed = edit_domain_xml(PLAIN, AnnotateRequest(hugepages="2M", balloon="75%"), topo)
+    assert parse_domain(backed.xml.encode()).balloon_autodeflate and not backed.notes
+    vfio = domain_xml(name="gpu", tuning=None, backing="", devices="<memballoon model='virtio'/><hostdev "
+                      "mode='subsystem' type='pci' managed='yes'><source><address domain='0' bus='1' slot='0' "
+                      "function='0'/></source></hostdev>").decode()
+    assert not edit_domain_xml(vfio, AnnotateRequest(balloon="75%"), topo).notes
+    for xml, req in ((PLAIN, AnnotateRequest(hugepages="2M", free_page_reporting=True)),
+                     (vfio, AnnotateRequest(free_page_reporting=True))):
+        with pytest.raises(KvmhooksError, match="free page reporting cannot work"):
+            edit_domain_xml(xml, req, topo)
 
 
 def test_annotate_keeps_an_admins_own_backing_and_metadata(host: FakeHost) -> None:
@@ -111,3 +137,23 @@ def test_doctor_domain_checks(numa_host: FakeHost) -> None:
     assert "memtune" in checks(numa_host, domain_xml(tuning="<kvm:memtune hard_limit='256M'/>", backing=""))
     assert "hugepages" in checks(numa_host, domain_xml(tuning=None))  # backed, no pages free, not kvmhooks'
     assert "hugepages" in checks(numa_host, domain_xml(memory_kib=64 * GIB))  # ours, but cannot fit
+
+
+def test_doctor_balloon_defences(numa_host: FakeHost) -> None:
+    auto = domain_xml(tuning='<kvm:balloon policy="auto" min="128M"/>', backing="")
+    assert "balloon-autodeflate" in checks(numa_host, auto)
+    defended = auto.replace(b"<memballoon model='virtio'/>", b"<memballoon model='virtio' autodeflate='on'/>")
+    assert "balloon-autodeflate" not in checks(numa_host, defended)
+    fixed = domain_xml(tuning='<kvm:balloon target="75%"/>', backing="")
+    assert "balloon-autodeflate" not in checks(numa_host, fixed)  # a fixed target cannot starve a guest by surprise
+    # Free page reporting: advised (info) for a plain VM, not for huge pages, a VFIO device, or when it is on.
+    found = {f.check: f for f in check_balloon(domain_facts("vm", auto))}
+    assert found["free-page-reporting"].severity == "info"
+    assert "free-page-reporting" not in checks(numa_host, domain_xml(tuning=None))  # hugepage-backed
+    vfio = domain_xml(tuning=None, backing="", devices="<memballoon model='virtio'/><hostdev mode='subsystem' "
+                      "type='pci' managed='yes'><source><address domain='0' bus='1' slot='0' function='0'/>"
+                      "</source></hostdev>")
+    assert domain_facts("gpu", vfio).vfio and not check_balloon(domain_facts("gpu", vfio))
+    on = domain_xml(tuning=None, backing="", devices="<memballoon model='virtio' freePageReporting='on'/>")
+    assert not check_balloon(domain_facts("vm", on))
+    assert domain_facts("bad", b"<domain>").domain is None
