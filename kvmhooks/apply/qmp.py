@@ -4,6 +4,11 @@ libvirt owns the domain's own monitor, so kvmhooks talks to a second ``-qmp`` so
 annotate --qmp`` adds. Every connect and command has a deadline (a QEMU that never answers must not hang
 the worker or the balloon service); qemu.qmp's errors become :class:`QMPTransportError` with the cause.
 The adapter is synchronous on a private event loop, because its callers (worker, balloond) are.
+
+Whatever answers on the socket is only trusted to speak JSON: every reply the balloon code reads is checked
+for shape (a dict where one is expected, non-negative integers where numbers are), and anything else is a
+QMPTransportError naming the command, so a wrong peer is one clear line, never a TypeError in the worker or
+the balloon service.
 """
 
 from __future__ import annotations
@@ -28,10 +33,37 @@ BALLOON_QOM = "/machine/peripheral/balloon0"
 DEFAULT_TIMEOUT = 5.0
 # Between query-balloon polls while a target lands (events alone lag: QEMU sends at most one a second).
 POLL = 0.02
+# QEMU keeps balloon sizes and guest stats in uint64; anything above is not QEMU talking.
+U64_MAX = 2**64 - 1
+# A guest stat the guest does not report is -1; QEMU stores that in a uint64, so it can also read 2^64-1.
+_NOT_REPORTED = (-1, U64_MAX)
+# Error messages quote the peer; this much is enough to recognise it, and keeps the log line bounded.
+_MAX_MESSAGE = 400
 
 
 class QMPTransportError(ApplyError):
-    """The QMP socket could not be reached, did not answer in time, or refused a command."""
+    """The QMP socket could not be reached, did not answer in time, refused a command or answered nonsense.
+
+    The message is always one bounded line: qemu.qmp quotes a malformed reply over several lines, and the
+    peer chooses what is in it.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        full = " ".join((message if cause is None else f"{message}: {cause}").split())
+        super().__init__(full if len(full) <= _MAX_MESSAGE else full[:_MAX_MESSAGE] + "…")
+        self.cause = cause
+
+
+def _uint(value: object) -> int | None:
+    """value if it is a JSON integer QEMU could send for a uint64 (bool is an int in Python), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64_MAX:
+        return value
+    return None
+
+
+def _shown(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 120 else text[:120] + "…"
 
 
 class QMPBalloon:
@@ -77,10 +109,22 @@ class QMPBalloon:
     def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
         return self._run(cmd, self._client.execute(cmd, args))
 
+    def _unexpected(self, what: str, raw: object, detail: str) -> QMPTransportError:
+        return QMPTransportError(f"QMP {what} on {self.path}: unexpected reply ({detail}): {_shown(raw)}")
+
+    def _actual_bytes(self, raw: object) -> int:
+        """query-balloon's ``{"actual": bytes}``, checked."""
+        if not isinstance(raw, dict):
+            raise self._unexpected("query-balloon", raw, "expected an object")
+        actual = _uint(raw.get("actual"))
+        if actual is None:
+            raise self._unexpected("query-balloon", raw, "'actual' must be a non-negative integer")
+        return actual
+
     # --- the balloon -------------------------------------------------------------------------------------
 
     def actual_kib(self) -> int:
-        return int(self.execute("query-balloon")["actual"]) // 1024
+        return self._actual_bytes(self.execute("query-balloon")) // 1024
 
     def set_target_kib(self, kib: int) -> None:
         self.execute("balloon", {"value": kib * 1024})
@@ -91,13 +135,25 @@ class QMPBalloon:
     def guest_stats(self) -> dict[str, int]:
         """Guest memory in KiB (total, available, free) and last_update; last_update 0 = no driver yet."""
         raw = self.execute("qom-get", {"path": BALLOON_QOM, "property": "guest-stats"})
-        stats = raw.get("stats", {})
-        out = {"last_update": int(raw.get("last-update", 0))}
+        what = "qom-get guest-stats"
+        if not isinstance(raw, dict):
+            raise self._unexpected(what, raw, "expected an object")
+        stats = raw.get("stats")
+        last_update = _uint(raw.get("last-update"))
+        if not isinstance(stats, dict) or last_update is None:
+            # QEMU always sends both (0 and all -1 before the guest driver reports).
+            raise self._unexpected(what, raw, "expected 'stats' (an object) and 'last-update' (a non-negative "
+                                   "integer)")
+        out = {"last_update": last_update}
         for key, name in (("stat-total-memory", "total"), ("stat-available-memory", "available"),
                           ("stat-free-memory", "free")):
             v = stats.get(key, -1)
-            if isinstance(v, int) and v >= 0:
-                out[name] = v // 1024
+            if isinstance(v, int) and not isinstance(v, bool) and v in _NOT_REPORTED:
+                continue
+            n = _uint(v)
+            if n is None:
+                raise self._unexpected(what, raw, f"{key!r} must be a non-negative integer or -1")
+            out[name] = n // 1024
         return out
 
     def wait_actual(self, target_kib: int, tolerance_kib: int, timeout: float) -> int:
@@ -107,7 +163,7 @@ class QMPBalloon:
             deadline = time.monotonic() + timeout
             with self._client.listener("BALLOON_CHANGE") as listener:
                 while True:
-                    actual = int((await self._client.execute("query-balloon"))["actual"]) // 1024  # type: ignore[index]
+                    actual = self._actual_bytes(await self._client.execute("query-balloon")) // 1024
                     if abs(actual - target_kib) <= tolerance_kib or time.monotonic() >= deadline:
                         return actual
                     with contextlib.suppress(asyncio.TimeoutError):
