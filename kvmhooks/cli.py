@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,6 @@ from kvmhooks.units import format_cpuset, format_kib
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
-# reconcile leaves alone a VM whose prepare ran this recently and whose started hook has not run yet: QEMU
-# may still be starting (a large hugepage-backed guest can take a while). A real leftover is older than this.
-STARTING_GRACE = 120.0
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -133,6 +129,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
     state = read_ledger(cfg)
     topo = operations.topology_for(cfg)
+    failures = operations.read_failures(cfg)
     vms: list[dict[str, Any]] = []
     conn = None
     note = ""
@@ -163,7 +160,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                                "annotations": summarize(dom)}
         if rec is not None:
             row.update(hugepages=rec.hugepages, cpus=format_cpuset(rec.cpus) if rec.cpus else "",
-                       shared=rec.shared, pins=rec.pins, applied=rec.applied, error=rec.error, ledger_state=rec.state)
+                       shared=rec.shared, pins=rec.pins.to_json() if rec.pins else None,
+                       applied=rec.applied.to_json(), error=rec.error, ledger_state=rec.state)
+        if uuid in failures:
+            row["failure"] = failures[uuid]
         if d.isActive():
             # memoryStats asks QEMU; info()[2] is libvirt's copy, updated by throttled BALLOON_CHANGE events.
             actual = int(d.memoryStats().get("actual", info[2]))
@@ -177,7 +177,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if uuid not in seen and not args.domains:
             vms.append({"name": rec.name, "uuid": uuid, "state": "unknown to libvirt" if conn else "?",
                         "annotations": "?", "hugepages": rec.hugepages, "cpus": format_cpuset(rec.cpus),
-                        "error": rec.error, "ledger_state": rec.state})
+                        "error": rec.error, "ledger_state": rec.state, "failure": failures.get(uuid)})
     pools = pool_rows(topo, state)
 
     def human() -> str:
@@ -189,10 +189,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             hp = ", ".join(f"node{node} {n}x{format_kib(size)}"
                            for (node, size), n in ((parse_pool_key(k), n) for k, n in v.get("hugepages", {}).items()))
             applied = v.get("applied") or {}
-            pins = applied.get("pins", {})
-            pin_s = " ".join(f"{k}:{c}" for k, c in pins.get("vcpus", {}).items())
-            if pins.get("emulator"):
-                pin_s += f" emu:{pins['emulator']}"
+            pin_s = " ".join(f"{k}:{c}" for k, c in applied.get("pins", {}).items())
+            if applied.get("emulator"):
+                pin_s += f" emu:{applied['emulator']}"
             bal = v.get("balloon")
             bal_s = ""
             if bal:
@@ -201,7 +200,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             if "vcpus_live" in applied:
                 other.append(f"vcpus {applied['vcpus_live']}")
             other += [f"{k} {format_kib(val)}" for k, val in applied.get("memtune", {}).items()]
-            problems = "; ".join([*applied.get("problems", []), *([v["error"]] if v.get("error") else [])])
+            problems = "; ".join([*applied.get("problems", []), *([v["error"]] if v.get("error") else []),
+                                  *([v["failure"]] if v.get("failure") else [])])
             rows.append([v["name"], v["state"], v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
                          bal_s or "-", ", ".join(other) or "-", problems])
         out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",
@@ -213,7 +213,13 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                               for p in pools]))
         return "\n".join(out)
 
-    emit(args, {"vms": vms, "pools": pools}, human)
+    notes = state.notes + [f"interrupted write in flight: {i.op} of pool {i.pool} ({i.before} → {i.target}) by "
+                           f"process {i.pid}" for i in state.intents]
+
+    def human_with_notes() -> str:
+        return human() + ("\n\nledger notes:\n" + "\n".join(f"  {n}" for n in notes) if notes else "")
+
+    emit(args, {"vms": vms, "pools": pools, "notes": notes}, human_with_notes)
     return EXIT_OK
 
 
@@ -235,13 +241,12 @@ def _xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool]:
 
 def plan_actions(dom: Domain, cfg: Config, topo: HostTopology, state: LedgerState) -> list[dict[str, str]]:
     """Every action prepare and started would take now, as (phase, what) — computed, never applied."""
-    from kvmhooks.plan.hugepages import pool_writes
     from kvmhooks.topology import pool_dir
 
     actions: list[dict[str, str]] = []
     hp, cpus = operations.check(dom, cfg, topo, state)
     if hp is not None:
-        for w in pool_writes(dom.uuid, hp, topo, state, cfg, dom.name):
+        for w in operations.preview_pool_writes(dom, hp, cfg, topo, state):
             actions.append({"phase": "prepare", "action": f"write {pool_dir(cfg.sysfs_root, w.node, w.size_kib)}"
                             f"/nr_hugepages = {w.target} (now {w.before}; +{w.target - w.before} pages)"})
         for k in hp.pools():
@@ -460,52 +465,28 @@ def audit_log(cfg: Config, command: str) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
-    from kvmhooks.apply.pools import SysfsPools
+    import libvirt
+
+    from kvmhooks.errors import LedgerError
 
     if not args.dry_run:
         audit_log(cfg, "reconcile")
+    try:  # the reservations as they are *before* libvirt is asked what runs (see operations.reconcile)
+        snapshot = {u: r.token for u, r in operations.ledger_for(cfg).read().domains.items()}
+    except LedgerError:
+        snapshot = {}
     conn = connect(args.uri or cfg.libvirt_uri)
-    running = {d.UUIDString(): d for d in conn.listAllDomains() if d.isActive()}
-    state = read_ledger(cfg)
-    actions: list[str] = []
-    now = time.time()
-    for uuid, rec in sorted(state.domains.items()):
-        if uuid not in running and rec.state == "prepared" and now - rec.updated < STARTING_GRACE:
-            actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} s ago)")
-        elif uuid not in running:
-            actions.append(f"release {rec.name} ({uuid}): not running; frees "
-                           + (", ".join(f"{k} {n} pages" for k, n in rec.hugepages.items()) or "no pages")
-                           + (f", CPUs {format_cpuset(rec.cpus)}" if rec.cpus else ""))
-            if not args.dry_run:
-                operations.release(uuid, cfg)
-    for uuid, d in sorted(running.items()):
-        if uuid in state.domains:
-            continue
+    running: dict[str, bytes] = {}
+    for d in conn.listAllDomains():
         try:
-            dom = parse_domain(d.XMLDesc(0).encode())
-        except KvmhooksError:
-            continue
-        if dom.active_tuning is not None:
-            actions.append(f"adopt {dom.name} ({uuid}): running and annotated but missing from the ledger")
-            if not args.dry_run:
-                operations.adopt(dom, cfg)
-    # Pools: baseline + what the ledger holds, nothing more, nothing less.
-    pools = SysfsPools(cfg.sysfs_root, cfg.proc_root)
-    with operations.ledger_for(cfg).transaction() as st:
-        topo = operations.topology_for(cfg)
-        for key, prec in sorted(st.pools.items()):
-            node, size = parse_pool_key(key)
-            if key in cfg.leave_alone or node not in topo.nodes or size not in topo.nodes[node].pools:
-                continue
-            target = prec.baseline + st.reserved(key)
-            now = topo.nodes[node].pools[size].nr
-            if now != target:
-                actions.append(f"set pool {key} from {now} to {target} (baseline {prec.baseline} + reserved "
-                               f"{st.reserved(key)})")
-                if not args.dry_run:
-                    pools.set(node, size, target)
-                    log.info("reconcile: pool %s set from %d to %d", key, now, target)
-    emit(args, {"dry_run": args.dry_run, "actions": actions},
+            if d.isActive():
+                running[d.UUIDString()] = d.XMLDesc(0).encode()
+        except libvirt.libvirtError as e:  # it stopped or vanished while we looked: not running
+            log.debug("reconcile: skipping a domain: %s", e)
+    result = operations.reconcile(cfg, running, snapshot, dry_run=args.dry_run)
+    actions = result.actions
+    emit(args, {"dry_run": args.dry_run, "actions": actions,
+                "set_aside": str(result.set_aside) if result.set_aside else None},
          lambda: ("\n".join(("would " if args.dry_run else "") + a for a in actions)
                   if actions else "ledger, running VMs and pools agree: nothing to do"))
     return EXIT_OK

@@ -64,11 +64,11 @@ def run_demo(cfg: Config, keep: bool = False, uri: str = "qemu:///system") -> in
         booted = console.exists() and READY_LINE in console.read_text(errors="replace")
         actual = int(dom.memoryStats().get("actual", 0))
         rec = operations.ledger_for(cfg).read().domains.get(dom.UUIDString())
-        applied = rec.applied if rec else {}
+        pinned = bool(rec and rec.applied.pins)
         print(f"    t+{time.monotonic() - t0:4.1f}s guest {'up' if booted else 'booting'}, pins "
-              f"{'applied' if 'pins' in applied else 'pending'}, balloon {format_kib(actual)} (target "
+              f"{'applied' if pinned else 'pending'}, balloon {format_kib(actual)} (target "
               f"{format_kib(target)})", flush=True)
-        if booted and "pins" in applied and abs(actual - target) <= 4096:
+        if booted and pinned and abs(actual - target) <= 4096:
             break
         time.sleep(1)
     _say("kvmhooks status")

@@ -12,7 +12,8 @@ from kvmhooks.config import Config
 from kvmhooks.domain import Domain
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.ledger import LedgerState
-from kvmhooks.plan.hugepages import plan_hugepages, pool_writes
+from kvmhooks.operations import preview_pool_writes
+from kvmhooks.plan.hugepages import plan_hugepages
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib
 
@@ -105,7 +106,7 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
         try:
             hp = plan_hugepages(dom, topo, cfg)
             if hp is not None and not d.active:  # could it start now? (the pools as they are)
-                pool_writes(dom.uuid, hp, topo, LedgerState(), cfg, dom.name)
+                preview_pool_writes(dom, hp, cfg, topo, LedgerState())
         except KvmhooksError as e:
             out.append(Finding("hugepages", name, str(e), "the VM will not start", str(e).split("; ", 1)[-1]))
     elif dom.hugepage_backing:

@@ -9,6 +9,7 @@
      ├── HostError                the host lacks something (no hugetlbfs mount, unsupported page size)
      ├── CapacityError            the host cannot give what the VM asks for (pages, CPUs)
      ├── LockTimeout              the shared ledger stayed locked past its deadline
+     ├── LedgerError              the ledger file is unreadable (says how to repair it)
      ├── ConfigError              /etc/kvmhooks/config.toml is invalid
      ├── NotFound                 no such domain (CLI)
      ├── ConnectError             libvirtd cannot be reached (CLI, worker)
@@ -61,6 +62,11 @@ class CapacityError(KvmhooksError):
 
 class LockTimeout(KvmhooksError):
     """The ledger lock was not granted before its deadline (another hook is stuck?)."""
+
+
+class LedgerError(KvmhooksError):
+    """The ledger cannot be read (not JSON, wrong shape, a newer version); ``kvmhooks reconcile`` sets it
+    aside and rebuilds it from the running VMs and the pools."""
 
 
 class ConfigError(KvmhooksError):

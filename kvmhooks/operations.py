@@ -1,27 +1,44 @@
-"""The hook's operations on shared state: reserve at prepare, release at stop, adopt at reconnect.
+"""The operations on shared state: reserve at prepare, release at stop, adopt at reconnect, reconcile.
 
-Each holds the ledger lock for its whole read-plan-write cycle, so concurrent VM starts see each other's
-reservations; the planning itself is pure (:mod:`kvmhooks.plan`), the writes go through adapters.
+Every operation runs in a :func:`session`: it takes the ledger lock (with a deadline), first finishes what
+an interrupted operation left (:meth:`Session.recover`), applies the drift rule to the pools
+(:func:`kvmhooks.plan.pools.observe`), then does its own work. Pool writes always follow one protocol
+(:meth:`Session.execute`)::
+
+    commit intents (and the reservation change) → write sysfs → read back → commit result, clear intents
+
+so a process killed or failing at any step leaves intents that the next session rolls back (a prepare) or
+completes (a release), and every pool ends at ``admin baseline + pages held by live reservations``. Targets
+are absolute and computed from the ledger, so finishing a write twice never frees anything twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from kvmhooks.apply.pools import SysfsPools, apply_pool_writes, restore, shrink_pools
+from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
-from kvmhooks.errors import CapacityError
-from kvmhooks.ledger import DomainRecord, Ledger, LedgerState, PoolRecord, stamp
+from kvmhooks.errors import CapacityError, KvmhooksError, LedgerError
+from kvmhooks.ledger import DomainRecord, Intent, Ledger, LedgerState, Pins, PoolRecord, Transaction, new_token, stamp
 from kvmhooks.log import VMLog
+from kvmhooks.plan import pools as accounting
 from kvmhooks.plan.cpus import CpuPlan, plan_cpus
-from kvmhooks.plan.hugepages import HugepagePlan, PoolWrite, plan_hugepages, pool_writes, release_writes
-from kvmhooks.topology import HostTopology, read_topology
+from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages
+from kvmhooks.topology import HostTopology, qemu_hugepages, read_topology
 from kvmhooks.units import format_cpuset
 
 log = logging.getLogger(__name__)
+
+# reconcile leaves alone a VM whose prepare ran this recently and that is not running yet: QEMU may still be
+# starting (a large hugepage-backed guest can take a while). A real leftover is older than this.
+STARTING_GRACE = 120.0
 
 
 @dataclass(frozen=True)
@@ -40,12 +57,21 @@ def topology_for(cfg: Config) -> HostTopology:
     return read_topology(cfg.sysfs_root, cfg.proc_root)
 
 
+def preview_pool_writes(dom: Domain, plan: HugepagePlan, cfg: Config, topo: HostTopology, state: LedgerState,
+                        ) -> list[accounting.PoolWrite]:
+    """The pool writes prepare would make for ``plan`` now (``kvmhooks plan``); raises as prepare would."""
+    problems = accounting.reservation_problems(state, topo, cfg, dom.uuid, plan.pools())
+    if problems:
+        raise CapacityError(f"VM {dom.name!r}: not enough memory for huge pages: " + "; ".join(problems))
+    return accounting.reservation_writes(state, topo, cfg, dom.uuid, plan.pools())
+
+
 def check(dom: Domain, cfg: Config, topo: HostTopology | None = None, state: LedgerState | None = None,
           ) -> tuple[HugepagePlan | None, CpuPlan | None]:
-    """Everything prepare would refuse for, without the lock and without touching anything.
+    """Everything prepare would refuse for (but pool capacity), without the lock and touching nothing.
 
     With ``state`` (a ledger snapshot) the plans are what prepare would do now; without, only what
-    depends on the VM and the host is checked (capacity against an empty ledger).
+    depends on the VM and the host is checked (against an empty ledger).
     """
     topo = topo or topology_for(cfg)
     state = state if state is not None else LedgerState()
@@ -54,133 +80,342 @@ def check(dom: Domain, cfg: Config, topo: HostTopology | None = None, state: Led
     return hp, cpus
 
 
+# --- the session: lock, recovery, the write protocol -----------------------------------------------------
+
+class Session:
+    """An exclusive hold on the ledger with the pools' invariant restored; see the module docstring."""
+
+    def __init__(self, txn: Transaction, cfg: Config, pools: SysfsPools):
+        self.txn = txn
+        self.cfg = cfg
+        self.pools = pools
+        self._topo: HostTopology | None = None
+
+    @property
+    def state(self) -> LedgerState:
+        return self.txn.state
+
+    @property
+    def topo(self) -> HostTopology:
+        """The host as it is now: read again after every pool write."""
+        if self._topo is None:
+            self._topo = topology_for(self.cfg)
+        return self._topo
+
+    def commit(self) -> None:
+        self.txn.commit()
+
+    def refresh(self) -> None:
+        self._topo = None
+
+    def execute(self, writes: list[accounting.PoolWrite], op: str, uuid: str | None, vm: str,
+                deadline: float | None = None) -> dict[str, int]:
+        """Write pools through intents (see the module docstring); returns the persistent sizes read back.
+
+        On a failure the intents stay committed and the exception propagates: the caller may call
+        :meth:`recover` at once, and if it cannot (killed), the next session does.
+        """
+        if not writes:
+            return {}
+        pid = os.getpid()
+        self.state.intents.extend(Intent(w.pool, w.before, w.target, pid, op, uuid) for w in writes)
+        self.commit()
+        got = apply_pool_writes(self.pools, writes, deadline if deadline is not None else time.monotonic(), vm)
+        for key, n in got.items():
+            accounting.record_readback(self.state, key, n, n)
+        self.state.intents = []
+        self._forget_settled(got)
+        self.commit()
+        self.refresh()
+        return got
+
+    def _forget_settled(self, keys: Mapping[str, int] | list[str]) -> None:
+        for key in list(keys):
+            if accounting.settled(self.state, key):
+                del self.state.pools[key]
+
+    def recover(self) -> list[str]:
+        """Roll back or complete what an interrupted operation left. Idempotent.
+
+        A reservation still "preparing" belongs to a prepare that never finished (its owner held the lock
+        until it was done, and we hold it now): libvirt failed that start, so it is dropped. Every pool an
+        intent names then goes to its target, which completes a release and undoes a prepare alike.
+        """
+        st = self.state
+        orphans = [u for u, r in st.domains.items() if r.state == "preparing"]
+        if not st.intents and not orphans:
+            return []
+        keys = {i.pool for i in st.intents}
+        found = []
+        for u in orphans:
+            rec = st.domains.pop(u)
+            keys |= set(rec.hugepages)
+            found.append(f"rolled back the unfinished reservation of VM {rec.name!r} ({u})")
+        for i in st.intents:
+            found.append(f"recovered an interrupted {i.op} write on pool {i.pool} ({i.before} → {i.target} pages, "
+                         f"process {i.pid})")
+        self.refresh()
+        writes = accounting.writes_for(st, self.topo, self.cfg, keys)
+        problems = accounting.capacity_problems(writes, self.topo, self.cfg)
+        for key, why in problems.items():
+            found.append(f"cannot restore pool {key} to its target now: {why}")
+        writes = [w for w in writes if w.pool not in problems]
+        st.intents = [i for i in st.intents if i.pool in problems]  # kept: retried by the next session
+        # Pools already at their target: what they are now is what kvmhooks left.
+        for key in keys - {w.pool for w in writes} - set(problems):
+            ps = accounting.pool_state(self.topo, key)
+            if ps is not None and key in st.pools:
+                st.pools[key].expected = accounting.persistent(ps)
+        self._forget_settled(list(keys))
+        for f in found:
+            log.warning("recovery: %s", f)
+            st.note(f)
+        self.commit()
+        self.execute(writes, "recover", None, "-", time.monotonic() + self.cfg.retry_timeout)
+        return found
+
+
+@contextlib.contextmanager
+def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = False) -> Iterator[Session]:
+    """Take the ledger lock, recover, observe; commit what is left when the block ends without error."""
+    led = ledger_for(cfg)
+    with led.hold(quarantine=quarantine) as txn:
+        s = Session(txn, cfg, pools or SysfsPools(cfg.sysfs_root, cfg.proc_root))
+        if led.set_aside is not None:
+            log.warning("ledger was unreadable: moved to %s; rebuilding", led.set_aside)
+        s.recover()
+        for f in accounting.observe(s.state, s.topo, cfg):
+            log.warning("%s", f)
+            s.state.note(f)
+        s.commit()
+        yield s
+
+
+def _ensure_pool_records(s: Session, keys: list[str]) -> None:
+    """A pool kvmhooks is about to write for the first time: its size now is the admin's baseline."""
+    for key in keys:
+        ps = accounting.pool_state(s.topo, key)
+        if ps is not None and key not in s.state.pools and key not in s.cfg.leave_alone:
+            now = accounting.persistent(ps)
+            s.state.pools[key] = PoolRecord(max(0, now - s.state.reserved(key)), now)
+
+
+# --- prepare / release ------------------------------------------------------------------------------------
+
 def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepared:
     """Reserve what the VM needs before QEMU starts; raises (host unchanged) when it cannot."""
     vlog = VMLog(dom.name, dom.uuid)
-    pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
     check(dom, cfg)  # validation errors surface before we queue for the lock
     if dom.qmp_socket is not None:
         from kvmhooks.apply.sockets import ensure_socket_dir
 
         ensure_socket_dir(dom.qmp_socket)
+    with session(cfg, pools) as s:
+        prepared = _prepare_locked(s, dom, vlog)
+    clear_failure(cfg, dom.uuid)
+    return prepared
+
+
+def _prepare_locked(s: Session, dom: Domain, vlog: VMLog) -> Prepared:
+    st, cfg = s.state, s.cfg
+    old = st.domains.pop(dom.uuid, None)
+    if old is not None:
+        # A previous start never reached release (crash, killed libvirtd): its pages count no more, so one
+        # set of writes below gives them back and takes the new ones; a VM never holds two reservations.
+        vlog.warning("stale reservation found (state %s); replacing it", old.state)
+    # Plan again, fresh and under the lock (earlier holders changed the pools and the CPUs).
+    plan, cpu_plan = check(dom, cfg, s.topo, st)
+    rec = DomainRecord(name=dom.name, state="preparing", token=new_token())
     warnings: list[str] = []
-    raised: list[PoolWrite] = []
+    keys = list(old.hugepages) if old else []
+    if plan is not None:
+        problems = accounting.reservation_problems(st, s.topo, cfg, dom.uuid, plan.pools())
+        if problems:
+            msg = f"VM {dom.name!r}: not enough memory for huge pages: " + "; ".join(problems)
+            if plan.required:
+                raise CapacityError(msg)  # nothing written, nothing committed
+            warnings.append(f"{msg} (required='no': starting without reserved pages)")
+            vlog.warning("%s", warnings[-1])
+            plan = None
+        else:
+            rec.hugepages = {k: p for k, p in plan.pools().items() if k not in cfg.leave_alone}
+            rec.borrowed = {k: p for k, p in plan.pools().items() if k in cfg.leave_alone}
+            _ensure_pool_records(s, list(rec.hugepages))
+    st.domains[dom.uuid] = rec
+    writes = accounting.writes_for(st, s.topo, cfg, [*keys, *rec.hugepages])
     try:
-        return _prepare_locked(dom, cfg, pools, vlog, warnings, raised)
+        s.execute(writes, "prepare", dom.uuid, dom.name, time.monotonic() + cfg.retry_timeout)
+    except CapacityError as e:  # the kernel gave fewer pages than it seemed to have: put everything back
+        s.recover()
+        if plan is None or plan.required:
+            raise
+        warnings.append(f"{e} (required='no': starting without reserved pages)")
+        vlog.warning("%s", warnings[-1])
+        rec.hugepages, rec.borrowed, plan = {}, {}, None
+        st.domains[dom.uuid] = rec
     except BaseException:
-        restore(pools, raised)  # the ledger was not written: take back the pages we added
+        with contextlib.suppress(Exception):
+            s.recover()  # best effort: if this fails too, the next session does it
         raise
+    if plan is not None and writes:
+        vlog.info("reserved %s", ", ".join(f"{w.pool} {w.target - w.before:+d} pages (now {w.target})"
+                                           for w in writes))
+    if rec.borrowed:
+        vlog.info("using free pages of left-alone pools: %s", rec.borrowed)
+    if cpu_plan is not None:
+        _record_cpus(rec, dom, cpu_plan)
+        vlog.info("CPUs: dedicated %s, pins %s", rec.cpus or "none", rec.pins.to_json() if rec.pins else None)
+    rec.state = "prepared"
+    stamp(rec)
+    return Prepared(rec, plan, cpu_plan, tuple(warnings))
 
 
-def _prepare_locked(dom: Domain, cfg: Config, pools: SysfsPools, vlog: VMLog, warnings: list[str],
-                    raised: list[PoolWrite]) -> Prepared:
-    with ledger_for(cfg).transaction() as state:
-        if dom.uuid in state.domains:
-            # A previous start of this VM never reached release (crash, killed libvirtd): give that back
-            # first, so a VM never holds two reservations.
-            vlog.warning("stale reservation found; releasing it before reserving again")
-            _release_locked(dom.uuid, state, cfg, pools)
-        # Plan again, fresh and under the lock (earlier holders changed the pools). CPUs are planned before
-        # any pool write: a refusal there must leave the pools untouched.
-        topo = topology_for(cfg)
-        plan, cpu_plan = check(dom, cfg, topo, state)
-        record = DomainRecord(name=dom.name)
-        if plan is not None:
-            try:
-                writes = pool_writes(dom.uuid, plan, topo, state, cfg, dom.name)
-                apply_pool_writes(pools, writes, time.monotonic() + cfg.retry_timeout, dom.name)
-                raised.extend(writes)
-            except CapacityError as e:
-                if plan.required:
-                    raise
-                warnings.append(f"{e} (required='no': starting without reserved pages)")
-                vlog.warning("%s", warnings[-1])
-                plan = None
-            else:
-                for w in writes:
-                    state.pools[w.pool] = PoolRecord(w.baseline)
-                record.hugepages = plan.pools()
-                vlog.info("reserved %s", ", ".join(f"{w.pool} {w.target - w.before:+d} pages (now {w.target})"
-                                                    for w in writes) or "no new pages (pools left alone)")
-        if cpu_plan is not None:
-            record.cpus = sorted(cpu_plan.dedicated)
-            record.shared = cpu_plan.shared
-            record.pins = cpu_plan.to_record()
-            vlog.info("CPUs: dedicated %s, pins %s", record.cpus or "none", record.pins)
-        stamp(record)
-        state.domains[dom.uuid] = record
-        return Prepared(record, plan, cpu_plan, tuple(warnings))
-
-
-def _release_locked(uuid: str, state: LedgerState, cfg: Config, pools: SysfsPools) -> DomainRecord | None:
-    rec = state.domains.get(uuid)
-    if rec is None:
-        return None
-    if rec.hugepages:
-        writes = release_writes(uuid, state, topology_for(cfg), cfg)
-        shrink_pools(pools, writes, rec.name)
-    del state.domains[uuid]
-    for key in [k for k in state.pools if state.reserved(k) == 0]:
-        del state.pools[key]  # no reservation left: the next one records the admin's value afresh
-    return rec
+def _record_cpus(rec: DomainRecord, dom: Domain, plan: CpuPlan) -> None:
+    t = dom.active_tuning
+    rec.cpus = sorted(plan.dedicated)
+    rec.shared = plan.shared
+    rec.pins = plan.to_pins()
+    if t is not None and t.cpu is not None:
+        rec.threads = t.cpu.threads
+        if t.cpu.emulator == "isolate" and t.emulatorpin is None and plan.emulator and len(plan.emulator) == 1:
+            rec.emulator_cpu = min(plan.emulator)
 
 
 def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRecord | None:
-    """Give back everything the VM holds. Idempotent: an unknown VM is a no-op."""
-    pools = pools or SysfsPools(cfg.sysfs_root, cfg.proc_root)
-    with ledger_for(cfg).transaction() as state:
-        rec = _release_locked(uuid, state, cfg, pools)
+    """Give back everything the VM holds. Idempotent: an unknown VM is a no-op.
+
+    The VM's removal is committed (with the intents) before any pool shrinks: a release that fails or dies
+    after that point is completed by the next session, and one that fails before it changed nothing.
+    """
+    with session(cfg, pools) as s:
+        rec = _release_locked(s, uuid)
     from kvmhooks.apply.sockets import remove_socket
     from kvmhooks.domain import qmp_socket_path
 
     remove_socket(qmp_socket_path(uuid))  # QEMU leaves its -qmp socket behind
     if rec is not None:
-        VMLog(rec.name, uuid).info("released %s", ", ".join(f"{k} {v} pages" for k, v in rec.hugepages.items())
-                                   or "its entry (it held no pages)")
+        _log_released(uuid, rec)
     return rec
 
 
-def adopt(dom: Domain, cfg: Config) -> DomainRecord:
-    """A running VM after a libvirtd restart: account what it holds without reserving anything again."""
+def _log_released(uuid: str, rec: DomainRecord) -> None:
+    VMLog(rec.name, uuid).info("released %s", ", ".join(f"{k} {v} pages" for k, v in rec.hugepages.items())
+                               or "its entry (it held no pages)")
+
+
+def _release_locked(s: Session, uuid: str) -> DomainRecord | None:
+    rec = s.state.domains.pop(uuid, None)
+    if rec is None:
+        return None
+    writes = accounting.writes_for(s.state, s.topo, s.cfg, rec.hugepages)
+    s.execute(writes, "release", uuid, rec.name)
+    s._forget_settled(list(rec.hugepages))
+    return rec
+
+
+# --- adopt (reconnect) ----------------------------------------------------------------------------------
+
+def adopt(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> DomainRecord | None:
+    """A running VM after a libvirtd restart: account what it holds without reserving anything again.
+
+    A VM already in the ledger keeps its record (its reservation is a fact; a live ``enabled="no"`` does
+    not free CPUs it is still pinned to). One missing from it is adopted from facts: the pages its QEMU
+    process has on each node, its live ``<cputune>``.
+    """
+    with session(cfg, pools) as s:
+        return _adopt_locked(s, dom)
+
+
+def _adopt_locked(s: Session, dom: Domain) -> DomainRecord | None:
     vlog = VMLog(dom.name, dom.uuid)
-    with ledger_for(cfg).transaction() as state:
-        rec = state.domains.get(dom.uuid)
-        if rec is not None:
-            rec.state = "running"
-            stamp(rec)
-            vlog.info("reconnect: already in the ledger")
-            return rec
-        rec = DomainRecord(name=dom.name, state="adopted")
-        topo = topology_for(cfg)
-        try:
-            plan = plan_hugepages(dom, topo, cfg)
-        except Exception as e:  # the VM runs already: record what we can, never fail
-            vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
-            plan = None
-        if plan is not None:
-            for node, pages in plan.pages.items():
-                key = pool_key(node, plan.size_kib)
-                pool_state = topo.nodes[node].pools[plan.size_kib]
-                if pages and key not in state.pools:
-                    # Its pages are already inside the pool: the admin's part is what is left.
-                    state.pools[key] = PoolRecord(max(0, pool_state.nr - pool_state.surplus
-                                                      - state.reserved(key) - pages))
-            rec.hugepages = plan.pools()
-        _adopt_cpus(dom, rec)
+    st = s.state
+    rec = st.domains.get(dom.uuid)
+    if rec is not None:
+        rec.state = "running" if rec.state in ("prepared", "starting", "running") else rec.state
         stamp(rec)
-        state.domains[dom.uuid] = rec
-        vlog.info("reconnect: adopted (pages %s, dedicated CPUs %s)", rec.hugepages or "none", rec.cpus or "none")
+        vlog.info("reconnect: already in the ledger")
         return rec
+    if dom.active_tuning is None:
+        return None
+    rec = _adopt_into(st, s.topo, s.cfg, dom, vlog)
+    vlog.info("reconnect: adopted (pages %s, dedicated CPUs %s)", rec.hugepages or "none", rec.cpus or "none")
+    return rec
 
 
-def _adopt_cpus(dom: Domain, rec: DomainRecord) -> None:
-    """Take the running VM's dedicated CPUs from its live <cputune>: what is pinned now is what it holds."""
+def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, vlog: VMLog) -> DomainRecord:
+    """Record a running VM from facts. Its pages are already inside the pools, so it can hold no more of a
+    pool than what is there beyond the admin's baseline and the other reservations: adoption never raises
+    a pool and never lowers a baseline."""
+    rec = DomainRecord(name=dom.name, state="adopted", token=new_token())
+    pages: dict[str, int] = {}
+    try:
+        pages = adopted_pages(dom, topo, cfg, vlog)
+    except KvmhooksError as e:  # the VM runs already: record what we can, never fail
+        vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
+    rec.borrowed = {k: p for k, p in pages.items() if k in cfg.leave_alone}
+    for key, want in pages.items():
+        ps = accounting.pool_state(topo, key)
+        if key in cfg.leave_alone or ps is None:
+            continue
+        now = accounting.persistent(ps)
+        others = st.reserved(key)
+        prec = st.pools.get(key)
+        take = min(want, max(0, now - others - (prec.baseline if prec else 0)))
+        if take < want:
+            vlog.warning("reconnect: pool %s has only %d pages beyond the admin's and other VMs'; counting %d of "
+                         "its %d pages as kvmhooks'", key, take, take, want)
+        if take:
+            rec.hugepages[key] = take
+        if prec is None:
+            st.pools[key] = PoolRecord(now - others - take, now)
+        else:
+            prec.expected = now
+    _adopt_cpus(dom, rec, topo)
+    stamp(rec)
+    st.domains[dom.uuid] = rec
+    return rec
+
+
+def adopted_pages(dom: Domain, topo: HostTopology, cfg: Config, vlog: VMLog) -> dict[str, int]:
+    """Pages per pool of a running VM: its size from the domain, where they are from its QEMU process.
+
+    The count is the domain's (``<memory>`` or the annotation's count). Where they sit comes from the QEMU
+    process's ``numa_maps`` (faulted pages); pages not faulted in yet go with the bulk. Without that, the
+    domain's strict ``<numatune>``/cells decide, and on a one-node host there is no question.
+    """
+    plan = plan_hugepages(dom, topo, cfg)
+    if plan is None:
+        return {}
+    observed = {node: n for (node, size), n in qemu_hugepages(cfg.proc_root, dom.uuid).items()
+                if size == plan.size_kib and n > 0}
+    if observed:
+        pages = dict(observed)
+        rest = plan.total - sum(observed.values())
+        bulk = max(sorted(pages), key=lambda n: pages[n])
+        pages[bulk] += max(0, rest)  # faulted pages are facts; the rest is not placed yet
+    else:
+        pages = dict(plan.pages)
+        placed_by_domain = (dom.numatune_nodes and dom.numatune_mode != "preferred") or dom.memnodes
+        if len(topo.nodes) > 1 and not placed_by_domain and not (dom.tuning and dom.tuning.hugepages
+                                                                 and dom.tuning.hugepages.nodes):
+            vlog.warning("reconnect: its QEMU process shows no huge pages yet; assuming node(s) %s",
+                         ",".join(map(str, sorted(pages))))
+    return {pool_key(n, plan.size_kib): p for n, p in sorted(pages.items()) if p}
+
+
+def _adopt_cpus(dom: Domain, rec: DomainRecord, topo: HostTopology) -> None:
+    """Take the running VM's CPUs from its live <cputune>: what is pinned now is what it holds, with the
+    sibling threads a ``threads="isolate"`` VM keeps empty and its isolated emulator CPU."""
     t = dom.active_tuning
     if t is None or t.cpu is None:
         return
     explicit = {p.target for p in t.vcpupins}
     emu = dom.live_emulatorpin
     auto_emulator = t.emulatorpin is None and t.cpu.emulator != "isolate"
+    rec.threads = t.cpu.threads
+    floating: list[int] = []
+    emulator_floats = False
+    cpus: set[int] = set()
     if t.cpu.policy == "shared":
         # Its vCPUs float over the shared pool: record which, so the next re-pin moves them too.
         rec.shared = True
@@ -188,29 +423,155 @@ def _adopt_cpus(dom: Domain, rec: DomainRecord) -> None:
         emulator_floats = auto_emulator
     else:
         cpus = {c for v, cs in dom.live_vcpupins.items() if v not in explicit and len(cs) == 1 for c in cs}
-        if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
-            cpus |= emu
-        rec.cpus = sorted(cpus)
-        floating, emulator_floats = [], t.cpu.emulator == "pool" and t.emulatorpin is None
-    rec.pins = {"vcpus": {str(v): format_cpuset(c) for v, c in sorted(dom.live_vcpupins.items())},
-                "emulator": format_cpuset(emu) if emu else None, "iothreads": {},
-                "floating": floating, "emulator_floats": emulator_floats}
+        if t.cpu.threads == "isolate":
+            cpus |= {s for c in cpus if c in topo.cpus for s in topo.cpus[c].siblings}
+        emulator_floats = t.cpu.emulator == "pool" and t.emulatorpin is None
+    if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
+        rec.emulator_cpu = min(emu)
+        cpus |= emu
+    rec.cpus = sorted(cpus)
+    rec.pins = Pins(vcpus=dict(dom.live_vcpupins), emulator=emu, floating=tuple(floating),
+                    emulator_floats=emulator_floats)
 
+
+# --- reconcile ------------------------------------------------------------------------------------------
+
+@dataclass
+class ReconcileResult:
+    actions: list[str] = field(default_factory=list)
+    released: list[tuple[str, DomainRecord]] = field(default_factory=list)
+    set_aside: Path | None = None
+
+
+def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, str], dry_run: bool = False,
+              pools: SysfsPools | None = None, now: float | None = None) -> ReconcileResult:
+    """Repair the ledger and the pools against the running VMs (uuid → live XML).
+
+    ``snapshot`` maps uuid → reservation token as read *before* libvirt was asked what runs: a reservation
+    that changed since (the VM restarted) is left alone. Every decision is taken again under the lock, and
+    pools go through the same capacity check and writer as prepare. An unreadable ledger is set aside and
+    rebuilt from the running VMs (not in a dry run).
+    """
+    out = ReconcileResult()
+    now = time.time() if now is None else now
+    if dry_run:
+        try:
+            s_state = ledger_for(cfg).read()
+        except LedgerError as e:
+            out.actions.append(f"set aside the unreadable ledger and rebuild it ({e})")
+            s_state = LedgerState()
+        if s_state.intents:
+            out.actions.append("recover interrupted writes on " + ", ".join(sorted({i.pool for i in s_state.intents})))
+        _reconcile_decide(s_state, cfg, topology_for(cfg), running, snapshot, now, out)
+        topo = topology_for(cfg)
+        writes = accounting.writes_for(s_state, topo, cfg, s_state.pools)
+        out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
+        return out
+    with session(cfg, pools, quarantine=True) as s:
+        out.set_aside = s.txn.ledger.set_aside
+        released = _reconcile_decide(s.state, cfg, s.topo, running, snapshot, now, out)
+        writes = accounting.writes_for(s.state, s.topo, cfg, set(s.state.pools) | released)
+        problems = accounting.capacity_problems(writes, s.topo, cfg)
+        for key, why in problems.items():
+            out.actions.append(f"cannot restore pool {key}: {why}")
+        writes = [w for w in writes if w.pool not in problems]
+        out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
+        s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)
+        s._forget_settled(list(released))
+    for a in out.actions:
+        log.info("reconcile: %s", a)
+    for uuid, rec in out.released:
+        _log_released(uuid, rec)
+    return out
+
+
+def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running: Mapping[str, bytes],
+                      snapshot: Mapping[str, str], now: float, out: ReconcileResult) -> set[str]:
+    """Release leftovers and adopt strays in ``st``; returns the pools that released VMs held."""
+    from kvmhooks.domain import parse_domain
+
+    released: set[str] = set()
+    for uuid, rec in sorted(st.domains.items()):
+        if uuid in running:
+            continue
+        if snapshot.get(uuid) != rec.token:
+            out.actions.append(f"leave {rec.name} ({uuid}) alone: its reservation changed while reconcile looked")
+            continue
+        if rec.state in accounting.NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE:
+            out.actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} "
+                               "s ago)")
+            continue
+        out.actions.append(f"release {rec.name} ({uuid}): not running; frees "
+                           + (", ".join(f"{k} {n} pages" for k, n in rec.hugepages.items()) or "no pages")
+                           + (f", CPUs {format_cpuset(rec.cpus)}" if rec.cpus else ""))
+        del st.domains[uuid]
+        released |= set(rec.hugepages)
+        out.released.append((uuid, rec))
+    for uuid, xml in sorted(running.items()):
+        if uuid in st.domains:
+            continue
+        try:
+            dom = parse_domain(xml)
+        except KvmhooksError as e:
+            out.actions.append(f"skip running VM {uuid}: {e}")
+            continue
+        if dom.active_tuning is None:
+            continue
+        out.actions.append(f"adopt {dom.name} ({uuid}): running and annotated but missing from the ledger")
+        _adopt_into(st, topo, cfg, dom, VMLog(dom.name, dom.uuid))
+    return released
+
+
+# --- small updates --------------------------------------------------------------------------------------
 
 def mark(uuid: str, cfg: Config, **changes: object) -> None:
-    """Update a VM's ledger record (state, applied, error) if it has one."""
+    """Update a VM's ledger record (state, error, applied parts) if it has one; never touches pools."""
     with ledger_for(cfg).transaction() as state:
         rec = state.domains.get(uuid)
         if rec is None:
             return
         for k, v in changes.items():
-            if k == "applied":
-                assert isinstance(v, dict)
-                rec.applied.update(v)
-            else:
-                setattr(rec, k, v)
+            setattr(rec, k, v)
         stamp(rec)
 
 
 def has_running_shared(cfg: Config) -> bool:
     return any(r.shared for r in ledger_for(cfg).read().domains.values())
+
+
+# --- failures that could not reach the ledger -----------------------------------------------------------
+
+def _failure_path(cfg: Config, uuid: str) -> Path:
+    return cfg.state_dir / "failures" / uuid
+
+
+def record_failure(cfg: Config, uuid: str, op: str, message: str) -> None:
+    """Keep the last failure of a lifecycle hook where ``kvmhooks status`` shows it.
+
+    A file of its own, written without the ledger lock: the failure may be that lock (stuck) or the ledger
+    itself (unreadable). Best effort: a hook that never fails must not fail here either.
+    """
+    path = _failure_path(cfg, uuid)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tmp = path.with_name(f".{uuid}.{os.getpid()}.tmp")
+        tmp.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {op}: {message}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.error("cannot record the failure of %s for %s: %s", op, uuid, e)
+
+
+def clear_failure(cfg: Config, uuid: str) -> None:
+    with contextlib.suppress(OSError):
+        _failure_path(cfg, uuid).unlink()
+
+
+def read_failures(cfg: Config) -> dict[str, str]:
+    out = {}
+    d = cfg.state_dir / "failures"
+    with contextlib.suppress(OSError):
+        for p in d.iterdir():
+            if not p.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    out[p.name] = p.read_text(errors="replace").strip()
+    return out

@@ -55,6 +55,9 @@ class HostTopology:
     page_sizes: frozenset[int]  # supported huge page sizes, KiB
     default_page_kib: int
     hugetlbfs: dict[int, str]  # page size KiB → a mount point
+    # page size KiB → pages reserved by mappings but not yet faulted in (host-wide: the kernel counts
+    # them as free, yet they are promised)
+    resv_pages: dict[int, int] = field(default_factory=dict)
 
     @property
     def online(self) -> frozenset[int]:
@@ -132,7 +135,9 @@ def read_topology(sysfs_root: Path = Path("/sys"), proc_root: Path = Path("/proc
                       siblings or frozenset({c}))
     meminfo = _meminfo(_read(proc_root / "meminfo", ""))
     default_page = meminfo.get("Hugepagesize", 2048)
-    return HostTopology(nodes, cpus, page_sizes, default_page, _hugetlbfs_mounts(proc_root, default_page))
+    resv = {size: _int_file(sysfs_root / "kernel/mm/hugepages" / f"hugepages-{size}kB" / "resv_hugepages")
+            for size in page_sizes}
+    return HostTopology(nodes, cpus, page_sizes, default_page, _hugetlbfs_mounts(proc_root, default_page), resv)
 
 
 def _hugetlbfs_mounts(proc_root: Path, default_page_kib: int) -> dict[int, str]:
@@ -150,4 +155,48 @@ def _hugetlbfs_mounts(proc_root: Path, default_page_kib: int) -> dict[int, str]:
                 if mult and v[:-1].isdigit():
                     size = int(v[:-1]) * mult
         out.setdefault(size, parts[1])
+    return out
+
+
+def qemu_pid(proc_root: Path, uuid: str) -> int | None:
+    """The QEMU process of the VM with this UUID (libvirt passes ``-uuid UUID`` on its command line)."""
+    needle = b"\0-uuid\0" + uuid.encode() + b"\0"
+    for p in proc_root.glob("[0-9]*"):
+        if not p.name.isdecimal():
+            continue
+        try:
+            cmdline = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in b"\0" + cmdline:
+            return int(p.name)
+    return None
+
+
+def qemu_hugepages(proc_root: Path, uuid: str) -> dict[tuple[int, int], int]:
+    """Huge pages per (node, page size KiB) the VM's QEMU process has faulted in: what ``numastat`` reads.
+
+    ``/proc/PID/numa_maps`` lists every mapping with ``huge``, ``N<node>=<pages>`` and ``kernelpagesize_kB``.
+    Empty when there is no such process (or no huge page faulted in yet).
+    """
+    pid = qemu_pid(proc_root, uuid)
+    out: dict[tuple[int, int], int] = {}
+    if pid is None:
+        return out
+    try:
+        text = (proc_root / str(pid) / "numa_maps").read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        if "huge" not in fields:
+            continue
+        size = next((f.partition("=")[2] for f in fields if f.startswith("kernelpagesize_kB=")), "")
+        if not (size.isascii() and size.isdecimal()):
+            continue
+        for f in fields:
+            m = re.fullmatch(r"N([0-9]{1,4})=([0-9]{1,12})", f)
+            if m:
+                key = (int(m.group(1)), int(size))
+                out[key] = out.get(key, 0) + int(m.group(2))
     return out

@@ -9,6 +9,7 @@ The worker then waits (bounded) for the domain to run and applies the live tunin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -85,7 +86,8 @@ def run_started(uuid: str, cfg: Config) -> int:
 
         d = parse_domain(dom.XMLDesc(0).encode())  # the live XML: what this start runs with
         applied = apply_started(conn, dom, d, cfg, vlog)
-        applied["worker"] = {"pid": os.getpid(), "sid": os.getsid(0), "seconds": round(time.monotonic() - started, 3)}
+        applied.worker_pid, applied.worker_sid = os.getpid(), os.getsid(0)
+        applied.worker_seconds = round(time.monotonic() - started, 3)
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
         vlog.info("worker: CPU and memory tuning done in %.3f s", time.monotonic() - started)
         # The balloon last: it waits for the guest's driver (the guest must boot first).
@@ -93,12 +95,15 @@ def run_started(uuid: str, cfg: Config) -> int:
         if t is not None and t.balloon is not None:
             from kvmhooks.apply.balloon import apply_balloon
 
-            operations.mark(uuid, cfg, applied={"balloon": apply_balloon(d, t.balloon, dom, cfg.balloon_timeout,
-                                                                         vlog)})
+            result = apply_balloon(d, t.balloon, dom, cfg.balloon_timeout, vlog)
+            applied.balloon = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
+            operations.mark(uuid, cfg, applied=applied)
         return 0
-    except (KvmhooksError, libvirt.libvirtError) as e:
+    except Exception as e:
         vlog.error("worker: %s", e)
-        operations.mark(uuid, cfg, error=f"worker: {e}")
+        with contextlib.suppress(Exception):
+            operations.mark(uuid, cfg, error=f"worker: {e}")
+        operations.record_failure(cfg, uuid, "worker", str(e))
         return 1
     finally:
         conn.close()

@@ -6,6 +6,7 @@ import textwrap
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kvmhooks.apply.pools import SysfsPools as SysfsPoolsT
 from kvmhooks.config import Config
 from kvmhooks.units import format_cpuset
 
@@ -119,31 +120,92 @@ def domain_xml(name: str = "vm1", uuid: str = "11111111-2222-3333-4444-555555555
 
 
 class FakeKernel:
-    """Plays the kernel's side of a fake tree: raising a pool takes its memory out of the node's MemFree,
-    as the real kernel does, so capacity checks in later (or concurrent) reservations see it.
+    """Plays the kernel's side of a fake tree, close to ``set_max_huge_pages()``:
 
-    Usable from any process: the node's memory before any huge page is kept in a file of the tree.
+    - raising a pool first turns surplus pages back into persistent ones, then allocates new pages from the
+      node's free memory (MemFree goes down, so later capacity checks see it), as many as fit;
+    - lowering it frees free pages first; pages in use that cannot be freed become *surplus* (persistent
+      drops to the target, nr_hugepages does not) and go away when their user lets them go (:meth:`unuse`);
+    - ``fail_free`` plays a kernel that cannot free pages (HVO under memory pressure): a shrink does nothing.
+
+    Usable from any process: all state is in the tree's files (the node's memory before any huge page is
+    kept in a file of the tree).
     """
 
-    def __init__(self, host: FakeHost):
+    def __init__(self, host: FakeHost, fail_free: bool = False):
         from kvmhooks.apply.pools import SysfsPools
 
         self.host = host
+        self.fail_free = fail_free
         self.pools = SysfsPools(host.sysfs, host.proc)
         base = host.root / "fake-kernel-free"
         if not base.exists():
             base.write_text(" ".join(str(host.free_per_node_kib) for _ in range(host.nodes)))
         self.base = [int(x) for x in base.read_text().split()]
 
-    def install(self) -> object:
+    def _dir(self, node: int, size: int) -> Path:
+        return self.host.sysfs / f"devices/system/node/node{node}/hugepages/hugepages-{size}kB"
+
+    def state(self, node: int, size: int) -> tuple[int, int, int]:
+        """(nr, free, surplus)"""
+        d = self._dir(node, size)
+        return tuple(int((d / f).read_text()) for f in ("nr_hugepages", "free_hugepages",  # type: ignore[return-value]
+                                                         "surplus_hugepages"))
+
+    def _store(self, node: int, size: int, nr: int, free: int, surplus: int) -> None:
+        d = self._dir(node, size)
+        for f, v in (("nr_hugepages", nr), ("free_hugepages", free), ("surplus_hugepages", surplus)):
+            (d / f).write_text(f"{v}\n")
+        used = sum(self.state(node, s)[0] * s for s in self.host.page_sizes)
+        self.host.set_free(node, self.base[node] - used)
+
+    def write(self, node: int, size: int, count: int) -> None:
+        nr, free, surplus = self.state(node, size)
+        persistent = nr - surplus
+        if count > persistent:
+            back = min(surplus, count - persistent)
+            surplus -= back
+            persistent += back
+            used = sum(self.state(node, s)[0] * s for s in self.host.page_sizes)
+            room = max(0, (self.base[node] - used) // size)
+            new = min(count - persistent, room)
+            persistent += new
+            free += new
+        elif count < persistent and not self.fail_free:
+            freed = min(free, persistent - count)
+            persistent -= freed
+            free -= freed
+            surplus += persistent - count  # in use: surplus until its user exits
+            persistent = count
+        self._store(node, size, persistent + surplus, free, surplus)
+
+    def use(self, node: int, size: int, pages: int) -> None:
+        """A QEMU faults ``pages`` in."""
+        nr, free, surplus = self.state(node, size)
+        assert pages <= free, "the fake kernel has no free pages left"
+        self._store(node, size, nr, free - pages, surplus)
+
+    def unuse(self, node: int, size: int, pages: int) -> None:
+        """A QEMU exits: its pages are free again, and surplus pages are given back to the node."""
+        nr, free, surplus = self.state(node, size)
+        free += pages
+        gone = min(surplus, free)
+        self._store(node, size, nr - gone, free - gone, surplus - gone)
+
+    def install(self) -> SysfsPoolsT:
         kernel = self
 
         class Pools(type(self.pools)):  # type: ignore[misc]
-            def set(self, node: int, size_kib: int, count: int) -> int:
-                got = super().set(node, size_kib, count)
-                kernel.host.set_pool(node, size_kib, got)
-                used = sum(kernel.host.pool(node, s) * s for s in kernel.host.page_sizes)
-                kernel.host.set_free(node, kernel.base[node] - used)
-                return got
+            reclaims = 0
 
-        return Pools(self.host.sysfs, self.host.proc)
+            def set(self, node: int, size_kib: int, count: int) -> int:
+                path = kernel._dir(node, size_kib) / "nr_hugepages"
+                if not path.exists():
+                    raise OSError(2, "No such file", str(path))
+                kernel.write(node, size_kib, count)
+                return int(super().read(node, size_kib).nr - super().read(node, size_kib).surplus)
+
+            def reclaim(self, node: int) -> None:
+                type(self).reclaims += 1
+
+        return Pools(self.host.sysfs, self.host.proc)  # type: ignore[no-any-return]

@@ -12,11 +12,11 @@ from kvmhooks.apply.libvirt import call, cpumap, from_cpumap
 from kvmhooks.config import Config
 from kvmhooks.domain import Domain
 from kvmhooks.errors import ApplyError
-from kvmhooks.ledger import DomainRecord, Ledger, stamp
+from kvmhooks.ledger import Applied, DomainRecord, Ledger, Pins, stamp
 from kvmhooks.log import VMLog
 from kvmhooks.plan.cpus import shared_pool
 from kvmhooks.topology import read_topology
-from kvmhooks.units import format_cpuset, parse_cpuset
+from kvmhooks.units import format_cpuset
 
 
 def _flags(dom: Any, persist: bool) -> int:
@@ -28,7 +28,7 @@ def _flags(dom: Any, persist: bool) -> int:
     return flags
 
 
-def apply_started(conn: Any, dom: Any, d: Domain, cfg: Config, vlog: VMLog) -> dict[str, Any]:
+def apply_started(conn: Any, dom: Any, d: Domain, cfg: Config, vlog: VMLog) -> Applied:
     """Apply the live part of the plan (pins from the ledger, the rest from the live XML ``d``); returns what
     was applied, read back from libvirt (recorded in the ledger)."""
     import libvirt
@@ -36,58 +36,60 @@ def apply_started(conn: Any, dom: Any, d: Domain, cfg: Config, vlog: VMLog) -> d
     ledger = Ledger(cfg.ledger_path, cfg.lock_timeout)
     rec = ledger.read().domains.get(dom.UUIDString())
     t = d.active_tuning
-    applied: dict[str, Any] = {"state": "running"}
+    applied = Applied()
     if t is None:
         return applied
-    problems: list[str] = []
     if t.vcpus_live is not None:
         call("setvcpus --live", dom.setVcpusFlags, t.vcpus_live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        applied["vcpus_live"] = call("vcpucount", dom.vcpusFlags, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        vlog.info("vCPUs online: %s", applied["vcpus_live"])
-    if rec is not None and rec.pins:
-        applied["pins"] = apply_pins(conn, dom, rec.pins, t.persist_cputune, vlog)
+        applied.vcpus_live = int(call("vcpucount", dom.vcpusFlags, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+        vlog.info("vCPUs online: %s", applied.vcpus_live)
+    if rec is not None and rec.pins is not None:
+        applied.pins, applied.emulator = apply_pins(conn, dom, rec.pins, t.persist_cputune, vlog)
     if t.memtune is not None:
-        applied["memtune"], refused = apply_memtune(dom, t.memtune.items(), vlog)
-        problems += refused
+        applied.memtune, refused = apply_memtune(dom, t.memtune.items(), vlog)
+        applied.problems += refused
     if rec is not None and rec.cpus:
         repin_shared(conn, cfg, vlog)
-    if problems:
-        applied["problems"] = problems
     return applied
 
 
-def apply_pins(conn: Any, dom: Any, pins: dict[str, Any], persist: bool, vlog: VMLog) -> dict[str, Any]:
-    """Pin vCPUs, emulator and iothreads, then read the live pins back."""
+def apply_pins(conn: Any, dom: Any, pins: Pins, persist: bool, vlog: VMLog) -> tuple[dict[str, str], str]:
+    """Pin vCPUs, emulator and iothreads, then read the live pins back and compare: a pin libvirt accepted
+    but does not report is an error, not a success."""
     import libvirt
 
     ncpus = conn.getCPUMap(0)[0]
     flags = _flags(dom, persist)
     # Offline vCPUs are pinned live too: libvirt keeps the pin and applies it when the vCPU is plugged
     # (measured on 9.0 with `setvcpus --live`), which avoids the trap of unpinned hot-plugged vCPUs.
-    for v, cs in sorted(pins.get("vcpus", {}).items(), key=lambda kv: int(kv[0])):
-        call(f"vcpupin {v} {cs}", dom.pinVcpuFlags, int(v), cpumap(parse_cpuset(cs), ncpus), flags)
-    if pins.get("emulator"):
-        call(f"emulatorpin {pins['emulator']}", dom.pinEmulator, cpumap(parse_cpuset(pins["emulator"]), ncpus),
-             flags)
-    for i, cs in sorted(pins.get("iothreads", {}).items()):
-        call(f"iothreadpin {i} {cs}", dom.pinIOThread, int(i), cpumap(parse_cpuset(cs), ncpus), flags)
-    live = read_pins(dom)
-    for v, cs in pins.get("vcpus", {}).items():
+    for v, cs in sorted(pins.vcpus.items()):
+        call(f"vcpupin {v} {format_cpuset(cs)}", dom.pinVcpuFlags, v, cpumap(cs, ncpus), flags)
+    if pins.emulator:
+        call(f"emulatorpin {format_cpuset(pins.emulator)}", dom.pinEmulator, cpumap(pins.emulator, ncpus), flags)
+    for i, cs in sorted(pins.iothreads.items()):
+        call(f"iothreadpin {i} {format_cpuset(cs)}", dom.pinIOThread, i, cpumap(cs, ncpus), flags)
+    live_vcpus, live_emulator = read_pins(dom)
+    for v, cs in pins.vcpus.items():
         # The binding reports online vCPUs only; offline ones are checked when they come online.
-        if v in live["vcpus"] and live["vcpus"][v] != format_cpuset(parse_cpuset(cs)):
-            raise ApplyError(f"vCPU {v} pin did not stick: asked {cs}, libvirt reports {live['vcpus'].get(v)}")
-    vlog.info("pinned: vcpus %s, emulator %s%s", live["vcpus"], live["emulator"],
+        if str(v) in live_vcpus and live_vcpus[str(v)] != format_cpuset(cs):
+            raise ApplyError(f"vCPU {v} pin did not stick: asked {format_cpuset(cs)}, libvirt reports "
+                             f"{live_vcpus[str(v)]}")
+    if pins.emulator and live_emulator != format_cpuset(pins.emulator):
+        raise ApplyError(f"emulator pin did not stick: asked {format_cpuset(pins.emulator)}, libvirt reports "
+                         f"{live_emulator}")
+    vlog.info("pinned: vcpus %s, emulator %s%s", live_vcpus, live_emulator,
               " (also in the persistent definition)" if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG else "")
-    return live
+    return live_vcpus, live_emulator
 
 
-def read_pins(dom: Any) -> dict[str, Any]:
+def read_pins(dom: Any) -> tuple[dict[str, str], str]:
+    """The live vCPU pins (online vCPUs) and emulator pin, as libvirt reports them."""
     import libvirt
 
     vcpus = call("vcpupininfo", dom.vcpuPinInfo, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     emulator = call("emulatorpininfo", dom.emulatorPinInfo, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    return {"vcpus": {str(i): format_cpuset(from_cpumap(bits)) for i, bits in enumerate(vcpus)},
-            "emulator": format_cpuset(from_cpumap(emulator))}
+    return ({str(i): format_cpuset(from_cpumap(bits)) for i, bits in enumerate(vcpus)},
+            format_cpuset(from_cpumap(emulator)))
 
 
 def apply_memtune(dom: Any, items: list[tuple[str, int]], vlog: VMLog) -> tuple[dict[str, int], list[str]]:
@@ -125,17 +127,17 @@ def repin_shared(conn: Any, cfg: Config, vlog: VMLog) -> list[str]:
         return done
     ncpus = conn.getCPUMap(0)[0]
     for uuid, rec in sorted(state.domains.items()):
-        if not rec.shared or not rec.pins:
+        if not rec.shared or rec.pins is None:
             continue
         try:
             other = conn.lookupByUUIDString(uuid)
             if not other.isActive():
                 continue
             online = other.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            for v in rec.pins.get("floating", []):
+            for v in rec.pins.floating:
                 if v < online:
                     call(f"vcpupin {v}", other.pinVcpuFlags, v, cpumap(pool, ncpus), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            if rec.pins.get("emulator_floats"):
+            if rec.pins.emulator_floats:
                 call("emulatorpin", other.pinEmulator, cpumap(pool, ncpus), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except (libvirt.libvirtError, ApplyError) as e:  # it may have stopped meanwhile
             vlog.warning("re-pinning shared VM %s failed: %s", rec.name, e)
@@ -150,10 +152,10 @@ def repin_shared(conn: Any, cfg: Config, vlog: VMLog) -> list[str]:
 def _update_pins(ledger: Ledger, uuid: str, old: DomainRecord, pool: frozenset[int]) -> None:
     with ledger.transaction() as st:
         rec = st.domains.get(uuid)
-        if rec is None:
+        if rec is None or rec.pins is None or rec.token != old.token:  # gone, or restarted meanwhile
             return
-        for v in old.pins.get("floating", []):
-            rec.pins.setdefault("vcpus", {})[str(v)] = format_cpuset(pool)
-        if old.pins.get("emulator_floats"):
-            rec.pins["emulator"] = format_cpuset(pool)
+        for v in rec.pins.floating:
+            rec.pins.vcpus[v] = pool
+        if rec.pins.emulator_floats:
+            rec.pins.emulator = pool
         stamp(rec)

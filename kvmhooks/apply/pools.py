@@ -1,7 +1,9 @@
-"""Hugepage pools in sysfs: write a target, read back what the kernel gave, reclaim, restore.
+"""Hugepage pools in sysfs: write a target, read back what the kernel gave, reclaim and retry.
 
 The one seam through which kvmhooks writes to the kernel's pools (tests fake the tree, or subclass
-:class:`SysfsPools` to play a kernel that gives fewer pages than asked).
+:class:`SysfsPools` to play a kernel that gives fewer pages than asked, or fails a write). It never decides
+a target: :mod:`kvmhooks.plan.pools` does, and :mod:`kvmhooks.operations` wraps every call in a write-ahead
+intent.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmhooks.errors import ApplyError, CapacityError
-from kvmhooks.plan.hugepages import PoolWrite
+from kvmhooks.plan.pools import PoolWrite, persistent
 from kvmhooks.topology import PoolState, pool_dir, read_pool
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,17 @@ class SysfsPools:
         return read_pool(self.sysfs_root, node, size_kib)
 
     def set(self, node: int, size_kib: int, count: int) -> int:
-        """Write nr_hugepages and return what the kernel actually holds now."""
+        """Write nr_hugepages (the kernel's *persistent* pool size) and return the persistent size read back.
+
+        Surplus pages are not persistent: a pool shrunk below what is in use keeps those pages as surplus
+        until their user exits, so reading back nr alone would mistake them for ours.
+        """
         path = pool_dir(self.sysfs_root, node, size_kib) / "nr_hugepages"
         try:
             path.write_text(f"{count}\n")
         except OSError as e:
             raise ApplyError(f"cannot write {path}", e) from e
-        return self.read(node, size_kib).nr
+        return persistent(self.read(node, size_kib))
 
     def reclaim(self, node: int) -> None:
         """Drop clean caches and compact the node's memory so huge pages can be cut out of it."""
@@ -48,53 +54,36 @@ class SysfsPools:
                 log.debug("reclaim: cannot write %s: %s", path, e)
 
 
-def apply_pool_writes(pools: SysfsPools, writes: Sequence[PoolWrite], deadline: float, vm: str) -> None:
-    """Raise every pool to its target; on a shortfall reclaim and retry until ``deadline`` (monotonic).
+def apply_pool_writes(pools: SysfsPools, writes: Sequence[PoolWrite], deadline: float, vm: str) -> dict[str, int]:
+    """Write every target; returns each pool's persistent size read back.
 
-    If still short, every pool is restored to its value before the call and CapacityError is raised:
-    a failed reservation leaves the host exactly as it was.
+    A raise the kernel cannot fully satisfy is retried after reclaiming memory until ``deadline``
+    (monotonic), then refused with CapacityError; the caller puts the pools back (its intents say which).
+    A shrink the kernel cannot finish (pages it fails to free) is not an error: the read-back is returned,
+    recorded, and retried by the next operation on that pool.
     """
-    done: list[PoolWrite] = []
-    try:
-        short: list[tuple[PoolWrite, int]] = []
-        for w in writes:
-            done.append(w)
-            got = pools.set(w.node, w.size_kib, w.target)
-            if got < w.target:
-                short.append((w, got))
-        while short and time.monotonic() < deadline:
-            log.info("VM %r: kernel gave fewer pages than asked (%s); reclaiming memory and retrying", vm,
-                     ", ".join(f"{w.pool} {got}/{w.target}" for w, got in short))
-            for node in sorted({w.node for w, _ in short}):
-                pools.reclaim(node)
-            time.sleep(_RETRY_PAUSE)
-            short = [(w, got) for w in (w for w, _ in short)
-                     if (got := pools.set(w.node, w.size_kib, w.target)) < w.target]
-        if short:
-            raise CapacityError(f"VM {vm!r}: the kernel could not find enough contiguous memory for huge pages "
-                                "(" + ", ".join(f"{w.pool}: got {got - w.before} of {w.target - w.before} pages"
-                                                for w, got in short)
-                                + "); memory is fragmented: try again, or reserve pages at boot "
-                                "(hugepages= on the kernel command line)")
-    except BaseException:
-        restore(pools, done)
-        raise
-
-
-def restore(pools: SysfsPools, writes: Sequence[PoolWrite]) -> None:
-    """Put pools back to their ``before`` values (best effort: log, never raise over the real error)."""
-    for w in reversed(writes):
-        try:
-            pools.set(w.node, w.size_kib, w.before)
-        except Exception as e:
-            log.error("cannot restore pool %s to %d: %s", w.pool, w.before, e)
-
-
-def shrink_pools(pools: SysfsPools, writes: Sequence[PoolWrite], vm: str) -> None:
-    """Lower pools to their targets after a VM is gone. Pages still in use become surplus in the kernel
-    and are freed when released, so the pool never drops below what is in use."""
+    got: dict[str, int] = {}
+    short: list[PoolWrite] = []
     for w in writes:
-        got = pools.set(w.node, w.size_kib, w.target)
-        if got != w.target:
-            log.warning("VM %r: pool %s is at %d, target %d (pages still in use are freed by the kernel when "
-                        "their user exits)", vm, w.pool, got, w.target)
+        got[w.pool] = pools.set(w.node, w.size_kib, w.target)
+        if w.target > w.before and got[w.pool] < w.target:
+            short.append(w)
+        elif w.target < w.before and got[w.pool] > w.target:
+            log.warning("VM %r: pool %s is at %d pages, target %d: the kernel did not free them all yet (it is "
+                        "retried by the next kvmhooks operation)", vm, w.pool, got[w.pool], w.target)
+    while short and time.monotonic() < deadline:
+        log.info("VM %r: kernel gave fewer pages than asked (%s); reclaiming memory and retrying", vm,
+                 ", ".join(f"{w.pool} {got[w.pool]}/{w.target}" for w in short))
+        for node in sorted({w.node for w in short}):
+            pools.reclaim(node)
+        time.sleep(_RETRY_PAUSE)
+        for w in short:
+            got[w.pool] = pools.set(w.node, w.size_kib, w.target)
+        short = [w for w in short if got[w.pool] < w.target]
+    if short:
+        raise CapacityError(f"VM {vm!r}: the kernel could not find enough contiguous memory for huge pages "
+                            "(" + ", ".join(f"{w.pool}: got {got[w.pool] - w.before} of {w.target - w.before} pages"
+                                            for w in short)
+                            + "); memory is fragmented: try again, or reserve pages at boot "
+                            "(hugepages= on the kernel command line)")
+    return got

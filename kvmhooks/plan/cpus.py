@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from kvmhooks.config import Config
 from kvmhooks.domain import Domain
 from kvmhooks.errors import AnnotationError, CapacityError, HostError
-from kvmhooks.ledger import LedgerState
+from kvmhooks.ledger import LedgerState, Pins
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset
 
@@ -37,12 +37,10 @@ class CpuPlan:
     floating: frozenset[int] = frozenset()  # vCPUs on the shared pool (re-pinned when it changes)
     emulator_floats: bool = False
 
-    def to_record(self) -> dict[str, object]:
-        """The pins as the ledger stores them (libvirt cpuset strings, JSON-friendly keys)."""
-        return {"vcpus": {str(v): format_cpuset(c) for v, c in sorted(self.vcpus.items())},
-                "emulator": format_cpuset(self.emulator) if self.emulator else None,
-                "iothreads": {str(i): format_cpuset(c) for i, c in sorted(self.iothreads.items())},
-                "floating": sorted(self.floating), "emulator_floats": self.emulator_floats}
+    def to_pins(self) -> Pins:
+        """The pins as the ledger stores them."""
+        return Pins(dict(self.vcpus), self.emulator, dict(self.iothreads), tuple(sorted(self.floating)),
+                    self.emulator_floats)
 
     @property
     def empty(self) -> bool:

@@ -1,18 +1,17 @@
 """How many huge pages of which size a VM needs on which NUMA node, and the pool targets that gives.
 
-Pure: works on a :class:`~kvmhooks.topology.HostTopology` snapshot and the ledger state. The capacity
-check lives here too, so a VM asking for more than the host can spare is refused before anything is
-written to the kernel (a prototype that raised the pools blindly took nearly all free memory for seconds).
+Pure: works on a :class:`~kvmhooks.topology.HostTopology` snapshot. What that means for each pool's
+size (targets, capacity, the admin's baseline) is :mod:`kvmhooks.plan.pools`' business.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmhooks.config import Config, parse_pool_key, pool_key
+from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain, HugepagesSpec
-from kvmhooks.errors import CapacityError, DomainConfigError, HostError
-from kvmhooks.ledger import LedgerState
+from kvmhooks.errors import DomainConfigError, HostError
+from kvmhooks.plan.pools import spare_kib
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib
 
@@ -29,18 +28,6 @@ class HugepagePlan:
     @property
     def total(self) -> int:
         return sum(self.pages.values())
-
-
-@dataclass(frozen=True)
-class PoolWrite:
-    """One sysfs write: set ``node``'s pool of ``size_kib`` pages from ``before`` to ``target``."""
-
-    pool: str
-    node: int
-    size_kib: int
-    before: int
-    target: int
-    baseline: int
 
 
 def _mib(kib: int) -> str:
@@ -103,7 +90,7 @@ def _split(total: int, nodes: list[int]) -> dict[int, int]:
 
 
 def _spare(topo: HostTopology, node: int, cfg: Config) -> int:
-    return max(0, topo.nodes[node].available_kib - cfg.host_reserve_kib)
+    return spare_kib(topo, node, cfg)
 
 
 def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int, cfg: Config) -> dict[int, int]:
@@ -130,74 +117,3 @@ def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int,
     # auto without cells: one node, the one with the most to spare (QEMU's memory then stays local).
     best = max(sorted(topo.nodes), key=lambda n: _spare(topo, n, cfg))
     return {best: total}
-
-
-def pool_writes(uuid: str, plan: HugepagePlan, topo: HostTopology, ledger: LedgerState, cfg: Config,
-                name: str) -> list[PoolWrite]:
-    """The pool targets for reserving ``plan``: baseline + everything kvmhooks holds + this VM.
-
-    Also the capacity check: refuses (before any write) when a node cannot spare the memory.
-    """
-    writes: list[PoolWrite] = []
-    problems: list[str] = []
-    for node, pages in sorted(plan.pages.items()):
-        if not pages:
-            continue
-        key = pool_key(node, plan.size_kib)
-        state = topo.nodes[node].pools.get(plan.size_kib)
-        if state is None:
-            raise HostError(f"VM {name!r}: node {node} has no {_mib(plan.size_kib)} pool")
-        held = ledger.reserved(key, excluding=uuid)
-        if key in cfg.leave_alone:
-            # The admin manages this pool: we may only use pages that are free and not promised to others.
-            if state.free < pages:
-                problems.append(f"node {node}: pool {key} is left alone by config and has {state.free} free "
-                                f"{_mib(plan.size_kib)} pages, {pages} needed")
-            continue
-        need = pages * plan.size_kib
-        spare = _spare(topo, node, cfg)
-        if need > spare:
-            problems.append(f"node {node}: needs {pages} x {_mib(plan.size_kib)} pages ({_mib(need)}) but only "
-                            f"{_mib(spare)} can be spared (free+reclaimable "
-                            f"{_mib(topo.nodes[node].available_kib)} minus host reserve "
-                            f"{_mib(cfg.host_reserve_kib)})")
-            continue
-        baseline = derive_baseline(ledger, key, state.nr - state.surplus, held)
-        writes.append(PoolWrite(key, node, plan.size_kib, state.nr, baseline + held + pages, baseline))
-    if problems:
-        raise CapacityError(f"VM {name!r}: not enough memory for huge pages: " + "; ".join(problems))
-    return writes
-
-
-def derive_baseline(ledger: LedgerState, key: str, persistent: int, held: int) -> int:
-    """The admin's own pool size: recorded when kvmhooks first reserved there, re-derived when it drifted.
-
-    If the pool's persistent size is no longer baseline + what we hold, someone changed it by hand while
-    VMs ran; the admin's new value wins (we never fight the admin, and never shrink below it).
-    """
-    rec = ledger.pools.get(key)
-    if rec is None or held == 0:
-        return persistent
-    if persistent != rec.baseline + held:
-        return max(0, persistent - held)
-    return rec.baseline
-
-
-def release_writes(uuid: str, ledger: LedgerState, topo: HostTopology, cfg: Config) -> list[PoolWrite]:
-    """The pool targets after giving back one VM's pages: baseline + what the others still hold."""
-    rec = ledger.domains.get(uuid)
-    if rec is None:
-        return []
-    writes = []
-    for key, pages in sorted(rec.hugepages.items()):
-        if key in cfg.leave_alone or not pages:
-            continue
-        node, size = parse_pool_key(key)
-        if node not in topo.nodes or size not in topo.nodes[node].pools:
-            continue
-        state = topo.nodes[node].pools[size]
-        held_all = ledger.reserved(key)
-        others = held_all - pages
-        baseline = derive_baseline(ledger, key, state.nr - state.surplus, held_all)
-        writes.append(PoolWrite(key, node, size, state.nr, baseline + others, baseline))
-    return writes

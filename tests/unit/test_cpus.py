@@ -212,5 +212,6 @@ def test_adopted_shared_vm_keeps_floating_so_it_is_re_pinned_later(small: FakeHo
                            "<vcpupin vcpu='2' cpuset='0-1'/><emulatorpin cpuset='0-1'/></cputune>")
     rec = operations.adopt(parse_domain(xml), cfg)
     prepared = operations.prepare(parse_domain(xml.replace(U.format(1).encode(), U.format(2).encode())), cfg)
-    assert rec.shared and rec.pins["floating"] == prepared.record.pins["floating"] == [0, 2]
-    assert rec.pins["emulator_floats"] is prepared.record.pins["emulator_floats"] is True
+    assert rec is not None and rec.pins is not None and prepared.record.pins is not None
+    assert rec.shared and rec.pins.floating == prepared.record.pins.floating == (0, 2)
+    assert rec.pins.emulator_floats is prepared.record.pins.emulator_floats is True

@@ -15,14 +15,17 @@ from tests.unit.test_hook import hook, write_config
 
 U1 = "11111111-2222-3333-4444-000000000001"
 LIVE = '<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>'  # something to apply after start
+MEMTUNE = '<kvm:hugepages size="2M"/><kvm:memtune hard_limit="1G"/>'
 
 
-def node_xml(host: FakeHost, runstate: int = 1) -> str:
-    """A test:/// node with one domain; runstate 1 = running, 3 = paused (virDomainState)."""
+def node_xml(host: FakeHost, runstate: int = 1, tuning: str = "") -> str:
+    """A test:/// node with one domain (annotated with ``tuning``); runstate 1 = running, 3 = paused."""
     node = host.root / "node.xml"
+    meta = (f'<metadata><kvm:tuning xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0">{tuning}</kvm:tuning>'
+            "</metadata>" if tuning else "")
     node.write_text(f"""<node>
   <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-    <name>vm1</name><uuid>{U1}</uuid><memory>262144</memory><vcpu>2</vcpu>
+    <name>vm1</name><uuid>{U1}</uuid>{meta}<memory>262144</memory><vcpu>2</vcpu>
     <os><type>hvm</type></os><test:runstate>{runstate}</test:runstate>
   </domain>
 </node>""")
@@ -45,15 +48,32 @@ def wait_ledger(host: FakeHost, pred, timeout: float = 20) -> dict:  # type: ign
 
 def test_started_spawns_a_worker_that_talks_to_libvirt(host: FakeHost) -> None:
     pytest.importorskip("libvirt")
-    cfg = write_config(host, libvirt_uri=f'"{node_xml(host)}"')
-    xml = domain_xml(uuid=U1, tuning=LIVE)
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=MEMTUNE)}"')
+    xml = domain_xml(uuid=U1, tuning=MEMTUNE)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     r = hook(cfg, "vm1", "started", xml)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
-    rec = wait_ledger(host, lambda r: r.get("state") == "running")
-    worker = rec["applied"]["worker"]
-    assert worker["pid"] > 0 and rec["error"] is None
-    assert worker["sid"] not in (os.getsid(0), worker["pid"])  # own session, and not its leader (double fork)
+    rec = wait_ledger(host, lambda r: r.get("state") == "running" or r.get("error"))
+    applied = rec["applied"]
+    assert rec["error"] is None and applied["worker_pid"] > 0
+    # own session, and not its leader (double fork)
+    assert applied["worker_sid"] not in (os.getsid(0), applied["worker_pid"])
+    # It applied the live XML's memtune and read it back from libvirt (the test driver keeps it).
+    assert applied["memtune"] == {"hard_limit": 1048576}
+
+
+def test_the_worker_pins_what_the_ledger_planned(host: FakeHost) -> None:
+    """libvirt's test driver refuses live pins ("unsupported flags"): the worker must have tried exactly the
+    planned pin and said so, not passed with nothing applied."""
+    pytest.importorskip("libvirt")
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=LIVE)}"')
+    xml = domain_xml(uuid=U1, tuning=LIVE)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert hook(cfg, "vm1", "started", xml).returncode == 0
+    rec = wait_ledger(host, lambda r: r.get("error"))
+    assert "vcpupin 0 1" in rec["error"] and "unsupported flags" in rec["error"]
+    status = (host.root / "run/failures" / U1).read_text()  # kvmhooks status shows it
+    assert "worker" in status and "vcpupin 0 1" in status
 
 
 def test_worker_is_detached_from_the_hooks_pipes(host: FakeHost) -> None:

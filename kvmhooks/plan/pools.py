@@ -1,0 +1,180 @@
+"""The one accounting model for hugepage pools. Pure: (ledger state, host topology, config) → decisions.
+
+The invariant kvmhooks keeps for every pool it writes::
+
+    persistent pages (nr_hugepages - surplus) == admin baseline + pages held by live reservations
+
+Every operation — prepare, release, adopt, recovery of an interrupted write, reconcile, and the previews in
+``kvmhooks status``/``plan`` — computes pool targets here, and nowhere else. One rule tells an admin's change
+from kvmhooks' own: the ledger remembers what kvmhooks last left each pool at (read back from the kernel);
+a pool found *above* that, with no kvmhooks write in flight, was raised by the admin, and the raise becomes
+part of the baseline. A pool found *below* it is an inconsistency to report and repair — never a reason to
+lower the baseline (that is how a failed release once shrank an admin's 40 pages to 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvmhooks.config import Config, parse_pool_key
+from kvmhooks.ledger import LedgerState, PoolRecord
+from kvmhooks.topology import HostTopology, PoolState
+from kvmhooks.units import format_kib
+
+# Records in these states have reserved but QEMU has not mapped its memory yet: pages promised from a
+# left-alone pool are still counted as free by the kernel.
+NOT_MAPPED_YET = ("preparing", "prepared")
+
+
+@dataclass(frozen=True)
+class PoolWrite:
+    """One sysfs write: set ``node``'s pool of ``size_kib`` pages from ``before`` (persistent) to ``target``."""
+
+    pool: str
+    node: int
+    size_kib: int
+    before: int
+    target: int
+    nr: int  # nr_hugepages now, surplus included (a raise converts surplus pages before allocating new ones)
+
+    @property
+    def new_pages(self) -> int:
+        """Pages the kernel must find in free memory for this write."""
+        return max(0, self.target - self.nr)
+
+
+def persistent(ps: PoolState) -> int:
+    return ps.nr - ps.surplus
+
+
+def pool_state(topo: HostTopology, key: str) -> PoolState | None:
+    node, size = parse_pool_key(key)
+    n = topo.nodes.get(node)
+    return None if n is None else n.pools.get(size)
+
+
+def target(state: LedgerState, key: str, now: int) -> int:
+    """baseline + held; a pool with no record yet has the admin's size ``now`` as its baseline."""
+    rec = state.pools.get(key)
+    return (rec.baseline if rec is not None else now) + state.reserved(key)
+
+
+def observe(state: LedgerState, topo: HostTopology, cfg: Config) -> list[str]:
+    """Apply the drift rule to every recorded pool with no write in flight; returns what it found.
+
+    Updates ``baseline`` (admin raise) and ``expected`` (what the pool is now) in ``state``.
+    """
+    in_flight = {i.pool for i in state.intents}
+    found = []
+    for key, rec in sorted(state.pools.items()):
+        ps = pool_state(topo, key)
+        if key in in_flight or key in cfg.leave_alone or ps is None:
+            continue
+        now = persistent(ps)
+        held = state.reserved(key)
+        expected = rec.expected if rec.expected >= 0 else rec.baseline + held  # a version 1 ledger
+        if now > expected:
+            rec.baseline += now - expected
+            found.append(f"pool {key} was raised by hand from {expected} to {now} pages: the admin's baseline is "
+                         f"now {rec.baseline}")
+        elif now < expected:
+            found.append(f"pool {key} is at {now} pages, below the {expected} kvmhooks left it at (baseline "
+                         f"{rec.baseline} + held {held}): it will be restored, the baseline stays")
+        rec.expected = now
+    return found
+
+
+def writes_for(state: LedgerState, topo: HostTopology, cfg: Config, keys: Iterable[str]) -> list[PoolWrite]:
+    """The writes that bring ``keys`` to their targets (left-alone pools and pools already there: none)."""
+    out = []
+    for key in sorted(set(keys)):
+        ps = pool_state(topo, key)
+        if key in cfg.leave_alone or ps is None:
+            continue
+        now = persistent(ps)
+        goal = target(state, key, now)
+        if goal != now:
+            node, size = parse_pool_key(key)
+            out.append(PoolWrite(key, node, size, now, goal, ps.nr))
+    return out
+
+
+def spare_kib(topo: HostTopology, node: int, cfg: Config) -> int:
+    return max(0, topo.nodes[node].available_kib - cfg.host_reserve_kib)
+
+
+def capacity_problems(writes: Iterable[PoolWrite], topo: HostTopology, cfg: Config) -> dict[str, str]:
+    """Pools whose raise the node cannot spare (free + reclaimable minus the host reserve), with why.
+
+    Checked before any write: a prototype that raised pools blindly took nearly all free memory for seconds.
+    """
+    need: dict[int, int] = {}
+    by_node: dict[int, list[PoolWrite]] = {}
+    for w in writes:
+        if w.new_pages:
+            need[w.node] = need.get(w.node, 0) + w.new_pages * w.size_kib
+            by_node.setdefault(w.node, []).append(w)
+    problems = {}
+    for node, kib in sorted(need.items()):
+        spare = spare_kib(topo, node, cfg)
+        if kib > spare:
+            for w in by_node[node]:
+                problems[w.pool] = (f"node {node}: needs {w.new_pages} x {format_kib(w.size_kib)} pages "
+                                    f"({format_kib(w.new_pages * w.size_kib)}) but only {format_kib(spare)} can be "
+                                    f"spared (free+reclaimable {format_kib(topo.nodes[node].available_kib)} minus "
+                                    f"host reserve {format_kib(cfg.host_reserve_kib)})")
+    return problems
+
+
+def borrow_problems(state: LedgerState, topo: HostTopology, uuid: str, wants: dict[str, int]) -> list[str]:
+    """Pages from left-alone pools: free, not reserved by a mapping (resv), not promised to another VM."""
+    problems = []
+    for key, pages in sorted(wants.items()):
+        ps = pool_state(topo, key)
+        node, size = parse_pool_key(key)
+        promised = sum(r.borrowed.get(key, 0) for u, r in state.domains.items()
+                       if u != uuid and r.state in NOT_MAPPED_YET)
+        usable = 0 if ps is None else max(0, ps.free - topo.resv_pages.get(size, 0) - promised)
+        if usable < pages:
+            problems.append(f"node {node}: pool {key} is left alone by config and has {usable} usable free "
+                            f"{format_kib(size)} pages ({promised} promised to VMs still starting), {pages} needed")
+    return problems
+
+
+def settled(state: LedgerState, key: str) -> bool:
+    """A pool kvmhooks no longer holds anything in and left at the admin's size: forget its record, so the
+    next reservation records the admin's value afresh."""
+    rec = state.pools.get(key)
+    return rec is not None and state.reserved(key) == 0 and rec.expected == rec.baseline
+
+
+def record_readback(state: LedgerState, key: str, baseline_if_new: int, got: int) -> None:
+    rec = state.pools.setdefault(key, PoolRecord(baseline_if_new))
+    rec.expected = got
+
+
+def reservation_writes(state: LedgerState, topo: HostTopology, cfg: Config, uuid: str,
+                       wants: dict[str, int]) -> list[PoolWrite]:
+    """The writes that adding ``wants`` (pool → pages) to VM ``uuid``'s reservation takes, on top of what
+    everybody else holds (``uuid``'s current reservation, if any, is replaced); ``state`` is not changed."""
+    out = []
+    for key, pages in sorted(wants.items()):
+        ps = pool_state(topo, key)
+        if key in cfg.leave_alone or ps is None or not pages:
+            continue
+        now = persistent(ps)
+        others = state.reserved(key, excluding=uuid)
+        rec = state.pools.get(key)
+        goal = (rec.baseline if rec is not None else max(0, now - others)) + others + pages
+        node, size = parse_pool_key(key)
+        out.append(PoolWrite(key, node, size, now, goal, ps.nr))
+    return out
+
+
+def reservation_problems(state: LedgerState, topo: HostTopology, cfg: Config, uuid: str,
+                         wants: dict[str, int]) -> list[str]:
+    """Why the host cannot give VM ``uuid`` these pages now (empty: it can); the same check prepare makes."""
+    borrowed = {k: p for k, p in wants.items() if k in cfg.leave_alone}
+    capacity = capacity_problems(reservation_writes(state, topo, cfg, uuid, wants), topo, cfg)
+    return borrow_problems(state, topo, uuid, borrowed) + [capacity[k] for k in sorted(capacity)]
