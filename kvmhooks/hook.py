@@ -7,8 +7,9 @@ domain XML on stdin. Rules this module keeps (libvirt's hooks.rst, and measured 
   (empty means "unchanged");
 - a non-zero exit of ``prepare`` aborts the start, and its stderr becomes ``virsh start``'s error, so a
   failure prints exactly one line there;
-- ``reconnect`` must never fail (libvirtd kills the VM), and stopped/release failures help nobody: those
-  log and exit 0;
+- only ``prepare`` may fail: ``started`` and ``reconnect`` failing would stop a running VM (libvirtd kills
+  it), stopped/release failures help nobody; those log, record the failure for ``kvmhooks status`` and
+  exit 0 — whatever goes wrong, including a broken config or ledger;
 - never call libvirt from here: ``started`` hands that work to a detached worker.
 
 This is the only place (with the worker and the CLI) where exceptions become exit codes.
@@ -22,24 +23,18 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from kvmhooks import NAMESPACE
 from kvmhooks.config import CONFIG_ENV, Config, load_config
-from kvmhooks.domain import MAX_XML_BYTES, parse_domain, read_uuid_and_name
+from kvmhooks.domain import MAX_XML_BYTES, parse_domain, scan_uuid
 from kvmhooks.errors import KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
 
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("prepare", "start", "started", "stopped", "release", "migrate", "restore", "reconnect", "attach")
-# Operations whose failure must never reach libvirt.
-_NEVER_FAIL = ("stopped", "release", "reconnect", "attach", "migrate", "restore")
-
-
-def read_input(stdin: BinaryIO) -> bytes:
-    data = stdin.read(MAX_XML_BYTES + 1)
-    if len(data) > MAX_XML_BYTES:
-        raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
-    return data
+# The one operation whose failure may reach libvirt: it aborts a start that has not begun. Any other failing
+# hook would stop a running VM (started, reconnect) or help nobody (stopped, release): those log, record the
+# failure where `kvmhooks status` shows it, and exit 0.
+MAY_FAIL = "prepare"
 
 
 def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
@@ -47,37 +42,44 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
     from kvmhooks import operations
 
     op = argv[2] if len(argv) > 2 else ""
-    if op in ("prepare", "started", "reconnect"):
-        dom = parse_domain(data)
-        vlog = VMLog(dom.name, dom.uuid)
-        if dom.active_tuning is None:
-            if dom.annotated:  # enabled="no": leave it alone, but give back anything it still holds
-                operations.release(dom.uuid, cfg)
-            return
-        if op == "prepare":
-            prepared = operations.prepare(dom, cfg)
-            for w in prepared.warnings:
-                print(f"kvmhooks: warning: {w}", file=sys.stderr)
-        elif op == "started":
-            if not dom.active_tuning.live_work:  # huge pages only: all done at prepare, no worker needed
-                operations.mark(dom.uuid, cfg, state="running")
-                return
-            from kvmhooks.worker import spawn_detached
-
-            operations.mark(dom.uuid, cfg, state="starting")
-            status = spawn_detached(["started", dom.uuid], os.environ.get(CONFIG_ENV))
-            vlog.info("started: detached worker spawned (status %d)", status)
-        else:
-            operations.adopt(dom, cfg)
-    elif op in ("stopped", "release"):
-        uuid, _ = read_uuid_and_name(data)
+    if op in ("stopped", "release"):
+        # Never the full parser here: the live XML carries metadata the VM's owner may control (a comment
+        # with '<!DOCTYPE', megabytes of it), and a release that refuses leaks the VM's pages.
+        uuid = scan_uuid(data)
+        if uuid is None:
+            raise XMLInputError("no canonical <uuid> near the top of the domain XML; nothing released")
         rec = operations.release(uuid, cfg)
         if rec is not None and rec.cpus and operations.has_running_shared(cfg):
             # Dedicated CPUs came free: the shared VMs may float over them again (needs libvirt: detached).
             from kvmhooks.worker import spawn_detached
 
             spawn_detached(["repin", "-"], os.environ.get(CONFIG_ENV))
-    # start, migrate, restore, attach, and anything newer libvirt invents: nothing to do, output nothing.
+        return
+    if op not in ("prepare", "started", "reconnect"):
+        return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
+    if len(data) > MAX_XML_BYTES:
+        raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
+    dom = parse_domain(data)
+    vlog = VMLog(dom.name, dom.uuid)
+    if op == "reconnect":
+        operations.adopt(dom, cfg)  # keeps a VM already in the ledger as it is, even if disabled meanwhile
+    elif dom.active_tuning is None:
+        if dom.annotated and op == "prepare":  # enabled="no": leave it alone, but give back what it holds
+            operations.release(dom.uuid, cfg)
+    elif op == "prepare":
+        prepared = operations.prepare(dom, cfg)
+        for w in prepared.warnings:
+            print(f"kvmhooks: warning: {w}", file=sys.stderr)
+    elif not dom.active_tuning.live_work:  # started, huge pages only: all done at prepare, no worker needed
+        operations.mark(dom.uuid, cfg, state="running")
+    else:  # started
+        from kvmhooks.worker import spawn_detached
+
+        try:
+            operations.mark(dom.uuid, cfg, state="starting")
+        finally:  # the worker has its own deadlines; the VM is tuned even if the mark failed
+            status = spawn_detached(["started", dom.uuid], os.environ.get(CONFIG_ENV))
+            vlog.info("started: detached worker spawned (status %d)", status)
 
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
@@ -87,27 +89,26 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     op = argv[2] if len(argv) > 2 else ""
     if op not in OPERATIONS:
         return 0
+    cfg: Config | None = None
+    data = b""
     try:
+        data = stdin.read(MAX_XML_BYTES + 1)
         cfg = load_config()
         setup_logging(cfg.log, cfg.log_level, op)
-        run(argv, read_input(stdin), cfg)
+        run(argv, data, cfg)
         return 0
     except KvmhooksError as e:
         msg = str(e) if str(e).startswith("VM ") else f"VM {vm!r}: {e}"
         log.error("%s: %s", op, msg)
-        if op in _NEVER_FAIL:
-            return 0
-        print(f"kvmhooks: {msg}", file=sys.stderr)
-        return 1
     except Exception as e:
         log.exception("%s: VM %r: unexpected error", op, vm)
-        if op in _NEVER_FAIL:
-            return 0
-        print(f"kvmhooks: VM {vm!r}: internal error ({type(e).__name__}: {e}); see the kvmhooks log",
-              file=sys.stderr)
+        msg = f"VM {vm!r}: internal error ({type(e).__name__}: {e}); see the kvmhooks log"
+    if op == MAY_FAIL:
+        print(f"kvmhooks: {msg}", file=sys.stderr)
         return 1
+    uuid = scan_uuid(data)
+    if uuid is not None:
+        from kvmhooks.operations import record_failure
 
-
-def wants(data: bytes) -> bool:
-    """Cheap pre-check the installed hook does before importing us: is our namespace in the XML?"""
-    return NAMESPACE.encode() in data
+        record_failure(cfg or Config(), uuid, op, msg)
+    return 0

@@ -44,6 +44,11 @@ _LOCK_POLL = 0.01
 MAX_NOTES = 20
 
 
+def _default(value: object, default: object) -> object:
+    """A missing (or null) field takes its default; a present one of the wrong type stays wrong."""
+    return default if value is None else value
+
+
 def _obj(data: object, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LedgerError(f"{what}: expected an object, got {type(data).__name__}")
@@ -300,9 +305,9 @@ class LedgerState:
         version = data.get("version")
         if version not in _READABLE:
             raise LedgerError(f"version {version!r} is not one this kvmhooks reads ({', '.join(map(str, _READABLE))})")
-        domains = _obj(data.get("domains") or {}, "domains")
-        pools = _obj(data.get("pools") or {}, "pools")
-        intents = data.get("intents") or []
+        domains = _obj(_default(data.get("domains"), {}), "domains")
+        pools = _obj(_default(data.get("pools"), {}), "pools")
+        intents = _default(data.get("intents"), [])
         if not isinstance(intents, list):
             raise LedgerError("intents: expected a list")
         notes = data.get("notes") or []
@@ -357,14 +362,14 @@ class Ledger:
 
     def _load(self) -> LedgerState:
         try:
-            text = self.path.read_text(encoding="utf-8", errors="strict")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return LedgerState()
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise LedgerError(f"ledger {self.path} cannot be read: {e}") from None
         try:
-            return LedgerState.from_json(text)
-        except LedgerError as e:
+            return LedgerState.from_json(raw.decode("utf-8"))
+        except (LedgerError, UnicodeDecodeError) as e:
             raise LedgerError(f"ledger {self.path} is unreadable ({e}); run 'kvmhooks reconcile' to set it aside "
                               "and rebuild it from the running VMs") from None
 

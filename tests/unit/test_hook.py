@@ -120,3 +120,113 @@ def test_an_oversize_unannotated_vm_is_not_refused(host: FakeHost, cfg: Path) ->
     annotated = domain_xml().replace(b"</devices>", padding)
     r = hook(cfg, "big", "prepare", annotated)
     assert r.returncode == 1 and b"larger than" in r.stderr
+
+
+# --- lifecycle hooks that never kill a VM ------------------------------------------------------------------
+
+LIFECYCLE = ("started", "stopped", "release", "reconnect", "attach", "migrate", "restore", "someday-new-op")
+
+
+def _hold_ledger_lock(path: str, seconds: float, ready: object) -> None:
+    from kvmhooks.ledger import Ledger
+
+    with Ledger(Path(path), 5).transaction():
+        ready.set()  # type: ignore[attr-defined]
+        time.sleep(seconds)
+
+
+def test_started_exits_0_when_the_ledger_lock_is_stuck(host: FakeHost) -> None:
+    """Defect 4: a `started` that failed (lock held past lock_timeout) made libvirt stop the running VM."""
+    import multiprocessing
+
+    cfg = write_config(host, lock_timeout="0.3", libvirt_uri='"test:///nonexistent"')
+    xml = domain_xml(uuid=U1, tuning='<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>')
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    ready = multiprocessing.Event()
+    p = multiprocessing.Process(target=_hold_ledger_lock, args=(str(host.root / "run/ledger.json"), 3, ready))
+    p.start()
+    try:
+        ready.wait(5)
+        r = hook(cfg, "vm1", "started", xml)
+        assert (r.returncode, r.stdout) == (0, b"")
+        assert "stayed locked" in (host.root / "run/failures" / U1).read_text()
+        r = hook(cfg, "vm1", "prepare", xml)  # only prepare may fail, with one line
+        assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and b"stayed locked" in r.stderr
+    finally:
+        p.join()
+
+
+@pytest.mark.parametrize("op", LIFECYCLE)
+def test_a_broken_config_never_fails_a_lifecycle_hook(host: FakeHost, op: str) -> None:
+    cfg = host.root / "config.toml"
+    cfg.write_text("lock_timeot = 3\n")  # a typo
+    r = hook(cfg, "vm1", op, domain_xml(uuid=U1))
+    assert (r.returncode, r.stdout) == (0, b"")
+
+
+@pytest.mark.parametrize("garbage", [b'{"version": 1, "domains": {"x": ', b"\x00\xff garbage", b'{"version": 99}',
+                                     b'{"version": 2, "domains": []}', b'{"version": 2, "domains": {"u": {"name": 3}}}',
+                                     b'[1, 2]'])
+def test_an_unreadable_ledger_refuses_starts_with_the_fix_and_never_fails_the_rest(host: FakeHost, cfg: Path,
+                                                                                     garbage: bytes) -> None:
+    """Defect 5: an unreadable ledger gave "internal error (JSONDecodeError…)", stopped VMs at `started`, and
+    made release leak silently."""
+    (host.root / "run").mkdir()
+    (host.root / "run/ledger.json").write_bytes(garbage)
+    xml = domain_xml(uuid=U1)
+    r = hook(cfg, "vm1", "prepare", xml)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "kvmhooks reconcile" in err and "internal" not in err
+    assert host.pool(0) == 0
+    for op in LIFECYCLE:
+        assert hook(cfg, "vm1", op, xml).returncode == 0
+    assert "unreadable" in (host.root / "run/failures" / U1).read_text()
+
+
+def test_reconcile_sets_an_unreadable_ledger_aside_and_rebuilds_it(host: FakeHost) -> None:
+    from kvmhooks import operations
+
+    c = host.config()
+    host.set_pool(0, 2048, 138)  # a running VM's 128 pages and the admin's 10
+    (host.root / "run").mkdir()
+    (host.root / "run/ledger.json").write_text('{"version": 2, "domains": {')
+    out = operations.reconcile(c, {U1: domain_xml(uuid=U1)}, {})
+    assert out.set_aside is not None and out.set_aside.read_text() == '{"version": 2, "domains": {'
+    state = operations.ledger_for(c).read()
+    assert state.domains[U1].hugepages == {"node0/2048kB": 128} and state.pools["node0/2048kB"].baseline == 10
+    assert host.pool(0) == 138
+    operations.release(U1, c)
+    assert host.pool(0) == 10
+
+
+@pytest.mark.parametrize("hostile", [
+    b"<!-- <!DOCTYPE x [<!ENTITY e 'boom'>]> -->",
+    b"<other:x xmlns:other='urn:o'><![CDATA[<!DOCTYPE y>]]></other:x>",
+    b"<other:x xmlns:other='urn:o'>" + b"A" * (5 * 1024 * 1024) + b"</other:x>",
+])
+def test_the_vm_owner_cannot_make_release_refuse(host: FakeHost, cfg: Path, hostile: bytes) -> None:
+    """Defect 6: hostile or oversize live metadata made stopped/release refuse, leaking pages and CPUs."""
+    xml = domain_xml(uuid=U1)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert host.pool(0) == 128
+    live = xml.replace(b"</metadata>", hostile + b"</metadata>")
+    for op in ("stopped", "release"):
+        r = hook(cfg, "vm1", op, live, "end")
+        assert (r.returncode, r.stdout) == (0, b"")
+    assert host.pool(0) == 0
+    assert json.loads((host.root / "run/ledger.json").read_text())["domains"] == {}
+
+
+@pytest.mark.parametrize("op", ("prepare", *LIFECYCLE))
+def test_hook_script_without_its_package_fails_only_prepare(host: FakeHost, cfg: Path, op: str) -> None:
+    """Defect 4: `hooks/qemu` imported without a guard: a half-done upgrade made `reconnect` kill every VM.
+    Debian's interpreter in isolated mode has no kvmhooks package: the import fails as in a broken install."""
+    if subprocess.run(["/usr/bin/python3", "-I", "-c", "import kvmhooks"], capture_output=True).returncode == 0:
+        pytest.skip("the system interpreter has kvmhooks installed")
+    r = subprocess.run(["/usr/bin/python3", "-I", str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(uuid=U1),
+                       capture_output=True, timeout=30)
+    assert r.stdout == b""
+    if op == "prepare":
+        assert r.returncode == 1 and b"kvmhooks is broken" in r.stderr and r.stderr.count(b"\n") == 1
+    else:
+        assert r.returncode == 0
