@@ -269,7 +269,7 @@ def plan_actions(dom: Domain, cfg: Config, topo: HostTopology, state: LedgerStat
                             f"{flags})"})
         for i, cs in sorted(cpus.iothreads.items()):
             actions.append({"phase": "started", "action": f"libvirt pinIOThread({i}, {format_cpuset(cs)}, {flags})"})
-        if cpus.dedicated and any(r.shared for r in state.domains.values()):
+        if cpus.dedicated and state.any_shared():
             actions.append({"phase": "started", "action": "re-pin running shared VMs off "
                             f"{format_cpuset(cpus.dedicated)}"})
     if t.memtune is not None:

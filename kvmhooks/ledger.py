@@ -26,7 +26,8 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ def _opt_str(data: dict[str, Any], key: str, what: str) -> str | None:
 def _cpus(text: object, what: str) -> frozenset[int]:
     if not isinstance(text, str):
         raise LedgerError(f"{what}: expected a CPU list string, got {text!r}")
+    if text.isascii() and text.isdecimal() and len(text) < 5:  # one CPU, the common case: no parser needed
+        return frozenset({int(text)})
     try:
         return parse_cpuset(text)
     except ValueError as e:
@@ -96,8 +99,36 @@ def _counts(data: object, what: str) -> dict[str, int]:
     return out
 
 
+class _Lazy:
+    """Decoded on first use: planning reads only a record's counts and CPUs, so a ledger of 1000 VMs need not
+    decode 1000 sets of pins and worker results (``lazy`` makes an instance that holds only its raw JSON)."""
+
+    @classmethod
+    def lazy(cls, raw: dict[str, Any], what: str) -> Any:
+        obj = object.__new__(cls)
+        obj.__dict__["_raw"] = (raw, what)
+        return obj
+
+    def __getattribute__(self, name: str) -> Any:
+        # Every field read goes through here (a field with a default is also a class attribute, so
+        # __getattr__ alone would return the default of an undecoded instance).
+        d = object.__getattribute__(self, "__dict__")
+        if "_raw" in d and name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+            raw, what = d.pop("_raw")
+            d.update(type(self)._decode(raw, what).__dict__)
+        return object.__getattribute__(self, name)
+
+    @classmethod
+    def _decode(cls, raw: dict[str, Any], what: str) -> Any:
+        raise NotImplementedError
+
+    def _undecoded(self) -> dict[str, Any] | None:
+        pending = self.__dict__.get("_raw")
+        return None if pending is None else pending[0]
+
+
 @dataclass
-class Pins:
+class Pins(_Lazy):
     """The planned pins of one VM: what the worker applies and a re-pin of the shared pool rewrites."""
 
     vcpus: dict[int, frozenset[int]] = field(default_factory=dict)
@@ -107,6 +138,9 @@ class Pins:
     emulator_floats: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        raw = self._undecoded()
+        if raw is not None:
+            return raw
         return {"vcpus": {str(v): format_cpuset(c) for v, c in sorted(self.vcpus.items())},
                 "emulator": format_cpuset(self.emulator) if self.emulator else None,
                 "iothreads": {str(i): format_cpuset(c) for i, c in sorted(self.iothreads.items())},
@@ -114,7 +148,10 @@ class Pins:
 
     @classmethod
     def from_json(cls, data: object, what: str) -> Pins:
-        d = _obj(data, what)
+        return cls.lazy(_obj(data, what), what)  # type: ignore[no-any-return]
+
+    @classmethod
+    def _decode(cls, d: dict[str, Any], what: str) -> Pins:
 
         def by_number(key: str) -> dict[int, frozenset[int]]:
             m = _obj(d.get(key) or {}, f"{what}.{key}")
@@ -132,7 +169,7 @@ class Pins:
 
 
 @dataclass
-class Applied:
+class Applied(_Lazy):
     """What the worker applied after start, as read back from libvirt (shown by ``kvmhooks status``)."""
 
     vcpus_live: int | None = None
@@ -146,11 +183,17 @@ class Applied:
     worker_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        raw = self._undecoded()
+        if raw is not None:
+            return raw
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
 
     @classmethod
     def from_json(cls, data: object, what: str) -> Applied:
-        d = _obj(data if data is not None else {}, what)
+        return cls.lazy(_obj(data if data is not None else {}, what), what)  # type: ignore[no-any-return]
+
+    @classmethod
+    def _decode(cls, d: dict[str, Any], what: str) -> Applied:
         a = cls()
         a.vcpus_live = _opt_int(d, "vcpus_live", what)
         pins = d.get("pins") or {}
@@ -267,52 +310,253 @@ class Intent:
                    _str(d, "op", what), _opt_str(d, "uuid", what))
 
 
+# Records in these states have reserved, but QEMU has not mapped its memory yet: pages promised from a
+# left-alone pool still count as free in the kernel.
+NOT_MAPPED_YET = ("preparing", "prepared")
+
+
+def _merge(mine: Counter[Any], theirs: Counter[Any], sign: int) -> None:
+    for k, v in theirs.items():
+        mine[k] += sign * v
+        if not mine[k]:
+            del mine[k]
+
+
+@dataclass
+class Summary:
+    """What every planning decision sums over all VMs, kept in the file's header.
+
+    Maintained exactly: each transaction subtracts what the records it decoded contributed when read and adds
+    what they contribute now, so a hook that touches one VM never decodes the other thousand. ``kvmhooks
+    reconcile`` recomputes it from every record and repairs it if it ever disagrees.
+    """
+
+    held: Counter[str] = field(default_factory=Counter)  # pool → pages kvmhooks added for live reservations
+    promised: Counter[str] = field(default_factory=Counter)  # pool → left-alone pages promised, not yet mapped
+    cpus: Counter[int] = field(default_factory=Counter)  # CPU → how many VMs hold it (1, or a bug)
+    shared: int = 0  # VMs floating over the shared pool
+    preparing: set[str] = field(default_factory=set)  # VMs whose reservation is not finished
+
+    @classmethod
+    def of(cls, uuid: str, r: DomainRecord) -> Summary:
+        return cls(Counter(r.hugepages), Counter(r.borrowed if r.state in NOT_MAPPED_YET else {}), Counter(r.cpus),
+                   int(r.shared), {uuid} if r.state == "preparing" else set())
+
+    def add(self, other: Summary, sign: int = 1) -> None:
+        _merge(self.held, other.held, sign)
+        _merge(self.promised, other.promised, sign)
+        _merge(self.cpus, other.cpus, sign)
+        self.shared += sign * other.shared
+        self.preparing = self.preparing | other.preparing if sign > 0 else self.preparing - other.preparing
+
+    def copy(self) -> Summary:
+        return Summary(Counter(self.held), Counter(self.promised), Counter(self.cpus), self.shared,
+                       set(self.preparing))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"held": dict(sorted(self.held.items())), "promised": dict(sorted(self.promised.items())),
+                "cpus": {str(c): n for c, n in sorted(self.cpus.items())}, "shared": self.shared,
+                "preparing": sorted(self.preparing)}
+
+    @classmethod
+    def from_json(cls, data: object) -> Summary:
+        d = _obj(data, "summary")
+        cpus = _counts(d.get("cpus"), "summary.cpus")
+        if not all(k.isascii() and k.isdecimal() and len(k) < 6 for k in cpus):
+            raise LedgerError("summary.cpus: keys must be CPU numbers")
+        preparing = d.get("preparing") or []
+        if not isinstance(preparing, list) or not all(isinstance(u, str) for u in preparing):
+            raise LedgerError("summary.preparing: expected a list of UUIDs")
+        return cls(Counter(_counts(d.get("held"), "summary.held")), Counter(_counts(d.get("promised"),
+                                                                                    "summary.promised")),
+                   Counter({int(k): v for k, v in cpus.items()}), _int(d, "shared", "summary", 0), set(preparing))
+
+
+class Records(MutableMapping[str, DomainRecord]):
+    """The VMs' records, decoded on first access.
+
+    The file keeps one record per line, so a transaction that touches one VM (most hook calls) decodes and
+    re-encodes that line only; the others are written back as they were read, and the sums planning needs
+    come from the header's :class:`Summary`. A line that does not decode raises LedgerError with the repair.
+    """
+
+    def __init__(self, raw: dict[str, str] | None = None, where: str = "ledger", base: Summary | None = None):
+        self._raw = raw or {}  # uuid → its line, not decoded yet
+        self._rec: dict[str, DomainRecord] = {}
+        self._where = where
+        self._orig: dict[str, Summary] = {}  # what each decoded (or removed) record contributed when read
+        self._base = base if base is not None else Summary()
+        if base is None and self._raw:  # no summary in the file (or a bad one): count everything once
+            self._base = self.recount()
+
+    def __getitem__(self, uuid: str) -> DomainRecord:
+        rec = self._rec.get(uuid)
+        if rec is None:
+            line = self._raw[uuid]
+            try:
+                rec = DomainRecord.from_json(json.loads(line), f"domains[{uuid}]")
+            except (ValueError, RecursionError, LedgerError) as e:
+                raise LedgerError(f"{self._where} is unreadable ({e}); run 'kvmhooks reconcile' to set it aside "
+                                  "and rebuild it from the running VMs") from None
+            del self._raw[uuid]
+            self._rec[uuid] = rec
+            self._orig[uuid] = Summary.of(uuid, rec)
+        return rec
+
+    def __setitem__(self, uuid: str, rec: DomainRecord) -> None:
+        if uuid in self._raw:
+            self[uuid]  # decoded first, so what it contributed is taken away
+        self._rec[uuid] = rec
+
+    def __delitem__(self, uuid: str) -> None:
+        self[uuid]
+        del self._rec[uuid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._raw.keys() | self._rec.keys()))  # a list: callers may change the mapping
+
+    def __len__(self) -> int:
+        return len(self._raw) + len(self._rec)
+
+    def __contains__(self, uuid: object) -> bool:
+        return uuid in self._rec or uuid in self._raw
+
+    def summary(self) -> Summary:
+        """The sums as they are now: the file's, minus what decoded records brought, plus what they bring."""
+        out = self._base.copy()
+        for orig in self._orig.values():
+            out.add(orig, -1)
+        for uuid, rec in self._rec.items():
+            out.add(Summary.of(uuid, rec))
+        return out
+
+    def recount(self) -> Summary:
+        """The sums from every record (decodes them all)."""
+        out = Summary()
+        for uuid in self:
+            out.add(Summary.of(uuid, self[uuid]))
+        return out
+
+    def rebase(self, exact: Summary) -> None:
+        """Make :meth:`summary` equal ``exact`` (a recount) from now on."""
+        base = exact.copy()
+        for orig in self._orig.values():
+            base.add(orig)
+        for uuid, rec in self._rec.items():
+            base.add(Summary.of(uuid, rec), -1)
+        self._base = base
+
+    def lines(self) -> Iterator[str]:
+        for uuid in self:
+            raw = self._raw.get(uuid)
+            yield raw if raw is not None else json.dumps({"uuid": uuid, **self._rec[uuid].to_json()},
+                                                         separators=(",", ":"))
+
+
 @dataclass
 class LedgerState:
-    domains: dict[str, DomainRecord] = field(default_factory=dict)
+    domains: Records = field(default_factory=Records)
     pools: dict[str, PoolRecord] = field(default_factory=dict)
     intents: list[Intent] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # recent repairs and inconsistencies, newest last
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.domains, Records):  # built from a plain mapping (tests, tools)
+            records = Records()
+            for uuid, rec in dict(self.domains).items():
+                records[uuid] = rec
+            self.domains = records
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything decoded, as plain data (``kvmhooks status --json``, tests, tools)."""
+        return {"version": LEDGER_VERSION, "domains": {u: r.to_json() for u, r in self.domains.items()},
+                "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
+                "intents": [i.to_json() for i in self.intents], "notes": self.notes,
+                "summary": self.domains.summary().to_json()}
+
+    def _mine(self, uuid: str | None) -> Summary:
+        return Summary.of(uuid, self.domains[uuid]) if uuid is not None and uuid in self.domains else Summary()
+
     def reserved(self, pool: str, excluding: str | None = None) -> int:
         """Pages kvmhooks added to a pool for live reservations, optionally not counting one VM."""
-        return sum(r.hugepages.get(pool, 0) for u, r in self.domains.items() if u != excluding)
+        return self.domains.summary().held[pool] - self._mine(excluding).held[pool]
+
+    def promised(self, pool: str, excluding: str | None = None) -> int:
+        """Pages of a left-alone pool promised to VMs whose QEMU has not mapped them yet."""
+        return self.domains.summary().promised[pool] - self._mine(excluding).promised[pool]
 
     def dedicated_cpus(self, excluding: str | None = None) -> frozenset[int]:
-        return frozenset(c for u, r in self.domains.items() if u != excluding for c in r.cpus)
+        held = self.domains.summary().cpus
+        held.subtract(self._mine(excluding).cpus)
+        return frozenset(c for c, n in held.items() if n > 0)
+
+    def any_shared(self) -> bool:
+        return self.domains.summary().shared > 0
+
+    def preparing(self) -> set[str]:
+        return self.domains.summary().preparing
 
     def note(self, text: str) -> None:
         self.notes.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
         del self.notes[:-MAX_NOTES]
 
     def to_json(self) -> str:
-        # Compact, and so encoded by json's C accelerator (indent= falls back to pure Python: 136 ms for
-        # 1000 VMs under the global lock).
-        return json.dumps({"version": LEDGER_VERSION,
-                           "domains": {u: r.to_json() for u, r in sorted(self.domains.items())},
-                           "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
-                           "intents": [i.to_json() for i in self.intents],
-                           "notes": self.notes}, separators=(",", ":"))
+        """The file: a header line (version, pools, intents, notes), then one line per VM, by UUID.
+
+        Compact, so json's C accelerator encodes it (indent= falls back to pure Python: 136 ms for 1000 VMs
+        under the global lock), and line-based, so an untouched record is copied, not re-encoded.
+        """
+        header = json.dumps({"version": LEDGER_VERSION,
+                             "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
+                             "intents": [i.to_json() for i in self.intents], "notes": self.notes,
+                             "summary": self.domains.summary().to_json()},
+                            separators=(",", ":"))
+        return "\n".join([header, *self.domains.lines()]) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> LedgerState:
+    def from_json(cls, text: str, where: str = "ledger") -> LedgerState:
         if not text.strip():
             return cls()
+        first, _, rest = text.partition("\n")
         try:
-            data = _obj(json.loads(text), "ledger")
-        except (ValueError, RecursionError) as e:
-            raise LedgerError(f"not JSON ({e})") from None
-        version = data.get("version")
-        if version not in _READABLE:
-            raise LedgerError(f"version {version!r} is not one this kvmhooks reads ({', '.join(map(str, _READABLE))})")
-        domains = _obj(_default(data.get("domains"), {}), "domains")
+            head = json.loads(first)
+        except (ValueError, RecursionError):
+            head = None
+        if isinstance(head, dict) and "domains" not in head and head.get("version") == LEDGER_VERSION:
+            raw = {}
+            for n, line in enumerate(rest.splitlines(), 2):
+                if not line.strip():
+                    continue
+                # The UUID leads every line: find it without decoding the rest.
+                if not line.startswith('{"uuid":"') or line[45:47] != '",':
+                    raise LedgerError(f"line {n}: not a VM record")
+                raw[line[9:45]] = line
+            data = head
+            try:
+                base = Summary.from_json(head["summary"]) if "summary" in head else None
+            except LedgerError:
+                base = None  # recounted from the records
+            domains = Records(raw, where, base)
+        else:  # version 1 (one indented document), or something that is not a ledger
+            try:
+                data = _obj(json.loads(text), "ledger")
+            except (ValueError, RecursionError) as e:
+                raise LedgerError(f"not JSON ({e})") from None
+            version = data.get("version")
+            if version not in _READABLE:
+                raise LedgerError(f"version {version!r} is not one this kvmhooks reads "
+                                  f"({', '.join(map(str, _READABLE))})")
+            domains = Records()
+            for u, r in _obj(_default(data.get("domains"), {}), "domains").items():
+                domains[str(u)] = DomainRecord.from_json(r, f"domains[{u}]")
+            domains = Records({u: json.dumps({"uuid": u, **r.to_json()}, separators=(",", ":"))
+                               for u, r in domains.items()}, where)
         pools = _obj(_default(data.get("pools"), {}), "pools")
         intents = _default(data.get("intents"), [])
         if not isinstance(intents, list):
             raise LedgerError("intents: expected a list")
         notes = data.get("notes") or []
-        return cls({str(u): DomainRecord.from_json(r, f"domains[{u}]") for u, r in domains.items()},
-                   {str(k): PoolRecord.from_json(p, f"pools[{k}]") for k, p in pools.items()},
+        return cls(domains, {str(k): PoolRecord.from_json(p, f"pools[{k}]") for k, p in pools.items()},
                    [Intent.from_json(i, f"intents[{n}]") for n, i in enumerate(intents)],
                    [str(n) for n in notes] if isinstance(notes, list) else [])
 
@@ -320,10 +564,10 @@ class LedgerState:
 class Transaction:
     """An exclusive hold on the ledger: ``state`` to change, ``commit()`` to make a step durable."""
 
-    def __init__(self, ledger: Ledger, state: LedgerState):
+    def __init__(self, ledger: Ledger, state: LedgerState, text: str):
         self.ledger = ledger
         self.state = state
-        self._written = state.to_json()
+        self._written = text  # what the file holds now: an untouched state encodes to the same text
 
     def commit(self) -> None:
         """Write the state now (the lock stays held); a no-op when nothing changed."""
@@ -360,15 +604,17 @@ class Ledger:
         finally:
             os.close(fd)  # closing drops the flock
 
-    def _load(self) -> LedgerState:
+    def _load(self) -> tuple[LedgerState, str]:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return LedgerState()
+            empty = LedgerState()
+            return empty, empty.to_json()  # nothing to write until something changes
         except OSError as e:
             raise LedgerError(f"ledger {self.path} cannot be read: {e}") from None
         try:
-            return LedgerState.from_json(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
+            return LedgerState.from_json(text, f"ledger {self.path}"), text
         except (LedgerError, UnicodeDecodeError) as e:
             raise LedgerError(f"ledger {self.path} is unreadable ({e}); run 'kvmhooks reconcile' to set it aside "
                               "and rebuild it from the running VMs") from None
@@ -376,7 +622,8 @@ class Ledger:
     def read(self) -> LedgerState:
         """A consistent snapshot (shared lock) for readers such as ``kvmhooks status``."""
         with self._locked(fcntl.LOCK_SH):
-            return self._load()
+            state, _ = self._load()  # records decode later, from the lines read here under the lock
+            return state
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[LedgerState]:
@@ -391,16 +638,21 @@ class Ledger:
         one begins, for the repair path (``kvmhooks reconcile``) to rebuild."""
         with self._locked(fcntl.LOCK_EX):
             try:
-                state = self._load()
+                state, text = self._load()
+                if quarantine:  # the repair path finds a bad record here, not half-way, and checks the sums
+                    exact = state.domains.recount()
+                    if exact.to_json() != state.domains.summary().to_json():
+                        state.note("the ledger's summary disagreed with its records; recounted")
+                        state.domains.rebase(exact)
             except LedgerError:
                 if not quarantine:
                     raise
                 aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
                 os.replace(self.path, aside)
-                state = LedgerState()
+                state, text = LedgerState(), ""
                 state.note(f"the unreadable ledger was moved to {aside} and rebuilt")
                 self.set_aside = aside
-            txn = Transaction(self, state)
+            txn = Transaction(self, state, text)
             yield txn
             txn.commit()
 

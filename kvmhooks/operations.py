@@ -26,7 +26,18 @@ from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError, KvmhooksError, LedgerError
-from kvmhooks.ledger import DomainRecord, Intent, Ledger, LedgerState, Pins, PoolRecord, Transaction, new_token, stamp
+from kvmhooks.ledger import (
+    NOT_MAPPED_YET,
+    DomainRecord,
+    Intent,
+    Ledger,
+    LedgerState,
+    Pins,
+    PoolRecord,
+    Transaction,
+    new_token,
+    stamp,
+)
 from kvmhooks.log import VMLog
 from kvmhooks.plan import pools as accounting
 from kvmhooks.plan.cpus import CpuPlan, plan_cpus
@@ -142,7 +153,7 @@ class Session:
         intent names then goes to its target, which completes a release and undoes a prepare alike.
         """
         st = self.state
-        orphans = [u for u, r in st.domains.items() if r.state == "preparing"]
+        orphans = sorted(st.preparing())
         if not st.intents and not orphans:
             return []
         keys = {i.pool for i in st.intents}
@@ -497,7 +508,7 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
         if snapshot.get(uuid) != rec.token:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: its reservation changed while reconcile looked")
             continue
-        if rec.state in accounting.NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE:
+        if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} "
                                "s ago)")
             continue
@@ -536,7 +547,7 @@ def mark(uuid: str, cfg: Config, **changes: object) -> None:
 
 
 def has_running_shared(cfg: Config) -> bool:
-    return any(r.shared for r in ledger_for(cfg).read().domains.values())
+    return ledger_for(cfg).read().any_shared()
 
 
 # --- failures that could not reach the ledger -----------------------------------------------------------

@@ -119,7 +119,7 @@ def repin_shared(conn: Any, cfg: Config, vlog: VMLog) -> list[str]:
     ledger = Ledger(cfg.ledger_path, cfg.lock_timeout)
     state = ledger.read()
     done: list[str] = []
-    if not any(r.shared for r in state.domains.values()):
+    if not state.any_shared():
         return done
     pool = shared_pool(read_topology(cfg.sysfs_root, cfg.proc_root), cfg, state)
     if not pool:

@@ -22,10 +22,6 @@ from kvmhooks.ledger import LedgerState, PoolRecord
 from kvmhooks.topology import HostTopology, PoolState
 from kvmhooks.units import format_kib
 
-# Records in these states have reserved but QEMU has not mapped its memory yet: pages promised from a
-# left-alone pool are still counted as free by the kernel.
-NOT_MAPPED_YET = ("preparing", "prepared")
-
 
 @dataclass(frozen=True)
 class PoolWrite:
@@ -133,8 +129,7 @@ def borrow_problems(state: LedgerState, topo: HostTopology, uuid: str, wants: di
     for key, pages in sorted(wants.items()):
         ps = pool_state(topo, key)
         node, size = parse_pool_key(key)
-        promised = sum(r.borrowed.get(key, 0) for u, r in state.domains.items()
-                       if u != uuid and r.state in NOT_MAPPED_YET)
+        promised = state.promised(key, excluding=uuid)
         usable = 0 if ps is None else max(0, ps.free - topo.resv_pages.get(size, 0) - promised)
         if usable < pages:
             problems.append(f"node {node}: pool {key} is left alone by config and has {usable} usable free "

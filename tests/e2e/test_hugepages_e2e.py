@@ -107,13 +107,11 @@ def test_reconnect_adopts_a_vm_missing_from_the_ledger(env: Env) -> None:
     virsh("start", vm.name)
     stop_daemon("libvirtd")
     # Simulate a lost entry (e.g. a ledger restored from elsewhere): reconnect must adopt, not reserve.
-    import json
-
+    from kvmhooks.ledger import Ledger
     from tests.e2e.conftest import LEDGER
 
-    data = json.loads(LEDGER.read_text())
-    del data["domains"][vm.uuid]
-    LEDGER.write_text(json.dumps(data))
+    with Ledger(LEDGER).transaction() as st:
+        del st.domains[vm.uuid]
     start_libvirtd()
     assert domstate(vm.name) == "running"
     assert ledger()["domains"][vm.uuid]["hugepages"] == {"node0/2048kB": 128}

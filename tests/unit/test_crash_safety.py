@@ -102,6 +102,8 @@ def check_invariant(host: FakeHost, cfg: Config, admin: dict[tuple[int, int], in
     state = operations.ledger_for(cfg).read()
     assert not state.intents, state.intents
     assert not [u for u, r in state.domains.items() if r.state == "preparing"]
+    # The header's running sums (what planning reads instead of decoding every VM) match the records.
+    assert state.domains.summary().to_json() == state.domains.recount().to_json()
     for (node, size), want in admin.items():
         ps = read_pool(host.sysfs, node, size)
         held = state.reserved(f"node{node}/{size}kB")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmhooks.ledger import Ledger
 from tests.fakehost import GIB, FakeHost, domain_xml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ def test_enabled_no_releases_leftovers(host: FakeHost, cfg: Path) -> None:
     off = domain_xml(uuid=U1).replace(b"<kvm:tuning ", b'<kvm:tuning enabled="no" ')
     assert hook(cfg, "vm1", "prepare", off).returncode == 0
     assert host.pool(0) == 0
-    assert json.loads((host.root / "run/ledger.json").read_text())["domains"] == {}
+    assert not Ledger(host.root / "run/ledger.json").read().domains
 
 
 def test_an_oversize_unannotated_vm_is_not_refused(host: FakeHost, cfg: Path) -> None:
@@ -214,7 +214,7 @@ def test_the_vm_owner_cannot_make_release_refuse(host: FakeHost, cfg: Path, host
         r = hook(cfg, "vm1", op, live, "end")
         assert (r.returncode, r.stdout) == (0, b"")
     assert host.pool(0) == 0
-    assert json.loads((host.root / "run/ledger.json").read_text())["domains"] == {}
+    assert not Ledger(host.root / "run/ledger.json").read().domains
 
 
 @pytest.mark.parametrize("op", ("prepare", *LIFECYCLE))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,9 @@ def node_xml(host: FakeHost, runstate: int = 1, tuning: str = "") -> str:
 
 
 def ledger(host: FakeHost) -> dict:  # type: ignore[type-arg]
-    return json.loads((host.root / "run/ledger.json").read_text())  # type: ignore[no-any-return]
+    from kvmhooks.ledger import Ledger
+
+    return Ledger(host.root / "run/ledger.json").read().as_dict()
 
 
 def wait_ledger(host: FakeHost, pred, timeout: float = 20) -> dict:  # type: ignore[no-untyped-def,type-arg]
