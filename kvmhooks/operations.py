@@ -129,12 +129,16 @@ class Session:
         if not writes:
             return {}
         pid = os.getpid()
-        self.state.intents.extend(Intent(w.pool, w.before, w.target, pid, op, uuid) for w in writes)
+        mine = [Intent(w.pool, w.before, w.target, pid, op, uuid) for w in writes]
+        written = {w.pool for w in writes}
+        # An earlier intent on a pool this write settles is superseded by it, in the same commit: there is never
+        # a moment when that pool has no intent and is not where the ledger says.
+        self.state.intents = [i for i in self.state.intents if i.pool not in written] + mine
         self.commit()
         got = apply_pool_writes(self.pools, writes, deadline if deadline is not None else time.monotonic(), vm)
         for key, n in got.items():
             accounting.record_readback(self.state, key, n, n)
-        self.state.intents = []
+        self.state.intents = [i for i in self.state.intents if not any(i is m for m in mine)]
         self._forget_settled(got)
         self.commit()
         self.refresh()
@@ -156,33 +160,48 @@ class Session:
         orphans = sorted(st.preparing())
         if not st.intents and not orphans:
             return []
-        keys = {i.pool for i in st.intents}
+        self.refresh()
         found = []
+        keys = {i.pool for i in st.intents}
         for u in orphans:
             rec = st.domains.pop(u)
             keys |= set(rec.hugepages)
             found.append(f"rolled back the unfinished reservation of VM {rec.name!r} ({u})")
-        for i in st.intents:
-            found.append(f"recovered an interrupted {i.op} write on pool {i.pool} ({i.before} → {i.target} pages, "
-                         f"process {i.pid})")
-        self.refresh()
+        for key in sorted({i.pool for i in st.intents}):
+            its = [i for i in st.intents if i.pool == key]
+            found += [f"recovered an interrupted {i.op} write on pool {key} ({i.before} → {i.target} pages, "
+                      f"process {i.pid})" for i in its]
+            ps = accounting.pool_state(self.topo, key)
+            if ps is None:
+                continue
+            now = accounting.persistent(ps)
+            prec = st.pools.get(key)
+            if prec is None:  # records are committed with their first intent; this is only a safety net
+                prec = st.pools[key] = PoolRecord(max(0, min(i.before for i in its) - st.reserved(key)), now)
+            high = max(max(i.before, i.target) for i in its)
+            if now > high:  # above both ends of the interrupted write: the admin raised it meanwhile
+                prec.baseline += now - high
+                found.append(f"pool {key} was raised by hand to {now} pages while a write was interrupted: the "
+                             f"admin's baseline is now {prec.baseline}")
         writes = accounting.writes_for(st, self.topo, self.cfg, keys)
         problems = accounting.capacity_problems(writes, self.topo, self.cfg)
         for key, why in problems.items():
             found.append(f"cannot restore pool {key} to its target now: {why}")
         writes = [w for w in writes if w.pool not in problems]
-        st.intents = [i for i in st.intents if i.pool in problems]  # kept: retried by the next session
-        # Pools already at their target: what they are now is what kvmhooks left.
-        for key in keys - {w.pool for w in writes} - set(problems):
+        for key in keys - {w.pool for w in writes} - set(problems):  # already at their target
             ps = accounting.pool_state(self.topo, key)
             if ps is not None and key in st.pools:
                 st.pools[key].expected = accounting.persistent(ps)
-        self._forget_settled(list(keys))
+        # Intents of pools already at their target are done; those of pools written now are replaced by this
+        # recovery's own in execute's first commit; those that cannot be restored now stay for the next session.
+        st.intents = [i for i in st.intents if i.pool in problems or i.pool in {w.pool for w in writes}]
         for f in found:
             log.warning("recovery: %s", f)
             st.note(f)
+        if writes:
+            self.execute(writes, "recover", None, "-", time.monotonic() + self.cfg.retry_timeout)
+        self._forget_settled(list(keys))
         self.commit()
-        self.execute(writes, "recover", None, "-", time.monotonic() + self.cfg.retry_timeout)
         return found
 
 
@@ -382,6 +401,12 @@ def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, v
         else:
             prec.expected = now
     _adopt_cpus(dom, rec, topo)
+    taken = rec.cpus and set(rec.cpus) & st.dedicated_cpus(excluding=dom.uuid)
+    if taken:
+        vlog.warning("reconnect: it is pinned to CPU(s) %s that the ledger gives to other VMs; not counting them "
+                     "as its own (kvmhooks status shows the overlap)", format_cpuset(taken))
+        st.note(f"VM {dom.name!r} ({dom.uuid}) runs on CPU(s) {format_cpuset(taken)} dedicated to other VMs")
+        rec.cpus = sorted(set(rec.cpus) - taken)
     stamp(rec)
     st.domains[dom.uuid] = rec
     return rec
@@ -520,6 +545,9 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
         out.released.append((uuid, rec))
     for uuid, xml in sorted(running.items()):
         if uuid in st.domains:
+            continue
+        if uuid in snapshot:  # it had a reservation when reconcile looked, and has none now: it stopped
+            out.actions.append(f"leave {uuid} alone: its reservation changed while reconcile looked")
             continue
         try:
             dom = parse_domain(xml)
