@@ -96,17 +96,11 @@ def parse_qmp_guest_stats(raw: object) -> dict[str, int]:
 
 
 class QMPStatsBalloon(QMPBalloon):
-    """The QMP balloon, reading every guest stat the policy uses (major faults and swap-in too), and checking
-    the shape of what it reads."""
+    """The QMP balloon, reading every guest stat the policy uses (major faults and swap-in too) in one
+    ``qom-get``, checking the shape of what it reads."""
 
     def guest_stats(self) -> dict[str, int]:
         return parse_qmp_guest_stats(self.execute("qom-get", {"path": BALLOON_QOM, "property": "guest-stats"}))
-
-    def actual_kib(self) -> int:
-        raw = self.execute("query-balloon")
-        if not isinstance(raw, dict) or not isinstance(raw.get("actual"), int):
-            raise QMPTransportError(f"QMP query-balloon: unexpected reply {str(raw)[:200]!r}")
-        return int(raw["actual"]) // 1024
 
 
 def open_balloon(d: Domain, spec: BalloonSpec, libvirt_dom: Any, vlog: VMLog, announce: bool = True) -> Balloon:
