@@ -127,16 +127,23 @@ def pool_rows(topo: HostTopology, state: LedgerState) -> list[dict[str, Any]]:
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     import libvirt
 
-    state = read_ledger(cfg)
+    from kvmhooks.errors import LedgerError, LockTimeout
+
+    notes_first: list[str] = []
+    try:
+        state = read_ledger(cfg)
+    except (LockTimeout, LedgerError) as e:  # status is how an admin finds out: show what can be shown
+        state = LedgerState()
+        notes_first.append(f"note: {e}; showing libvirt's view without reservations")
     topo = operations.topology_for(cfg)
     failures = operations.read_failures(cfg)
     vms: list[dict[str, Any]] = []
     conn = None
-    note = ""
     try:
         conn = connect(args.uri or cfg.libvirt_uri)
     except ConnectError as e:
-        note = f"note: {e}; showing the ledger only"
+        notes_first.append(f"note: {e}; showing the ledger only")
+    note = "\n".join(notes_first)
     if conn is not None:
         doms = [lookup(conn, n) for n in args.domains] if args.domains else conn.listAllDomains()
     else:

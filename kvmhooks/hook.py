@@ -93,8 +93,10 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     data = b""
     try:
         data = stdin.read(MAX_XML_BYTES + 1)
-        cfg = load_config()
-        setup_logging(cfg.log, cfg.log_level, op)
+        try:
+            cfg = load_config()
+        finally:  # a broken config still logs (to syslog), never as a second line on stderr
+            setup_logging(cfg.log if cfg else "syslog", cfg.log_level if cfg else "INFO", op)
         run(argv, data, cfg)
         return 0
     except KvmhooksError as e:
@@ -107,8 +109,8 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
         print(f"kvmhooks: {msg}", file=sys.stderr)
         return 1
     uuid = scan_uuid(data)
-    if uuid is not None:
+    if uuid is not None and cfg is not None:  # (a broken config shows in every kvmhooks command anyway)
         from kvmhooks.operations import record_failure
 
-        record_failure(cfg or Config(), uuid, op, msg)
+        record_failure(cfg, uuid, op, msg)
     return 0

@@ -317,6 +317,7 @@ def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRe
     The VM's removal is committed (with the intents) before any pool shrinks: a release that fails or dies
     after that point is completed by the next session, and one that fails before it changed nothing.
     """
+    clear_failure(cfg, uuid)  # the run that failed is over (its failures stay in the log)
     with session(cfg, pools) as s:
         rec = _release_locked(s, uuid)
     from kvmhooks.apply.sockets import remove_socket

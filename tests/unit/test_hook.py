@@ -92,7 +92,7 @@ def test_reconnect_never_fails(host: FakeHost, cfg: Path) -> None:
 def test_broken_config_fails_prepare_with_its_reason(host: FakeHost) -> None:
     broken = write_config(host, lock_timeout='"soon"')
     r = hook(broken, "vm1", "prepare", domain_xml(uuid=U1))
-    assert r.returncode == 1 and b"lock_timeout" in r.stderr
+    assert r.returncode == 1 and b"lock_timeout" in r.stderr and r.stderr.count(b"\n") == 1
 
 
 def test_unannotated_vm_exits_before_importing_kvmhooks(host: FakeHost, cfg: Path) -> None:
