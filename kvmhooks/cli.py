@@ -149,16 +149,16 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     else:
         doms = []
     seen = set()
-    for d in doms:
+
+    def row_for(d: Any) -> dict[str, Any] | None:
         uuid = d.UUIDString()
         try:
             dom = parse_domain(d.XMLDesc(0).encode())
         except KvmhooksError as e:
-            vms.append({"name": d.name(), "uuid": uuid, "state": "?", "annotations": f"invalid: {e}"})
-            continue
+            return {"name": d.name(), "uuid": uuid, "state": "?", "annotations": f"invalid: {e}"}
         rec = state.domains.get(uuid)
         if rec is None and not dom.annotated and not args.domains:
-            continue
+            return None
         seen.add(uuid)
         info = d.info()
         row: dict[str, Any] = {"name": d.name(), "uuid": uuid,
@@ -179,7 +179,16 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             if t is not None and t.balloon is not None:
                 row["balloon"] = {"target": t.balloon.target_kib, "min": t.balloon.min_kib, "actual": actual,
                                   "policy": t.balloon.policy}
-        vms.append(row)
+        return row
+
+    for d in doms:
+        try:
+            row = row_for(d)
+        except (libvirt.libvirtError, KvmhooksError) as e:  # it vanished or broke while we looked: that VM only
+            log.info("status: %s", e)
+            row = {"name": "?", "uuid": "?", "state": "?", "annotations": f"could not be read: {e}"}
+        if row is not None:
+            vms.append(row)
     for uuid, rec in sorted(state.domains.items()):
         if uuid not in seen and not args.domains:
             vms.append({"name": rec.name, "uuid": uuid, "state": "unknown to libvirt" if conn else "?",
@@ -427,6 +436,8 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
+    import libvirt
+
     from kvmhooks.doctor import DomainFacts, check_domain, check_host, read_host_facts
 
     topo = operations.topology_for(cfg)
@@ -448,6 +459,8 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
                 doms.append(DomainFacts(d.name(), parse_domain(d.XMLDesc(0).encode()), active=bool(d.isActive())))
             except KvmhooksError as e:
                 doms.append(DomainFacts(d.name(), None, str(e), bool(d.isActive())))
+            except libvirt.libvirtError as e:  # it vanished while we looked: that VM only
+                log.info("doctor: skipping a domain: %s", e)
     findings = check_host(facts, doms)
     for d in doms:
         findings += check_domain(facts, d, cfg, running_vcpus)

@@ -1,0 +1,78 @@
+"""Adoption reads facts instead of guessing (defect 8): where a running VM's huge pages really are (its QEMU
+process's numa_maps), every CPU it holds (isolate siblings, the isolated emulator CPU), and a VM already in
+the ledger keeps its record at reconnect even if its live annotation now says enabled="no"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmhooks import operations
+from kvmhooks.domain import parse_domain
+from kvmhooks.topology import qemu_hugepages
+from tests.fakehost import FakeHost, domain_xml
+
+U1 = "11111111-2222-3333-4444-000000000001"
+U2 = "11111111-2222-3333-4444-000000000002"
+
+
+def fake_qemu(host: FakeHost, pid: int, uuid: str, numa_maps: str) -> None:
+    d = host.proc / str(pid)
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join([b"/usr/bin/qemu-system-x86_64", b"-name", b"guest=vm1", b"-uuid",
+                                            uuid.encode(), b"-m", b"256"]) + b"\0")
+    (d / "numa_maps").write_text(numa_maps)
+
+
+MAPS = """7f0000000000 default
+7f1000000000 bind:1 file=/dev/hugepages/libvirt/qemu/1-vm1/qemu_back_mem._objects_ram-node0.abc huge dirty=100 \
+N1=100 kernelpagesize_kB=2048
+7f2000000000 default file=/usr/bin/qemu-system-x86_64 mapped=10 N0=10 kernelpagesize_kB=4
+"""
+
+
+def test_numa_maps_are_read_for_the_right_process(numa_host: FakeHost) -> None:
+    fake_qemu(numa_host, 4242, U1, MAPS)
+    fake_qemu(numa_host, 4343, U2, "")
+    assert qemu_hugepages(numa_host.proc, U1) == {(1, 2048): 100}
+    assert qemu_hugepages(numa_host.proc, U2) == {}
+    assert qemu_hugepages(numa_host.proc, "99999999-2222-3333-4444-000000000001") == {}
+
+
+def test_an_auto_node_vm_is_adopted_where_its_pages_are(numa_host: FakeHost) -> None:
+    """Re-planning "auto" against today's free memory would pick node 0 (more free): the wrong node shrunk at
+    its stop, the right one leaked."""
+    numa_host.set_free(0, 12 * 1024 * 1024)
+    numa_host.set_free(1, 4 * 1024 * 1024)
+    numa_host.set_pool(1, 2048, 128 + 6)  # its pages, and the admin's 6
+    fake_qemu(numa_host, 4242, U1, MAPS)  # 100 faulted in on node 1, the rest not yet touched
+    cfg = numa_host.config()
+    rec = operations.adopt(parse_domain(domain_xml(uuid=U1)), cfg)
+    assert rec is not None and rec.hugepages == {"node1/2048kB": 128}
+    assert operations.ledger_for(cfg).read().pools["node1/2048kB"].baseline == 6
+    operations.release(U1, cfg)
+    assert (numa_host.pool(0), numa_host.pool(1)) == (0, 6)
+
+
+def test_isolate_siblings_and_the_isolated_emulator_cpu_are_adopted(numa_host: FakeHost) -> None:
+    """Dropping them let the next VM take a sibling of a vCPU that asked for a whole core."""
+    cfg = numa_host.config(cpu_housekeeping=frozenset())
+    xml = domain_xml(uuid=U1, backing="", tuning='<kvm:cpu policy="dedicated" threads="isolate" emulator="isolate"/>',
+                     extra="<cputune><vcpupin vcpu='0' cpuset='1'/><vcpupin vcpu='1' cpuset='2'/>"
+                           "<emulatorpin cpuset='3'/></cputune>")
+    rec = operations.adopt(parse_domain(xml), cfg)
+    # 1 and 2 with their siblings 9 and 10 (2 nodes x 4 cores x 2 threads), and the emulator's 3 with 11
+    assert rec is not None and rec.cpus == [1, 2, 3, 9, 10, 11] and rec.emulator_cpu == 3
+    other = domain_xml(uuid=U2, backing="", tuning='<kvm:cpu policy="dedicated"/>', vcpus=2)
+    got = operations.prepare(parse_domain(other), cfg).record
+    assert not set(got.cpus) & {1, 2, 3, 9, 10, 11}
+
+
+def test_reconnect_of_a_vm_disabled_live_keeps_its_cpus(host: FakeHost, tmp_path: Path) -> None:
+    """A live enabled="no" seen at reconnect released the running VM's dedicated CPUs while it stayed pinned."""
+    cfg = host.config(cpu_housekeeping=frozenset())
+    on = domain_xml(uuid=U1, backing="", tuning='<kvm:cpu policy="dedicated"/>', vcpus=1)
+    rec = operations.prepare(parse_domain(on), cfg).record
+    off = on.replace(b'<kvm:tuning xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0">',
+                     b'<kvm:tuning xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0" enabled="no">')
+    operations.adopt(parse_domain(off), cfg)
+    assert operations.ledger_for(cfg).read().domains[U1].cpus == rec.cpus
