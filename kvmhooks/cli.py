@@ -364,10 +364,16 @@ def validate_problems(data: bytes, cfg: Config) -> tuple[str, list[str]]:
 
 
 def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.doctor import check_balloon, domain_facts
+
     data, _ = _xml_for(args, cfg)
     name, problems = validate_problems(data, cfg)
-    emit(args, {"vm": name, "ok": not problems, "problems": problems},
-         lambda: "\n".join(problems) if problems else f"VM {name!r}: annotation valid for this host")
+    # The guest's own defences are advice, not refusals: the start would go ahead.
+    warnings = [f"warning: {f.what} ({f.fix})" for f in check_balloon(domain_facts(name, data))
+                if f.severity == "warning"] if not problems else []
+    emit(args, {"vm": name, "ok": not problems, "problems": problems, "warnings": warnings},
+         lambda: "\n".join(problems) if problems else "\n".join([f"VM {name!r}: annotation valid for this host",
+                                                                   *warnings]))
     return EXIT_FINDING if problems else EXIT_OK
 
 
@@ -438,7 +444,7 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
     import libvirt
 
-    from kvmhooks.doctor import DomainFacts, check_domain, check_host, read_host_facts
+    from kvmhooks.doctor import DomainFacts, check_domain, check_host, domain_facts, read_host_facts
 
     topo = operations.topology_for(cfg)
     facts = read_host_facts(topo, cfg)
@@ -455,10 +461,8 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
             if d.isActive():
                 running_vcpus += d.info()[3]
         for d in targets:
-            try:
-                doms.append(DomainFacts(d.name(), parse_domain(d.XMLDesc(0).encode()), active=bool(d.isActive())))
-            except KvmhooksError as e:
-                doms.append(DomainFacts(d.name(), None, str(e), bool(d.isActive())))
+            try:  # domain_facts also sees what Domain does not carry (a VFIO device)
+                doms.append(domain_facts(d.name(), d.XMLDesc(0).encode(), bool(d.isActive())))
             except libvirt.libvirtError as e:  # it vanished while we looked: that VM only
                 log.info("doctor: skipping a domain: %s", e)
     findings = check_host(facts, doms)
@@ -517,8 +521,10 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
     from kvmhooks.annotate import AnnotateRequest, edit_domain_xml, normalize
 
-    if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp):
-        raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp or --remove")
+    if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp
+            or args.free_page_reporting):
+        raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp, "
+                            "--free-page-reporting or --remove")
     conn = connect(args.uri or cfg.libvirt_uri)
     d = lookup(conn, args.domain)
     uuid = d.UUIDString()
@@ -527,7 +533,8 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
     added = json.loads(record.read_text()) if record.exists() else {}
     before = inactive_xml(d)
     req = AnnotateRequest(hugepages=args.hugepages, cpu=args.cpu, pin=args.pin, balloon=args.balloon, qmp=args.qmp,
-                          remove=args.remove, remove_backing=bool(added.get("backing")))
+                          free_page_reporting=args.free_page_reporting, remove=args.remove,
+                          remove_backing=bool(added.get("backing")), remove_autodeflate=bool(added.get("autodeflate")))
     topo = operations.topology_for(cfg)
     edited = edit_domain_xml(inactive_xml(d, secure=True), req, topo)  # secure: keep passwords on redefine
     if not args.remove:
@@ -542,13 +549,17 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
         after = inactive_xml(lookup(conn, uuid))
         if args.remove:
             record.unlink(missing_ok=True)
-        elif edited.added_backing:
+        elif edited.added_backing or edited.added_autodeflate:
+            ours = {**added, **({"backing": True} if edited.added_backing else {}),
+                    **({"autodeflate": True} if edited.added_autodeflate else {})}
             record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"backing": True}))
+            record.write_text(json.dumps(ours))
     diff = "".join(difflib.unified_diff(normalize(before).splitlines(True), normalize(after).splitlines(True),
                                         f"{args.domain} (before)", f"{args.domain} (after)"))
-    emit(args, {"vm": args.domain, "dry_run": args.dry_run, "diff": diff},
-         lambda: (diff or "no change") + ("\n(dry run: nothing was changed)" if args.dry_run else ""))
+    notes = list(edited.notes)
+    emit(args, {"vm": args.domain, "dry_run": args.dry_run, "diff": diff, "notes": notes},
+         lambda: (diff or "no change") + "".join(f"\nnote: {n}" for n in notes)
+         + ("\n(dry run: nothing was changed)" if args.dry_run else ""))
     return EXIT_OK
 
 
@@ -601,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pin", metavar="auto|LIST", help="auto (dedicated placement) or host CPUs for vCPU 0,1,...")
     s.add_argument("--balloon", metavar="TARGET", help="balloon target: a size (768M) or a percentage (75%%)")
     s.add_argument("--qmp", action="store_true", help="add the dedicated QMP socket kvmhooks drives the balloon over")
+    s.add_argument("--free-page-reporting", action="store_true",
+                   help="turn on <memballoon freePageReporting='on'> (not for hugepage-backed or VFIO VMs)")
     s.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     s.add_argument("--remove", action="store_true", help="remove the annotation and what annotate added")
     s.set_defaults(func=cmd_annotate)
