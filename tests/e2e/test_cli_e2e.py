@@ -27,6 +27,7 @@ def strip_ours(xml: str) -> str:
     xml = re.sub(r"<memoryBacking>.*?</memoryBacking>", "", xml, flags=re.S)
     xml = re.sub(r"<qemu:commandline>.*?</qemu:commandline>", "", xml, flags=re.S)
     xml = xml.replace(" xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'", "")
+    xml = xml.replace(" autodeflate='on'", "")  # deflate-on-oom, which annotate --balloon turns on
     return normalize(xml)
 
 

@@ -30,8 +30,9 @@ def test_explicit_pins_show_in_virsh_within_a_second(env: Env) -> None:
              "pins in virsh vcpupin/emulatorpin")
     assert time.monotonic() - t0 <= 1.0
     # The detached worker did it (it talks to libvirt) without holding up virsh start, and said so.
-    rec = wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("worker"), 5, "the worker's record")
-    assert rec["pid"] > 0 and ledger()["domains"][vm.uuid]["state"] == "running"
+    rec = wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("worker_pid"), 5, "the worker's record")
+    assert rec > 0 and ledger()["domains"][vm.uuid]["state"] == "running"
+    assert ledger()["domains"][vm.uuid]["applied"]["pins"] == {"0": "1", "1": "0"}  # read back from libvirt
     # Live only: the persistent definition is untouched without persist="yes".
     assert "<cputune>" not in virsh("dumpxml", "--inactive", vm.name).stdout
 

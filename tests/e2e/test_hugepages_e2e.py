@@ -34,7 +34,7 @@ def test_annotated_guest_gets_its_pages_and_gives_them_back(env: Env) -> None:
     assert domstate(vm.name) == "running"
     # Huge pages only: everything was done at prepare, so no worker is spawned for it.
     assert ledger()["domains"][vm.uuid]["state"] == "running"
-    assert "worker" not in ledger()["domains"][vm.uuid]["applied"]
+    assert "worker_pid" not in ledger()["domains"][vm.uuid]["applied"]
     virsh("destroy", vm.name)
     assert pool2m() == before
     assert vm.uuid not in ledger()["domains"]
