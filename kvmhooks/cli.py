@@ -241,93 +241,32 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 # --- plan / validate --------------------------------------------------------------------------------------
 
-def _xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool]:
-    """The domain XML to look at and whether the VM runs now (then its own reservations are excluded)."""
+def _xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool, bool]:
+    """The domain XML to look at, whether the VM runs now, and whether it is persistent (a file: as if
+    defined from it)."""
     if args.xml:
         try:
-            return Path(args.xml).read_bytes(), False
+            return Path(args.xml).read_bytes(), False, True
         except OSError as e:
             raise KvmhooksError(f"cannot read {args.xml}: {e.strerror}") from None
     if not args.domain:
         raise KvmhooksError("name a domain or give --xml FILE")
     conn = connect(args.uri or cfg.libvirt_uri)
     d = lookup(conn, args.domain)
-    return inactive_xml(d).encode(), bool(d.isActive())
-
-
-def plan_actions(dom: Domain, cfg: Config, topo: HostTopology, state: LedgerState) -> list[dict[str, str]]:
-    """Every action prepare and started would take now, as (phase, what) — computed, never applied."""
-    from kvmhooks.topology import pool_dir
-
-    actions: list[dict[str, str]] = []
-    hp, cpus = operations.check(dom, cfg, topo, state)
-    if hp is not None:
-        for w in operations.preview_pool_writes(dom, hp, cfg, topo, state):
-            actions.append({"phase": "prepare", "action": f"write {pool_dir(cfg.sysfs_root, w.node, w.size_kib)}"
-                            f"/nr_hugepages = {w.target} (now {w.before}; +{w.target - w.before} pages)"})
-        for k in hp.pools():
-            if k in cfg.leave_alone:
-                actions.append({"phase": "prepare", "action": f"use free pages of {k} (left alone by config)"})
-    if cpus is not None and cpus.dedicated:
-        actions.append({"phase": "prepare", "action": f"reserve dedicated CPUs {format_cpuset(cpus.dedicated)} "
-                        "in the ledger"})
-    actions.append({"phase": "prepare", "action": f"record {dom.uuid} in {cfg.ledger_path}"})
-    t = dom.active_tuning
-    assert t is not None
-    flags = "AFFECT_LIVE" + ("|AFFECT_CONFIG" if t.persist_cputune else "")
-    if t.vcpus_live is not None:
-        actions.append({"phase": "started", "action": f"libvirt setVcpusFlags({t.vcpus_live}, AFFECT_LIVE)"})
-    if cpus is not None:
-        for v, cs in sorted(cpus.vcpus.items()):
-            actions.append({"phase": "started", "action": f"libvirt pinVcpuFlags({v}, {format_cpuset(cs)}, {flags})"})
-        if cpus.emulator:
-            actions.append({"phase": "started", "action": f"libvirt pinEmulator({format_cpuset(cpus.emulator)}, "
-                            f"{flags})"})
-        for i, cs in sorted(cpus.iothreads.items()):
-            actions.append({"phase": "started", "action": f"libvirt pinIOThread({i}, {format_cpuset(cs)}, {flags})"})
-        if cpus.dedicated and state.any_shared():
-            actions.append({"phase": "started", "action": "re-pin running shared VMs off "
-                            f"{format_cpuset(cpus.dedicated)}"})
-    if t.memtune is not None:
-        for k, v in t.memtune.items():
-            actions.append({"phase": "started", "action": f"libvirt setMemoryParameters({{{k!r}: {v}}}, AFFECT_LIVE)"})
-    if t.balloon is not None:
-        from kvmhooks.apply.qmp import BALLOON_QOM
-        from kvmhooks.plan.balloon import fixed_target
-
-        b = t.balloon
-        qmp = dom.qmp_socket is not None and b.transport != "libvirt"
-        period = b.stats_period or 2
-        wait = "once the guest's balloon driver reports stats (bounded)"
-        if qmp:
-            actions.append({"phase": "started", "action": f"QMP {dom.qmp_socket}: qom-set({BALLOON_QOM}, "
-                            f"guest-stats-polling-interval, {period}), then qom-get guest-stats {wait}"})
-        else:
-            actions.append({"phase": "started", "action": f"libvirt setMemoryStatsPeriod({period}, AFFECT_LIVE), "
-                            f"then memoryStats() {wait}"})
-        if b.policy == "fixed" and b.target_kib is not None:
-            target = fixed_target(b.target_kib, b.min_kib, dom.memory_kib)
-            call = f"QMP balloon(value={target * 1024})" if qmp else f"libvirt setMemoryFlags({target}, AFFECT_LIVE)"
-            actions.append({"phase": "started", "action": f"{call}: {format_kib(target)}, then verify query-balloon "
-                            "until it lands"})
-        else:
-            actions.append({"phase": "started", "action": f"automatic balloon between {format_kib(b.min_kib)} and "
-                            f"{format_kib(dom.memory_kib)} by 'kvmhooks balloond' via {'QMP' if qmp else 'libvirt'}"})
-    return actions
+    return inactive_xml(d).encode(), bool(d.isActive()), bool(d.isPersistent())
 
 
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
-    data, running = _xml_for(args, cfg)
+    from kvmhooks.dryrun import plan
+
+    data, running, persistent = _xml_for(args, cfg)
     dom = parse_domain(data)
     if dom.active_tuning is None:
         emit(args, {"vm": dom.name, "actions": [], "note": "not annotated (or enabled='no'): kvmhooks does nothing"},
              lambda: f"VM {dom.name!r}: not annotated (or enabled='no'): kvmhooks does nothing")
         return EXIT_OK
-    state = read_ledger(cfg)
-    state.domains.pop(dom.uuid, None)  # plan the next start: what it holds now would be given back first
-    topo = operations.topology_for(cfg)
-    try:
-        actions = plan_actions(dom, cfg, topo, state)
+    try:  # the real prepare and started code, against recorders and a copy of the ledger
+        actions = [{"phase": a.phase, "action": a.action} for a in plan(dom, cfg, persistent)]
     except KvmhooksError as e:
         reason = str(e)
         emit(args, {"vm": dom.name, "refuse": reason}, lambda: f"would refuse the start: {reason}")
@@ -366,7 +305,7 @@ def validate_problems(data: bytes, cfg: Config) -> tuple[str, list[str]]:
 def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
     from kvmhooks.doctor import check_balloon, domain_facts
 
-    data, _ = _xml_for(args, cfg)
+    data, _, _ = _xml_for(args, cfg)
     name, problems = validate_problems(data, cfg)
     # The guest's own defences are advice, not refusals: the start would go ahead.
     warnings = [f"warning: {f.what} ({f.fix})" for f in check_balloon(domain_facts(name, data))

@@ -232,11 +232,14 @@ def _ensure_pool_records(s: Session, keys: list[str]) -> None:
 
 # --- prepare / release ------------------------------------------------------------------------------------
 
-def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> Prepared:
-    """Reserve what the VM needs before QEMU starts; raises (host unchanged) when it cannot."""
+def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_socket_dir: bool = True) -> Prepared:
+    """Reserve what the VM needs before QEMU starts; raises (host unchanged) when it cannot.
+
+    ``make_socket_dir=False`` (the dry run) leaves the QMP socket directory alone.
+    """
     vlog = VMLog(dom.name, dom.uuid)
     check(dom, cfg)  # validation errors surface before we queue for the lock
-    if dom.qmp_socket is not None:
+    if dom.qmp_socket is not None and make_socket_dir:
         from kvmhooks.apply.sockets import ensure_socket_dir
 
         ensure_socket_dir(dom.qmp_socket)

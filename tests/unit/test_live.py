@@ -25,11 +25,13 @@ NCPUS = 4
 class FakeDom:
     """A running domain: stores pins as libvirt would, or (``sticky=False``) accepts and forgets them."""
 
-    def __init__(self, uuid: str, xml: bytes, vcpus: int = 2, sticky: bool = True):
-        self.uuid, self.xml, self.sticky = uuid, xml, sticky
-        self.vcpus = {v: frozenset(range(NCPUS)) for v in range(vcpus)}
-        self.emulator = frozenset(range(NCPUS))
+    def __init__(self, uuid: str, xml: bytes, vcpus: int = 2, sticky: bool = True, ncpus: int = NCPUS):
+        self.uuid, self.xml, self.sticky, self.ncpus = uuid, xml, sticky, ncpus
+        self.vcpus = {v: frozenset(range(ncpus)) for v in range(vcpus)}
+        self.emulator = frozenset(range(ncpus))
         self.calls: list[str] = []
+        self.online = vcpus
+        self.memtune: dict[str, int] = {}
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -50,7 +52,7 @@ class FakeDom:
         return False
 
     def vcpusFlags(self, flags: int) -> int:
-        return len(self.vcpus)
+        return self.online
 
     def pinVcpuFlags(self, v: int, cpumap: tuple[bool, ...], flags: int) -> None:
         self.calls.append(f"vcpupin {v} {sorted(from_cpumap(cpumap))}")
@@ -62,11 +64,22 @@ class FakeDom:
         if self.sticky:
             self.emulator = from_cpumap(cpumap)
 
+    def setVcpusFlags(self, n: int, flags: int) -> None:
+        self.calls.append(f"setvcpus {n}")
+        self.online = n
+
+    def setMemoryParameters(self, params: dict[str, int], flags: int) -> None:
+        self.calls.append(f"memtune {params}")
+        self.memtune.update(params)
+
+    def memoryParameters(self, flags: int) -> dict[str, int]:
+        return dict(self.memtune)
+
     def vcpuPinInfo(self, flags: int) -> list[tuple[bool, ...]]:
-        return [tuple(i in cs for i in range(NCPUS)) for _, cs in sorted(self.vcpus.items())]
+        return [tuple(i in cs for i in range(self.ncpus)) for v, cs in sorted(self.vcpus.items()) if v < self.online]
 
     def emulatorPinInfo(self, flags: int) -> tuple[bool, ...]:
-        return tuple(i in self.emulator for i in range(NCPUS))
+        return tuple(i in self.emulator for i in range(self.ncpus))
 
 
 class FakeConn:

@@ -1,0 +1,68 @@
+"""`kvmhooks plan` is a dry run of the real code: on one host state, the plan's sysfs writes and libvirt calls
+are exactly those a real prepare + started then makes (recorded by the same recorders around the real
+adapters), and the plan itself changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmhooks import dryrun, operations
+from kvmhooks.apply.live import apply_started
+from kvmhooks.domain import parse_domain
+from kvmhooks.log import VMLog
+from tests.fakehost import FakeHost, FakeKernel, domain_xml
+from tests.unit.test_live import FakeDom
+
+pytest.importorskip("libvirt")
+U1 = "11111111-2222-3333-4444-000000000001"
+U2 = "11111111-2222-3333-4444-000000000002"
+TUNING = ('<kvm:hugepages size="2M"/><kvm:cpu policy="dedicated" emulator="isolate"/>'
+          '<kvm:memtune hard_limit="1G" soft_limit="512M"/><kvm:vcpus live="1"/>')
+
+
+def calls(actions: list[dryrun.Action]) -> list[tuple[str, str]]:
+    return [(a.phase, a.action) for a in actions if a.action.startswith(("write ", "libvirt "))]
+
+
+def test_the_plan_is_what_a_real_start_does(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path, cores_per_node=6).build()
+    host.set_pool(0, 2048, 10)
+    kernel = FakeKernel(host)
+    cfg = host.config(cpu_housekeeping=frozenset({0}))
+    shared = domain_xml(name="floater", uuid=U2, tuning='<kvm:cpu policy="shared"/>', backing="")
+    operations.prepare(parse_domain(shared), cfg, kernel.install())
+    dom = parse_domain(domain_xml(uuid=U1, tuning=TUNING, vcpus=2, vcpu_attrs=""))
+    ledger_before = cfg.ledger_path.read_bytes()
+
+    planned = dryrun.plan(dom, cfg, persistent_domain=False)
+    assert host.pool(0) == 10 and cfg.ledger_path.read_bytes() == ledger_before  # the plan changed nothing
+
+    real: list[dryrun.Action] = []
+    pools = dryrun.RecordingPools(cfg.sysfs_root, cfg.proc_root, real, inner=kernel.install())
+    operations.prepare(dom, cfg, pools)
+    me = dryrun.RecordingDomain(U1, real, False, 2, 6, inner=FakeDom(U1, b"", vcpus=2, ncpus=6))
+    conn = dryrun.RecordingConn(6, {U1: me}, lambda u: dryrun.RecordingDomain(
+        u, real, False, 2, 6, "floater", inner=FakeDom(u, b"", vcpus=2, ncpus=6)))
+    apply_started(conn, me, dom, cfg, VMLog(dom.name, U1))
+
+    assert calls(planned) == calls(real)
+    texts = [a for _, a in calls(planned)]
+    assert any(t.startswith("write ") and "nr_hugepages = 138 (now 10; +128 pages)" in t for t in texts)
+    assert "libvirt setVcpusFlags(1, AFFECT_LIVE)" in texts
+    assert "libvirt setMemoryParameters({'hard_limit': 1048576}, AFFECT_LIVE)" in texts
+    assert any(t.startswith("libvirt pinVcpuFlags(0, ") and t.endswith("of floater") for t in texts)  # re-pinned
+    assert host.pool(0) == 138
+
+
+def test_a_transient_domain_is_never_pinned_with_affect_config(tmp_path: Path) -> None:
+    """The old description said AFFECT_CONFIG for persist="yes" even where libvirt would refuse it."""
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(cpu_housekeeping=frozenset())
+    dom = parse_domain(domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="2"/>'
+                                                              '<kvm:cputune persist="yes"/>'))
+    transient = [a for _, a in calls(dryrun.plan(dom, cfg, persistent_domain=False))]
+    persistent = [a for _, a in calls(dryrun.plan(dom, cfg, persistent_domain=True))]
+    assert "libvirt pinVcpuFlags(0, 2, AFFECT_LIVE)" in transient
+    assert "libvirt pinVcpuFlags(0, 2, AFFECT_LIVE|AFFECT_CONFIG)" in persistent
