@@ -131,7 +131,8 @@ def test_reclaimed_idle_guest_survives_a_10_mib_per_s_burst_and_an_idle_one_keep
     total = 250
     hog = boot(env, '<kvm:balloon policy="auto" min="128M" reclaim="idle" stats-period="1"/>', f"22:10:{total}")
     idle = boot(env, '<kvm:balloon policy="auto" min="128M" stats-period="1"/>')
-    with balloond(1.0, 'balloon_step = "200M"') as log:  # reclaim moves a quarter: 50 MiB a cycle
+    with balloond(1.0, 'balloon_step = "400M"') as log:  # reclaim moves a quarter: 100 MiB a cycle, so a busy host
+        # (slower cycles) still reaches min before the hog starts
         rec = Recorder(hog)
         wait_for(lambda: driver_up(hog) and driver_up(idle), 60, "both balloon drivers")
         squeezed = False
