@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from kvmhooks import __version__, operations
+from kvmhooks.apply.libvirt import connect, lookup
+from kvmhooks.apply.libvirt import quiet_libvirt as quiet_libvirt  # balloond's, until it imports it from there
 from kvmhooks.config import Config, load_config, parse_pool_key, pool_key
 from kvmhooks.domain import Domain, parse_domain
-from kvmhooks.errors import ConnectError, KvmhooksError, NotFound
+from kvmhooks.errors import ConnectError, KvmhooksError
 from kvmhooks.ledger import LedgerState
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset, format_kib
@@ -30,36 +32,6 @@ EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-
-def connect(uri: str) -> Any:
-    import libvirt
-
-    quiet_libvirt()
-    try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as e:
-        hint = ("run as root (qemu:///system needs root or the libvirt group)" if os.geteuid() != 0 else
-                "is libvirtd running? (systemctl start libvirtd, or libvirtd -d)")
-        raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; {hint}") from None
-
-
-def quiet_libvirt() -> None:
-    """libvirt prints every error to stderr by default; we report the ones that matter ourselves."""
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-def lookup(conn: Any, name: str) -> Any:
-    import libvirt
-
-    for fn in (conn.lookupByName, conn.lookupByUUIDString):
-        try:
-            return fn(name)
-        except libvirt.libvirtError:
-            continue
-    raise NotFound(f"no domain named {name!r} (see 'virsh list --all')")
-
 
 def inactive_xml(dom: Any, secure: bool = False) -> str:
     import libvirt
@@ -319,19 +291,23 @@ def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
 # --- host / doctor ----------------------------------------------------------------------------------------
 
 def hook_state(cfg: Config) -> dict[str, Any]:
-    marker = "kvmhooks: libvirt qemu hook"
-    found = [str(p) for p in (cfg.hooks_dir / "qemu", cfg.hooks_dir / "qemu.d/kvmhooks")
-             if p.is_file() and marker in p.read_text(errors="replace")]
-    out: dict[str, Any] = {"installed": found}
-    try:
-        import subprocess
+    """Where the hook is installed, and facts about libvirtd, without a verdict: libvirtd does not say which
+    hooks it has loaded (it looks at start and on SIGHUP, which install.sh sends), so guessing from start
+    times only misleads."""
+    import time
 
-        pid = subprocess.run(["pgrep", "-x", "-o", "libvirtd"], capture_output=True, text=True).stdout.split()
-        if pid and found:
-            started = Path(f"/proc/{pid[0]}").stat().st_mtime
-            out["libvirtd_pid"] = int(pid[0])
-            out["picked_up"] = all(Path(f).stat().st_mtime <= started for f in found)
-    except OSError:
+    marker = "kvmhooks: libvirt qemu hook"
+    found = [p for p in (cfg.hooks_dir / "qemu", cfg.hooks_dir / "qemu.d/kvmhooks")
+             if p.is_file() and marker in p.read_text(errors="replace")]
+    out: dict[str, Any] = {"installed": [str(p) for p in found],
+                           "executable": all(os.access(p, os.X_OK) for p in found)}
+    try:
+        pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd":
+            out["libvirtd_pid"] = pid
+            out["libvirtd_since"] = time.strftime("%Y-%m-%d %H:%M:%S",
+                                                  time.localtime(Path(f"/proc/{pid}").stat().st_mtime))
+    except (OSError, ValueError, IndexError):
         pass
     return out
 
@@ -366,10 +342,9 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
                  + (", ".join(f"{k} on {v}" for k, v in data["hugetlbfs"].items()) or "NOT MOUNTED")]
         hook = data["hook"]
         where = ", ".join(hook["installed"]) if hook["installed"] else "NOT INSTALLED (run install.sh)"
-        lines.append("hook: " + where
-                     + ("" if "picked_up" not in hook else
-                        "; libvirtd has it" if hook["picked_up"] else
-                        "; libvirtd started before it: restart libvirtd (or kill -HUP it)"))
+        lines.append("hook: " + where + ("" if hook["executable"] else " (NOT EXECUTABLE: chmod +x it)")
+                     + (f"; libvirtd pid {hook['libvirtd_pid']} running since {hook['libvirtd_since']} (it loads "
+                        "hooks at start and on SIGHUP)" if "libvirtd_pid" in hook else "; libvirtd is not running"))
         if data["pools"]:
             lines += ["", table(["POOL", "BASELINE", "RESERVED", "NR_HUGEPAGES", "IN USE", "FREE"],
                                 [[p["pool"], p["baseline"], p["reserved"], p["nr_hugepages"], p["in_use"], p["free"]]
@@ -461,9 +436,9 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
     from kvmhooks.annotate import AnnotateRequest, edit_domain_xml, normalize
 
     if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp
-            or args.free_page_reporting):
+            or args.free_page_reporting or args.virtio_mem):
         raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp, "
-                            "--free-page-reporting or --remove")
+                            "--free-page-reporting, --virtio-mem or --remove")
     conn = connect(args.uri or cfg.libvirt_uri)
     d = lookup(conn, args.domain)
     uuid = d.UUIDString()
@@ -472,7 +447,7 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
     added = json.loads(record.read_text()) if record.exists() else {}
     before = inactive_xml(d)
     req = AnnotateRequest(hugepages=args.hugepages, cpu=args.cpu, pin=args.pin, balloon=args.balloon, qmp=args.qmp,
-                          free_page_reporting=args.free_page_reporting, remove=args.remove,
+                          free_page_reporting=args.free_page_reporting, virtio_mem=args.virtio_mem, remove=args.remove,
                           remove_backing=bool(added.get("backing")), remove_autodeflate=bool(added.get("autodeflate")))
     topo = operations.topology_for(cfg)
     edited = edit_domain_xml(inactive_xml(d, secure=True), req, topo)  # secure: keep passwords on redefine
@@ -553,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--qmp", action="store_true", help="add the dedicated QMP socket kvmhooks drives the balloon over")
     s.add_argument("--free-page-reporting", action="store_true",
                    help="turn on <memballoon freePageReporting='on'> (not for hugepage-backed or VFIO VMs)")
+    s.add_argument("--virtio-mem", metavar="SIZE", help="add a virtio-mem device of SIZE (and <maxMemory>, a guest "
+                   "NUMA cell, an auto policy) that balloond resizes")
     s.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     s.add_argument("--remove", action="store_true", help="remove the annotation and what annotate added")
     s.set_defaults(func=cmd_annotate)

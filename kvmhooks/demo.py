@@ -29,7 +29,8 @@ def demo_tuning(ncpus: int) -> str:
 def run_demo(cfg: Config, keep: bool = False, uri: str = "qemu:///system") -> int:
     import libvirt
 
-    from kvmhooks.cli import cmd_status, connect, hook_state
+    from kvmhooks.apply.libvirt import connect
+    from kvmhooks.cli import cmd_status, hook_state
 
     if not hook_state(cfg)["installed"]:
         raise KvmhooksError("the kvmhooks hook is not installed: run ./install.sh first")

@@ -14,6 +14,7 @@
      ├── NotFound                 no such domain (CLI)
      ├── ConnectError             libvirtd cannot be reached (CLI, worker)
      └── ApplyError               writing to the host (sysfs, libvirt, QMP) failed; wraps the cause
+          └── QMPTransportError   a VM's QMP socket did not answer, in time or in the expected shape
 
 Only the entry points (hook, worker, cli) turn these into exit codes and one-line messages. A wrapper
 keeps its root cause (``ApplyError(msg, cause)``) and prints as "message: cause", as qemu.qmp does.
@@ -87,3 +88,20 @@ class ApplyError(KvmhooksError):
     def __init__(self, message: str, cause: BaseException | None = None):
         self.cause = cause
         super().__init__(message if cause is None else f"{message}: {cause}")
+
+
+# Error messages quote the peer; this much is enough to recognise it, and keeps the log line bounded.
+_MAX_QMP_MESSAGE = 400
+
+
+class QMPTransportError(ApplyError):
+    """The QMP socket could not be reached, did not answer in time, refused a command or answered nonsense.
+
+    The message is always one bounded line: qemu.qmp quotes a malformed reply over several lines, and the
+    peer chooses what is in it.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        full = " ".join((message if cause is None else f"{message}: {cause}").split())
+        super().__init__(full if len(full) <= _MAX_QMP_MESSAGE else full[:_MAX_QMP_MESSAGE] + "…")
+        self.cause = cause

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmhooks worker: {e}", file=sys.stderr)
         return 1
     setup_logging(cfg.log, cfg.log_level, "worker")
-    from kvmhooks.cli import quiet_libvirt
+    from kvmhooks.apply.libvirt import quiet_libvirt
 
     quiet_libvirt()
     try:

@@ -11,11 +11,13 @@ else
   mkdir -p /run/libvirt
   # What udev does on a normal host: without it every define/start re-probes QEMU for ~40 s.
   if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 660 /dev/kvm; fi
-  pgrep -x virtlogd >/dev/null || virtlogd -d
-  if pids=$(pgrep -x libvirtd); then
-    kill $pids
-    for _ in $(seq 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
-    pkill -9 -x libvirtd 2>/dev/null || true
+  # The daemons' own pid files say which processes are theirs (never kill by name: not ours to guess).
+  running() { [ -s "/run/$1.pid" ] && pid=$(cat "/run/$1.pid") && [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ]; }
+  running virtlogd || virtlogd -d
+  if running libvirtd; then
+    kill "$pid"
+    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+    [ ! -e "/proc/$pid" ] || kill -9 "$pid" 2>/dev/null || true
   fi
   libvirtd -d
 fi

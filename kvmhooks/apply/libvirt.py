@@ -1,4 +1,5 @@
-"""libvirt calls for live tuning: one place that classifies errors and retries the transient ones.
+"""libvirt for kvmhooks' own processes (worker, balloond, the CLI): the connection, lookups, and the calls
+for live tuning, in one place that classifies errors and retries the transient ones.
 
 As in oVirt MOM, libvirt errors are classified once by their symbolic ``VIR_ERR_*`` names: a domain job
 still held by the start that is finishing ("cannot acquire state change lock") is worth a short retry;
@@ -8,11 +9,12 @@ anything else is reported as it is.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvmhooks.errors import ApplyError
+from kvmhooks.errors import ApplyError, ConnectError, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,3 +56,33 @@ def cpumap(cpus: frozenset[int] | set[int], ncpus: int) -> tuple[bool, ...]:
 
 def from_cpumap(bits: tuple[bool, ...] | list[bool]) -> frozenset[int]:
     return frozenset(i for i, b in enumerate(bits) if b)
+
+
+def connect(uri: str) -> Any:
+    import libvirt
+
+    quiet_libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        hint = ("run as root (qemu:///system needs root or the libvirt group)" if os.geteuid() != 0 else
+                "is libvirtd running? (systemctl start libvirtd, or libvirtd -d)")
+        raise ConnectError(f"cannot connect to {uri}: {e.get_error_message()}; {hint}") from None
+
+
+def quiet_libvirt() -> None:
+    """libvirt prints every error to stderr by default; we report the ones that matter ourselves."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def lookup(conn: Any, name: str) -> Any:
+    import libvirt
+
+    for fn in (conn.lookupByName, conn.lookupByUUIDString):
+        try:
+            return fn(name)
+        except libvirt.libvirtError:
+            continue
+    raise NotFound(f"no domain named {name!r} (see 'virsh list --all')")

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from kvmhooks.errors import ApplyError
+from kvmhooks.errors import QMPTransportError as QMPTransportError  # where its users import it from
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,21 +37,6 @@ POLL = 0.02
 U64_MAX = 2**64 - 1
 # A guest stat the guest does not report is -1; QEMU stores that in a uint64, so it can also read 2^64-1.
 _NOT_REPORTED = (-1, U64_MAX)
-# Error messages quote the peer; this much is enough to recognise it, and keeps the log line bounded.
-_MAX_MESSAGE = 400
-
-
-class QMPTransportError(ApplyError):
-    """The QMP socket could not be reached, did not answer in time, refused a command or answered nonsense.
-
-    The message is always one bounded line: qemu.qmp quotes a malformed reply over several lines, and the
-    peer chooses what is in it.
-    """
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        full = " ".join((message if cause is None else f"{message}: {cause}").split())
-        super().__init__(full if len(full) <= _MAX_MESSAGE else full[:_MAX_MESSAGE] + "…")
-        self.cause = cause
 
 
 def _uint(value: object) -> int | None:

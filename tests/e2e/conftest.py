@@ -29,8 +29,9 @@ PREFIX = "kvmhtest-"
 NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
 HUGEPAGE_BACKING = "<memoryBacking><hugepages/></memoryBacking>"
 
-# The test host's kvmhooks configuration: no housekeeping CPU (this host has only 2), a short worker
-# deadline, and the normal log file so the tests can read what the hook did.
+# The test host's kvmhooks configuration: automatic placement on CPUs 0-1 with no housekeeping CPU, so the
+# CPU tests mean the same on any host with two CPUs or more; a short worker deadline; the normal log file so
+# the tests can read what the hook did.
 TEST_CONFIG = """\
 lock_timeout = 20
 retry_timeout = 3
@@ -38,6 +39,7 @@ host_reserve = "512M"
 worker_timeout = 30
 balloon_timeout = 15
 [cpu]
+allowed = "0-1"
 housekeeping = ""
 """
 
@@ -52,18 +54,28 @@ def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run("virsh", "-c", URI, *args, check=check)
 
 
-def pids(name: str) -> list[int]:
-    out = run("pgrep", "-x", name, check=False).stdout.split()
-    return [int(p) for p in out]
+def daemon_pid(name: str) -> int | None:
+    """The pid in the daemon's own pid file (``libvirtd -d`` writes /run/libvirtd.pid), if that process runs.
+
+    The harness stops daemons by this, never by name: another libvirtd on the machine is not ours.
+    """
+    try:
+        pid = int(Path(f"/run/{name}.pid").read_text().split()[0])
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if comm == name else None
 
 
 def stop_daemon(name: str, timeout: float = 15) -> None:
-    for pid in pids(name):
-        os.kill(pid, signal.SIGTERM)
+    pid = daemon_pid(name)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while pids(name) and time.monotonic() < deadline:
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in pids(name):
+    if os.path.exists(f"/proc/{pid}"):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -155,6 +167,8 @@ def domstate(name: str) -> str:
 def host() -> Iterator[Env]:
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests need root (they install kvmhooks and run libvirtd)")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the end-to-end CPU tests pin to host CPUs 0 and 1")
     for tool in ("libvirtd", "virsh", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed; tests/run.sh installs it")
@@ -162,7 +176,7 @@ def host() -> Iterator[Env]:
     run(str(REPO / "install.sh"), "--no-apt", "--no-reload", timeout=300)
     CONFIG.write_text(TEST_CONFIG)
     # Our own daemon, started after the hugetlbfs mounts and the hook exist (libvirtd reads both at start).
-    was_running = bool(pids("libvirtd"))
+    was_running = daemon_pid("libvirtd") is not None
     start_libvirtd()
     kernel, initrd = build_guest()
     env = Env(kernel, initrd, baseline_pages=pool2m())

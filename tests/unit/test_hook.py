@@ -230,3 +230,24 @@ def test_hook_script_without_its_package_fails_only_prepare(host: FakeHost, cfg:
         assert r.returncode == 1 and b"kvmhooks is broken" in r.stderr and r.stderr.count(b"\n") == 1
     else:
         assert r.returncode == 0
+
+
+def test_hook_script_constants_match_the_package() -> None:
+    """hooks/qemu decides before importing anything, so it carries copies; they must not drift."""
+    import re as regex
+
+    from kvmhooks import NAMESPACE
+    from kvmhooks.config import Config
+    from kvmhooks.domain import MAX_XML_BYTES
+
+    text = HOOK.read_text()
+    assert regex.search(r'^NS = b"(.*)"$', text, regex.M).group(1) == NAMESPACE  # type: ignore[union-attr]
+    assert regex.search(r'^LEDGER = "(.*)"$', text, regex.M).group(1) == str(Config().ledger_path)  # type: ignore[union-attr]
+    assert eval(regex.search(r"^CAP = (.*)$", text, regex.M).group(1)) == MAX_XML_BYTES  # type: ignore[union-attr]
+
+
+def test_no_library_module_imports_the_cli() -> None:
+    code = ("import sys, kvmhooks.worker, kvmhooks.operations, kvmhooks.dryrun, kvmhooks.apply.live, kvmhooks.hook; "
+            "print(sorted(m for m in sys.modules if m.startswith('kvmhooks.cli')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
