@@ -6,6 +6,14 @@ with ``--balloon`` the balloon device's own defence, ``autodeflate='on'`` (QEMU'
 about to OOM takes its ballooned memory back itself, whatever balloond does; issue 9). Free page reporting
 is offered (a note), or written when asked for: it changes how the guest uses its memory, which is the
 admin's call, and it cannot work with huge page backing or a VFIO device.
+
+``--virtio-mem SIZE`` adds a virtio-mem device of SIZE and what libvirt needs for it: ``<maxMemory
+slots>`` (at least the new total), a guest NUMA cell holding the boot memory when the domain has none,
+``<memory>`` grown by SIZE (libvirt counts the device's full size there), and the device with
+``requested`` 0, so the guest boots exactly as before and ``kvmhooks balloond`` plugs what it needs. Without
+a ``<kvm:balloon>`` it also writes ``<kvm:balloon policy="auto" min=BOOT/>`` (the guest's total moves between
+its boot memory and boot + SIZE) and a balloon device, whose guest stats the policy reads. ``--remove``
+leaves the device: it is the VM's hardware now, and removing it changes what the guest can have.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from kvmhooks import NAMESPACE, PREFIX
 from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg, safe_parse
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.topology import HostTopology
-from kvmhooks.units import libvirt_to_kib, parse_cpuset
+from kvmhooks.units import format_kib, libvirt_to_kib, parse_cpuset, parse_size_kib
 
 _K = f"{{{NAMESPACE}}}"
 _Q = f"{{{QEMU_CMDLINE_NS}}}"
@@ -34,6 +42,7 @@ class AnnotateRequest:
     balloon: str | None = None  # target
     qmp: bool = False
     free_page_reporting: bool = False  # <memballoon freePageReporting='on'> (refused where it cannot work)
+    virtio_mem: str | None = None  # SIZE of a virtio-mem device to add (or to resize ours to)
     remove: bool = False
     remove_backing: bool = False  # with remove: annotate had added the hugepage backing
     remove_autodeflate: bool = False  # with remove: annotate had turned autodeflate on (Edited.added_autodeflate)
@@ -168,9 +177,94 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
         notes.append("free page reporting is available for this VM: the guest hands the pages it frees back to "
                      "the host without shrinking (<memballoon freePageReporting='on'>, libvirt ≥ 6.9; takes effect "
                      "at the next start)")
+    if req.virtio_mem:
+        notes += _add_virtio_mem(root, req.virtio_mem, tuning)
+        if tuning.find(_K + "balloon") is not None:
+            dev = _memballoon(root)  # the policy's eyes: guest stats come from the balloon driver
+            if dev.get("model") not in (None, "none") and dev.get("autodeflate") != "on":
+                dev.set("autodeflate", "on")
+                added_autodeflate = True
     if req.qmp:
         _add_qmp(root, uuid)
     return Edited(etree.tostring(root, encoding="unicode"), added_backing, added_autodeflate, tuple(notes))
+
+
+# virtio-mem's block: 2 MiB on x86 (the THP size; QEMU's and libvirt's default), or the backing's huge page.
+VIRTIO_MEM_BLOCK_KIB = 2048
+VIRTIO_MEM_GUEST_NOTE = (
+    "virtio-mem needs the guest's cooperation: a Linux kernel ≥ 5.8 with virtio_mem (built in or loaded), "
+    "and hot-plugged memory onlined as movable so it can be unplugged again: memhp_default_state="
+    "online_movable on the guest's kernel command line (or a udev rule onlining memory blocks as "
+    "online_movable). Without it the guest plugs nothing (or never gives memory back); balloond reports it")
+
+
+def _kib_of(el: etree._Element | None) -> int:
+    return libvirt_to_kib(el.text or "0", el.get("unit")) if el is not None else 0
+
+
+def _add_virtio_mem(root: etree._Element, size_text: str, tuning: etree._Element) -> list[str]:
+    """Add (or resize) the virtio-mem device and what it needs; returns notes for the admin."""
+    try:
+        size = parse_size_kib(size_text)
+    except ValueError as e:
+        raise KvmhooksError(f"--virtio-mem {size_text!r}: {e}") from None
+    page = root.find("memoryBacking/hugepages/page")
+    block = VIRTIO_MEM_BLOCK_KIB
+    if page is not None and page.get("size"):  # a block must hold whole huge pages
+        block = max(block, libvirt_to_kib(page.get("size", "0"), page.get("unit")))
+    size = -(-size // block) * block
+    if size <= 0:
+        raise KvmhooksError(f"--virtio-mem {size_text!r}: must be more than zero")
+    mem = root.find("memory")
+    if mem is None:
+        raise KvmhooksError("the domain has no <memory>")
+    devices = root.find("devices")
+    if devices is None:
+        devices = etree.SubElement(root, "devices")
+    ours = next((m for m in devices.iterfind("memory") if m.get("model") == "virtio-mem"), None)
+    old_size = _kib_of(ours.find("target/size")) if ours is not None else 0
+    all_devices = sum(_kib_of(m.find("target/size")) for m in devices.iterfind("memory"))
+    boot = _kib_of(mem) - all_devices
+    total = boot + all_devices - old_size + size
+    if boot <= 0:
+        raise KvmhooksError("cannot tell the boot memory: <memory> is not above its memory devices' sizes")
+    mem.text, mem.attrib["unit"] = str(total), "KiB"
+    maxmem = root.find("maxMemory")
+    if maxmem is None:
+        maxmem = etree.Element("maxMemory", slots="16", unit="KiB")
+        mem.addprevious(maxmem)
+        maxmem.text = str(total)
+    elif _kib_of(maxmem) < total:
+        maxmem.text, maxmem.attrib["unit"] = str(total), "KiB"
+    cells = root.findall("cpu/numa/cell")
+    if not cells:
+        cpu = root.find("cpu")
+        if cpu is None:
+            cpu = _new_after(root, "cpu", "vcpu", "currentMemory", "memory")
+        numa = cpu.find("numa")
+        if numa is None:
+            numa = etree.SubElement(cpu, "numa")
+        vcpu = root.find("vcpu")
+        n = int((vcpu.text or "1").strip()) if vcpu is not None else 1
+        etree.SubElement(numa, "cell", id="0", cpus=f"0-{n - 1}" if n > 1 else "0", memory=str(boot), unit="KiB")
+    node = cells[0].get("id", "0") if cells else "0"
+    if ours is None:
+        ours = etree.SubElement(devices, "memory", model="virtio-mem")
+        target = etree.SubElement(ours, "target")
+        etree.SubElement(target, "size", unit="KiB").text = str(size)
+        etree.SubElement(target, "node").text = node
+        etree.SubElement(target, "block", unit="KiB").text = str(block)
+        etree.SubElement(target, "requested", unit="KiB").text = "0"
+    else:
+        sz = ours.find("target/size")
+        assert sz is not None  # counted above
+        sz.text, sz.attrib["unit"] = str(size), "KiB"
+        req_el = ours.find("target/requested")
+        if req_el is not None and _kib_of(req_el) > size:
+            req_el.text, req_el.attrib["unit"] = str(size), "KiB"
+    if tuning.find(_K + "balloon") is None:
+        _set(tuning, "balloon", policy="auto", min=format_kib(boot))
+    return [VIRTIO_MEM_GUEST_NOTE]
 
 
 def normalize(xml: str) -> str:

@@ -167,13 +167,18 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
 
 def check_balloon(d: DomainFacts) -> list[Finding]:
     """The guest's own defences against ballooning (issue 9): deflate-on-oom for an automatic policy, and
-    free page reporting where it can work. Also meant for ``validate``."""
+    free page reporting where it can work; and what a virtio-mem device needs from the guest. Also meant
+    for ``validate``."""
     dom = d.domain
-    if dom is None or not dom.has_memballoon:
+    if dom is None:
         return []
-    out: list[Finding] = []
+    out = check_virtio_mem(d)
+    if not dom.has_memballoon:
+        return out
     t = dom.active_tuning
-    if t is not None and t.balloon is not None and t.balloon.policy == "auto" and not dom.balloon_autodeflate:
+    # With virtio-mem the policy plugs and unplugs instead of inflating: there is nothing to deflate.
+    if t is not None and t.balloon is not None and t.balloon.policy == "auto" and not dom.balloon_autodeflate \
+            and not dom.virtio_mem:
         out.append(Finding(
             "balloon-autodeflate", d.name, "automatic balloon policy without <memballoon autodeflate='on'>",
             "if the guest runs short between two balloond cycles (or balloond is down), its OOM killer fires "
@@ -187,4 +192,49 @@ def check_balloon(d: DomainFacts) -> list[Finding]:
             "6.9, a guest kernel ≥ 5.7); it cannot with huge page backing or a VFIO device, which this VM has not",
             "add freePageReporting='on' to <memballoon> (virsh edit); it takes effect at the next start",
             "info"))
+    return out
+
+
+def check_virtio_mem(d: DomainFacts) -> list[Finding]:
+    """virtio-mem only works with the guest's cooperation, which the host cannot see in the XML: say what it
+    needs, and, for a running VM, whether it followed the last request (the live XML's <current>)."""
+    dom = d.domain
+    if dom is None or not dom.virtio_mem:
+        return []
+    out: list[Finding] = []
+    dev = dom.virtio_mem[0]
+    t = dom.active_tuning
+    driven = t is not None and t.balloon is not None
+    followed = d.active and dev.current_kib is not None and dev.requested_kib > 0 \
+        and abs(dev.current_kib - dev.requested_kib) < dev.block_kib
+    if d.active and dev.current_kib is not None and abs(dev.current_kib - dev.requested_kib) >= dev.block_kib:
+        out.append(Finding(
+            "virtio-mem-follow", d.name, f"the guest has {format_kib(dev.current_kib)} of its virtio-mem device "
+            f"plugged, {format_kib(dev.requested_kib)} requested",
+            "a guest that does not plug cannot grow under pressure (it OOMs with the host's memory on offer); one "
+            "that does not unplug keeps memory the host asked back",
+            "in the guest: lsmod | grep virtio_mem (or CONFIG_VIRTIO_MEM=y), and memhp_default_state=online_movable "
+            "on its kernel command line; cat /sys/devices/system/memory/memory*/state shows offline blocks"))
+    elif not followed:
+        out.append(Finding(
+            "virtio-mem-guest", d.name, "virtio-mem device: the guest plugs and unplugs its memory itself",
+            "it needs a Linux kernel ≥ 5.8 with virtio_mem, and hot-plugged memory onlined as movable (the "
+            "default onlines it as kernel memory, or not at all, and such memory can seldom be unplugged); "
+            "without that, requests to grow are not followed" + (" and balloond reports it" if driven else ""),
+            "the guest's kernel command line: memhp_default_state=online_movable (or a udev rule: "
+            "SUBSYSTEM==\"memory\", ACTION==\"add\", ATTR{state}==\"offline\", ATTR{state}=\"online_movable\"); "
+            "its initramfs or modules-load.d: virtio_mem",
+            "warning" if driven else "info"))
+    if t is not None and t.balloon is not None and t.balloon.min_kib < dom.boot_memory_kib:
+        out.append(Finding(
+            "virtio-mem-min", d.name, f"<kvm:balloon min> ({format_kib(t.balloon.min_kib)}) is below the boot "
+            f"memory ({format_kib(dom.boot_memory_kib)})",
+            "with a virtio-mem device the policy unplugs instead of ballooning, so the guest never goes below its "
+            "boot memory", f"min=\"{format_kib(dom.boot_memory_kib)}\" says what happens", "info"))
+    page = dom.backing_page_kib[0] if dom.backing_page_kib else (2048 if dom.hugepage_backing else 4)
+    if dev.block_kib < page:
+        out.append(Finding(
+            "virtio-mem-block", d.name, f"virtio-mem block {format_kib(dev.block_kib)} is smaller than the backing's "
+            f"{format_kib(page)} pages", "QEMU refuses to start it: a block must hold whole pages",
+            f"<block unit='KiB'>{page}</block> in the device's <target>"))
     return out

@@ -46,6 +46,9 @@ QMP_SOCKET_DIR = "/var/lib/libvirt/qemu/kvmhooks"
 # make a planner loop over every vCPU number for minutes.
 MAX_DOMAIN_VCPUS = 16384
 MAX_DOMAIN_ID = 65535
+# A device alias used in a QOM path (/machine/peripheral/ALIAS): libvirt's own (virtiomem0) or a user's
+# (ua-...). Anything else is not used to build a path.
+_ALIAS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _K = f"{{{NAMESPACE}}}"
 
@@ -134,6 +137,22 @@ class NumaCell:
 
 
 @dataclass(frozen=True)
+class VirtioMemDevice:
+    """A ``<memory model='virtio-mem'>`` device: memory the guest plugs and unplugs in ``block_kib`` units.
+
+    ``requested_kib`` is what the host asks the guest to have plugged, ``current_kib`` what it has plugged
+    (only in a running domain's live XML; libvirt follows QEMU's MEMORY_DEVICE_SIZE_CHANGE events, measured
+    to land within about a second)."""
+
+    size_kib: int  # the most it can plug
+    block_kib: int
+    requested_kib: int
+    current_kib: int | None = None
+    node: int | None = None
+    alias: str | None = None  # libvirt's device alias in a live XML (virtiomem0): its QOM path for QMP
+
+
+@dataclass(frozen=True)
 class Domain:
     """What kvmhooks needs to know about a domain, read once from its XML."""
 
@@ -164,6 +183,16 @@ class Domain:
     # The live <cputune> (in a running domain's XML: what is applied now), for adopting at reconnect.
     live_vcpupins: dict[int, frozenset[int]] = field(default_factory=dict)
     live_emulatorpin: frozenset[int] | None = None
+    # virtio-mem devices, and what libvirt needs for them (<maxMemory slots> and its size; None: absent).
+    virtio_mem: tuple[VirtioMemDevice, ...] = ()
+    max_memory_kib: int | None = None
+    max_memory_slots: int | None = None
+    memory_devices_kib: int = 0  # the sizes of all <devices><memory> (dimm, virtio-mem, ...), in <memory>
+
+    @property
+    def boot_memory_kib(self) -> int:
+        """The memory the guest boots with: libvirt's <memory> counts every memory device's full size."""
+        return max(0, self.memory_kib - self.memory_devices_kib)
 
     @property
     def active_tuning(self) -> Tuning | None:
@@ -311,6 +340,15 @@ def parse_domain(data: bytes) -> Domain:
             live_emulatorpin = parse_cpuset(ep.get("cpuset", ""))
     except ValueError as e:
         raise XMLInputError(f"VM {name!r}: domain XML: <cputune>: {e}") from None
+    virtio_mem, devices_kib = _memory_devices(name, root)
+    max_mem_el = root.find("maxMemory")
+    max_memory_kib = max_memory_slots = None
+    if max_mem_el is not None:
+        try:
+            max_memory_kib = libvirt_to_kib(max_mem_el.text or "", max_mem_el.get("unit"))
+        except ValueError as e:
+            raise XMLInputError(f"VM {name!r}: domain XML: <maxMemory>: {e}") from None
+        max_memory_slots = _int(name, max_mem_el.get("slots"), "<maxMemory slots>", 0)
     os_hint = ""
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.endswith("}os") and el.get("id"):
@@ -327,12 +365,46 @@ def parse_domain(data: bytes) -> Domain:
         os_hint=os_hint,
         has_tablet=any(i.get("type") == "tablet" for i in root.iterfind("devices/input")),
         live_vcpupins=live_vcpupins, live_emulatorpin=live_emulatorpin,
+        virtio_mem=virtio_mem, max_memory_kib=max_memory_kib, max_memory_slots=max_memory_slots,
+        memory_devices_kib=devices_kib,
     )
     tuning_el = root.find(f"metadata/{_K}tuning")
     if tuning_el is None:
         return dom
     tuning = _parse_tuning(tuning_el, dom)
     return Domain(**{**dom.__dict__, "annotated": True, "tuning": tuning})
+
+
+def _memory_devices(vm: str, root: etree._Element) -> tuple[tuple[VirtioMemDevice, ...], int]:
+    """The virtio-mem devices, and the total size of all memory devices (what <memory> adds to the boot
+    memory). libvirt has validated its own XML; this only refuses what it cannot read as a size."""
+    found: list[VirtioMemDevice] = []
+    total = 0
+
+    def size(el: etree._Element, tag: str) -> int | None:
+        sub = el.find(f"target/{tag}")
+        if sub is None or sub.text is None:
+            return None
+        try:
+            return libvirt_to_kib(sub.text, sub.get("unit"))
+        except ValueError as e:
+            raise XMLInputError(f"VM {vm!r}: domain XML: <memory model={clip(el.get('model', ''))}> "
+                                f"<{tag}>: {e}") from None
+
+    for el in root.iterfind("devices/memory"):
+        kib = size(el, "size") or 0
+        total += kib
+        if el.get("model") != "virtio-mem":
+            continue
+        block = size(el, "block") or 2048  # libvirt's and QEMU's default on x86: the THP size
+        node_text = el.findtext("target/node")
+        alias_el = el.find("alias")
+        alias = alias_el.get("name") if alias_el is not None else None
+        found.append(VirtioMemDevice(
+            size_kib=kib, block_kib=block, requested_kib=size(el, "requested") or 0, current_kib=size(el, "current"),
+            node=_int(vm, node_text.strip(ASCII_WS), "<memory><target><node>", 0) if node_text else None,
+            alias=alias if alias is not None and _ALIAS_RE.fullmatch(alias) else None))
+    return tuple(found), total
 
 
 # --- the annotation -------------------------------------------------------------------------------------

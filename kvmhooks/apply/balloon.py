@@ -1,4 +1,8 @@
-"""Balloon transports (dedicated QMP socket, or libvirt) and the fixed-target procedure the worker runs."""
+"""Balloon transports (dedicated QMP socket, or libvirt) and the fixed-target procedure the worker runs.
+
+A VM with a virtio-mem device reaches a fixed target by plugging or unplugging (requested = target − the
+memory outside the device, block-aligned) rather than ballooning; its balloon only reports guest stats.
+"""
 
 from __future__ import annotations
 
@@ -130,6 +134,32 @@ def wait_driver(b: Balloon, period: int, timeout: float) -> bool:
         time.sleep(0.1)
 
 
+def _fixed_virtio_mem(d: Domain, spec: BalloonSpec, b: Balloon, libvirt_dom: Any, target: int,
+                      vlog: VMLog) -> dict[str, Any]:
+    """A fixed target for a virtio-mem VM: one requested size, then wait for the guest to plug it."""
+    from kvmhooks.apply.qmp import QMPBalloon
+    from kvmhooks.apply.virtio_mem import open_virtio_mem, wait_plugged
+    from kvmhooks.plan.virtio_mem import VirtioMemView, fixed_requested
+
+    dev, r = open_virtio_mem(d, spec, libvirt_dom, b if isinstance(b, QMPBalloon) else None)
+    requested, current = r.read()
+    view = VirtioMemView(b.actual_kib(), dev.size_kib, dev.block_kib, requested, current)
+    req = fixed_requested(view, target)
+    if req != requested:
+        r.set_requested_kib(req)
+    plugged = wait_plugged(r, req, dev.block_kib - 1, LAND_TIMEOUT)
+    out = {"virtio_mem_transport": r.transport, "target": target, "requested": req, "plugged": plugged,
+           "actual": view.base_kib + plugged}
+    if abs(plugged - req) < dev.block_kib:
+        vlog.info("virtio-mem: %d MiB plugged (guest total %d MiB) over %s", plugged // 1024,
+                  (view.base_kib + plugged) // 1024, r.transport)
+    else:
+        vlog.warning("virtio-mem: requested %d MiB, the guest has %d MiB plugged after %g s (virtio_mem not "
+                     "loaded in the guest, or memory not onlined as movable?)", req // 1024, plugged // 1024,
+                     LAND_TIMEOUT)
+    return out
+
+
 def apply_balloon(d: Domain, spec: BalloonSpec, libvirt_dom: Any, driver_timeout: float,
                   vlog: VMLog) -> dict[str, Any]:
     """The worker's balloon step: wait for the driver, set a fixed target, verify it landed."""
@@ -148,6 +178,10 @@ def apply_balloon(d: Domain, spec: BalloonSpec, libvirt_dom: Any, driver_timeout
             out["actual"] = b.actual_kib()
             return out
         target = fixed_target(spec.target_kib, spec.min_kib, d.memory_kib)
+        if d.virtio_mem:
+            out.update(_fixed_virtio_mem(d, spec, b, libvirt_dom, target, vlog))
+            out["landed_seconds"] = round(time.monotonic() - ready, 3)
+            return out
         b.set_target_kib(target)
         actual = b.wait_actual(target, TOLERANCE_KIB, LAND_TIMEOUT)
         out.update(target=target, actual=actual, landed_seconds=round(time.monotonic() - ready, 3))
