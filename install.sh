@@ -135,7 +135,7 @@ install_hook() {
       fi ;;
   esac
   # Install atomically: libvirtd may run the hook at any moment.
-  sed "1s|.*|#!$PREFIX/venv/bin/python3 -I|" "$SRC/hooks/qemu" > "$target.tmp"
+  sed "s|^PYTHON=.*|PYTHON=$PREFIX/venv/bin/python3|" "$SRC/hooks/qemu" > "$target.tmp"
   chmod 755 "$target.tmp"
   mv -f "$target.tmp" "$target"
   # If we moved from one location to the other, do not leave a second copy running.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ def setup_logging(target: str, level: str = "INFO", tag: str = "") -> None:
 
 
 def _syslog() -> logging.Handler:
+    import logging.handlers  # here, not at the top: it pulls in socket and pickle, which a file log never needs
+
     if os.path.exists("/dev/log"):
         try:
             return logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)

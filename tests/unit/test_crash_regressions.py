@@ -314,8 +314,9 @@ def write_config(host: FakeHost) -> Path:
 
 
 def run_hook(config: Path, args: list[str], xml: bytes | None, **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, str(HOOK), *args], input=xml, capture_output=xml is not None,
-                          env={"KVMHOOKS_CONFIG": str(config), "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+    return subprocess.run([str(HOOK), *args], input=xml, capture_output=xml is not None,
+                          env={"KVMHOOKS_CONFIG": str(config), "KVMHOOKS_PYTHON": sys.executable,
+                               "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
                           timeout=60, **kw)  # type: ignore[call-overload]
 
 
@@ -344,8 +345,9 @@ def test_hook_with_short_argv_exits_0(tmp_path: Path, args: list[str]) -> None:
 def test_hook_with_stdin_closed_exits_0(tmp_path: Path, op: str) -> None:
     host, _, _ = one_node(tmp_path)
     conf = write_config(host)
-    r = subprocess.run([sys.executable, str(HOOK), "vm", op, "begin", "-"], stdin=None, capture_output=True,
-                       env={"KVMHOOKS_CONFIG": str(conf), "PATH": "/usr/bin:/bin"}, timeout=60,
+    r = subprocess.run([str(HOOK), "vm", op, "begin", "-"], stdin=None, capture_output=True,
+                       env={"KVMHOOKS_CONFIG": str(conf), "KVMHOOKS_PYTHON": sys.executable,
+                            "PATH": "/usr/bin:/bin"}, timeout=60,
                        preexec_fn=lambda: os.close(0))
     assert r.returncode == 0, r.stderr.decode()[-300:]
 

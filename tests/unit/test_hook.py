@@ -27,8 +27,14 @@ def write_config(host: FakeHost, **extra: str) -> Path:
 
 
 def hook(config: Path, name: str, op: str, xml: bytes, sub: str = "begin") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, str(HOOK), name, op, sub, "-"], input=xml, capture_output=True,
-                          env={"KVMHOOKS_CONFIG": str(config), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}, timeout=60)
+    return subprocess.run([str(HOOK), name, op, sub, "-"], input=xml, capture_output=True, env=hook_env(config),
+                          timeout=60)
+
+
+def hook_env(config: Path) -> dict[str, str]:
+    """As libvirtd runs hooks (a short PATH, LC_ALL=C), with this interpreter standing in for the installed one."""
+    return {"KVMHOOKS_CONFIG": str(config), "KVMHOOKS_PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
+            "LC_ALL": "C"}
 
 
 @pytest.fixture
@@ -95,13 +101,20 @@ def test_broken_config_fails_prepare_with_its_reason(host: FakeHost) -> None:
     assert r.returncode == 1 and b"lock_timeout" in r.stderr and r.stderr.count(b"\n") == 1
 
 
-def test_unannotated_vm_exits_before_importing_kvmhooks(host: FakeHost, cfg: Path) -> None:
-    # With the package made unimportable, an unannotated VM still passes: nothing was imported.
-    env = {"KVMHOOKS_CONFIG": str(cfg), "PYTHONPATH": str(host.root / "nowhere")}
-    code = (f"import sys; sys.modules['kvmhooks'] = None; sys.argv = ['qemu', 'plain', 'prepare', 'begin', '-'];"
-            f" exec(compile(open({str(HOOK)!r}).read(), 'qemu', 'exec'))")
-    r = subprocess.run([sys.executable, "-c", code], input=domain_xml(tuning=None), capture_output=True, env=env)
-    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+@pytest.mark.parametrize("op", ["prepare", "started", "release", "reconnect"])
+def test_unannotated_vm_never_starts_python(host: FakeHost, cfg: Path, op: str) -> None:
+    """The shell decides: an "interpreter" that leaves a mark shows whether Python would have been started."""
+    mark = host.root / "python-ran"
+    fake = host.root / "fake-python"
+    fake.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**hook_env(cfg), "KVMHOOKS_PYTHON": str(fake)}
+    r = subprocess.run([str(HOOK), "plain", op, "begin", "-"], input=domain_xml(tuning=None), capture_output=True,
+                       env=env, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr, mark.exists()) == (0, b"", b"", False)
+    r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(), capture_output=True, env=env,
+                       timeout=30)
+    assert mark.exists() and r.returncode == (1 if op == "prepare" else 0)  # annotated: handed over
 
 
 def test_enabled_no_releases_leftovers(host: FakeHost, cfg: Path) -> None:
@@ -223,8 +236,8 @@ def test_hook_script_without_its_package_fails_only_prepare(host: FakeHost, cfg:
     Debian's interpreter in isolated mode has no kvmhooks package: the import fails as in a broken install."""
     if subprocess.run(["/usr/bin/python3", "-I", "-c", "import kvmhooks"], capture_output=True).returncode == 0:
         pytest.skip("the system interpreter has kvmhooks installed")
-    r = subprocess.run(["/usr/bin/python3", "-I", str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(uuid=U1),
-                       capture_output=True, timeout=30)
+    r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(uuid=U1), capture_output=True,
+                       env={**hook_env(cfg), "KVMHOOKS_PYTHON": "/usr/bin/python3"}, timeout=30)
     assert r.stdout == b""
     if op == "prepare":
         assert r.returncode == 1 and b"kvmhooks is broken" in r.stderr and r.stderr.count(b"\n") == 1
@@ -237,13 +250,12 @@ def test_hook_script_constants_match_the_package() -> None:
     import re as regex
 
     from kvmhooks import NAMESPACE
-    from kvmhooks.config import Config
-    from kvmhooks.domain import MAX_XML_BYTES
+    from kvmhooks.config import DEFAULT_CONFIG, Config
 
     text = HOOK.read_text()
-    assert regex.search(r'^NS = b"(.*)"$', text, regex.M).group(1) == NAMESPACE  # type: ignore[union-attr]
-    assert regex.search(r'^LEDGER = "(.*)"$', text, regex.M).group(1) == str(Config().ledger_path)  # type: ignore[union-attr]
-    assert eval(regex.search(r"^CAP = (.*)$", text, regex.M).group(1)) == MAX_XML_BYTES  # type: ignore[union-attr]
+    assert regex.search(r"^NS='(.*)'$", text, regex.M).group(1) == NAMESPACE  # type: ignore[union-attr]
+    assert regex.search(r"^LEDGER=(.*)$", text, regex.M).group(1) == str(Config().ledger_path)  # type: ignore[union-attr]
+    assert regex.search(r"^CONFIG=\$\{KVMHOOKS_CONFIG:-(.*)\}$", text, regex.M).group(1) == str(DEFAULT_CONFIG)  # type: ignore[union-attr]
 
 
 def test_no_library_module_imports_the_cli() -> None:
