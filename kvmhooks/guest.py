@@ -1,14 +1,20 @@
 """A tiny guest for the demo and the end-to-end tests: Debian's cloud kernel + a busybox initramfs.
 
 It boots under TCG in seconds, loads the virtio modules (the balloon driver among them, unless the kernel
-command line says ``kvmhooks.noballoon``), prints a ready line on the serial console and sleeps. Built
-once from Debian's packages (apt-get download; nothing else can be fetched) and cached; the initramfs is
-cached under a hash of its /init, so changing the script here rebuilds it (from the cached one: no download).
+command line says ``kvmhooks.noballoon``; virtio_mem too, idle without a device), prints a ready line on the
+serial console and sleeps. Built once from Debian's packages (apt-get download; nothing else can be fetched)
+and cached per kernel version: ``CACHE/<kernel version>/`` holds that kernel's ``vmlinuz``, its virtio
+modules and the initramfs files built from them (named by a hash of /init and the module list). A kernel
+and the modules in an initramfs must be the same build (module vermagic), and every cached initramfs is
+booted with the kernel beside it, so a newer kernel gets a new directory and never breaks an older
+initramfs; changing /init or the module list rebuilds from the cached modules, with no download.
 
 ``kvmhooks.hog=DELAY:MIBPS:TOTAL`` on the kernel command line makes it a memory hog on a schedule, for the
 balloon tests (issue 9): a tmpfs of 95 % of its memory is mounted at boot; after DELAY seconds it writes
 MIBPS MiB into it every second until TOTAL MiB, with one console line per write (``KVMHOOKS-HOG ok N``, or
 ``KVMHOOKS-HOG FAILED at N``), so a test sees that every write succeeded. busybox only: mount, dd, sleep.
+The tmpfs is at least TOTAL + 8 MiB, so a guest that starts small and grows (virtio-mem) can still be
+written that far; its size only limits the tmpfs, it reserves nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +32,14 @@ DEFAULT_CACHE = Path("/var/lib/libvirt/images/kvmhooks-guest")
 READY_LINE = "KVMHOOKS-GUEST-READY"
 HOG_LINE = "KVMHOOKS-HOG"
 # In dependency order (each module's depends= in modinfo), as measured on Debian 12's cloud kernel.
+# virtio_mem (depends=virtio,virtio_ring) plugs memory a virtio-mem device offers; with
+# memhp_default_state=online_movable on the command line (domain_xml adds it) its blocks come online
+# movable, so they can be unplugged again (the cloud kernel leaves hot-plugged memory offline by default).
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "virtio_balloon")
+           "virtio_mem", "virtio_balloon")
+# Cached beside each kernel: every virtio module it ships, so a later module list needs no download.
+_MODULE_DIR = "kernel/drivers/virtio"
+MEMHP_MOVABLE = "memhp_default_state=online_movable"
 
 _INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
@@ -44,7 +56,10 @@ for w in $(/bin/busybox cat /proc/cmdline); do
 done
 if [ -n "$hog" ]; then
   /bin/busybox mkdir -p /hog
-  /bin/busybox mount -t tmpfs -o size=95% tmpfs /hog
+  memkib=$(/bin/busybox awk '/^MemTotal:/ {{print $2}}' /proc/meminfo)
+  tmpkib=$((memkib * 95 / 100)); want=$(((${{hog##*:}} + 8) * 1024))
+  if [ "$want" -gt "$tmpkib" ]; then tmpkib=$want; fi
+  /bin/busybox mount -t tmpfs -o size=${{tmpkib}}k tmpfs /hog
 fi
 echo "{ready} $(/bin/busybox cat /proc/meminfo | /bin/busybox head -1)"
 if [ -n "$hog" ]; then
@@ -104,85 +119,115 @@ def _install(data: bytes, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _rebuild_initrd(old: Path, initrd: Path) -> bool:
-    """A new /init into a cached initramfs (same busybox and modules): no kernel download needed."""
+def _initrd_version() -> str:
+    return hashlib.sha256((_init_script() + " ".join(MODULES)).encode()).hexdigest()[:12]
+
+
+def _build_initrd(kdir: Path, initrd: Path) -> None:
+    """An initramfs from the modules cached beside this kernel (all of MODULES must be there)."""
+    missing = [m for m in MODULES if not (kdir / "modules" / f"{m}.ko").exists()]
+    if missing:
+        raise RuntimeError(f"kernel {kdir.name} has no module(s) {', '.join(missing)}")
+    busybox = shutil.which("busybox") or "/bin/busybox"
     with tempfile.TemporaryDirectory() as tmp_s:
         root = Path(tmp_s)
-        try:
-            subprocess.run(["cpio", "-idm", "--quiet"], cwd=root, check=True, capture_output=True,
-                           input=gzip.decompress(old.read_bytes()))
-        except (OSError, subprocess.CalledProcessError, gzip.BadGzipFile):
-            return False
-        if not all((root / "lib/modules" / f"{m}.ko").exists() for m in MODULES):
-            return False
+        (root / "bin").mkdir(parents=True)
+        (root / "lib/modules").mkdir(parents=True)
+        shutil.copy2(busybox, root / "bin/busybox")
+        for m in MODULES:
+            shutil.copy2(kdir / "modules" / f"{m}.ko", root / "lib/modules" / f"{m}.ko")
         (root / "init").write_text(_init_script())
         (root / "init").chmod(0o755)
         _install(_pack(root), initrd)
-    return True
 
 
-def build_guest(cache: Path = DEFAULT_CACHE) -> tuple[Path, Path]:
-    """Return (kernel, initramfs), building them into ``cache`` the first time (or when /init changed)."""
-    version = hashlib.sha256((_init_script() + " ".join(MODULES)).encode()).hexdigest()[:12]
-    kernel, initrd = cache / "vmlinuz", cache / f"initramfs-{version}.gz"
-    if kernel.exists() and initrd.exists():
-        return kernel, initrd
-    cache.mkdir(parents=True, exist_ok=True)
-    if kernel.exists():
-        for old in sorted(cache.glob("initramfs*.gz"), key=lambda p: p.stat().st_mtime, reverse=True):
-            if _rebuild_initrd(old, initrd):
-                return kernel, initrd
-    busybox = shutil.which("busybox") or "/bin/busybox"
+def _fetch_kernel(cache: Path) -> Path:
+    """Download the cloud kernel package once; keep its vmlinuz and virtio modules in CACHE/<version>/."""
+    pkg = kernel_package()
+    kdir = cache / pkg.removeprefix("linux-image-")
+    if (kdir / "vmlinuz").exists():
+        return kdir
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        pkg = kernel_package()
         _run(["apt-get", "download", pkg], cwd=tmp)
         deb = next(tmp.glob("linux-image-*.deb"))
         _run(["dpkg-deb", "-x", str(deb), str(tmp / "x")])
         vmlinuz = next((tmp / "x/boot").glob("vmlinuz-*"))
-        root = tmp / "root"
-        (root / "bin").mkdir(parents=True)
-        (root / "lib/modules").mkdir(parents=True)
-        shutil.copy2(busybox, root / "bin/busybox")
-        for mod in MODULES:
-            found = list((tmp / "x/lib/modules").rglob(f"{mod}.ko*"))
-            if not found:
-                raise RuntimeError(f"module {mod} not found in {pkg}")
-            src = found[0]
+        (kdir / "modules").mkdir(parents=True, exist_ok=True)
+        for src in (tmp / "x/lib/modules").glob(f"*/{_MODULE_DIR}/*.ko*"):
             data = src.read_bytes()
             if src.name.endswith(".xz"):
                 import lzma
 
                 data = lzma.decompress(data)
-            (root / "lib/modules" / f"{mod}.ko").write_bytes(data)
-        init = root / "init"
-        init.write_text(_init_script())
-        init.chmod(0o755)
-        _install(_pack(root), initrd)
-        _install(vmlinuz.read_bytes(), kernel)
-    return kernel, initrd
+            name = src.name.split(".ko")[0] + ".ko"
+            _install(data, kdir / "modules" / name)
+        _install(vmlinuz.read_bytes(), kdir / "vmlinuz")  # last: its presence means the directory is complete
+    return kdir
+
+
+def build_guest(cache: Path = DEFAULT_CACHE) -> tuple[Path, Path]:
+    """Return (kernel, initramfs), building them into ``cache`` the first time (or when /init changed).
+
+    Any complete kernel directory serves (the newest first), so the tests do not call apt while a cached
+    kernel has every module; a download happens only when none has."""
+    initrd_name = f"initramfs-{_initrd_version()}.gz"
+    cache.mkdir(parents=True, exist_ok=True)
+    kdirs = sorted((d for d in cache.iterdir() if d.is_dir() and (d / "vmlinuz").exists()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for kdir in kdirs:
+        if (kdir / initrd_name).exists():
+            return kdir / "vmlinuz", kdir / initrd_name
+    for kdir in kdirs:
+        if all((kdir / "modules" / f"{m}.ko").exists() for m in MODULES):
+            _build_initrd(kdir, kdir / initrd_name)
+            return kdir / "vmlinuz", kdir / initrd_name
+    kdir = _fetch_kernel(cache)
+    _build_initrd(kdir, kdir / initrd_name)
+    return kdir / "vmlinuz", kdir / initrd_name
+
+
+def virtio_mem_xml(size_mib: int, requested_mib: int, block_mib: int = 2) -> str:
+    """A virtio-mem device on guest NUMA node 0 (QEMU needs a guest NUMA node to plug it into)."""
+    return (f"<memory model='virtio-mem'><target><size unit='MiB'>{size_mib}</size><node>0</node>"
+            f"<block unit='MiB'>{block_mib}</block><requested unit='MiB'>{requested_mib}</requested></target>"
+            "</memory>")
 
 
 def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, memory_mib: int = 256, vcpus: int = 2,
                console_log: Path | None = None, metadata: str = "", memory_backing: str = "",
                extra: str = "", cmdline_extra: str = "", vcpu_current: int | None = None,
-               qemu_args: tuple[str, ...] = (), balloon_attrs: str = "") -> str:
+               qemu_args: tuple[str, ...] = (), balloon_attrs: str = "",
+               virtio_mem: tuple[int, int] | None = None) -> str:
     """A TCG domain (<domain type='qemu'>: never KVM on these hosts) that boots the tiny guest.
-    ``balloon_attrs``: extra attributes of its <memballoon>, e.g. `` autodeflate='on'``."""
+    ``balloon_attrs``: extra attributes of its <memballoon>, e.g. `` autodeflate='on'``.
+    ``virtio_mem``: (size, requested) in MiB: ``memory_mib`` is then the boot memory (one guest NUMA cell),
+    a virtio-mem device of that size is added with what libvirt needs (<maxMemory slots>, <memory> = boot +
+    size), and the guest onlines plugged blocks as movable so they can be unplugged again."""
     serial = (f"<serial type='file'><source path='{console_log}'/><target port='0'/></serial>"
               if console_log else "<serial type='pty'/>")
     current = f" current='{vcpu_current}'" if vcpu_current is not None else ""
     ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if qemu_args else ""
     qemu = ("<qemu:commandline>" + "".join(f"<qemu:arg value='{a}'/>" for a in qemu_args)
             + "</qemu:commandline>") if qemu_args else ""
+    total, max_memory, numa, device = memory_mib, "", "", ""
+    if virtio_mem is not None:
+        size, requested = virtio_mem
+        total = memory_mib + size
+        max_memory = f"<maxMemory slots='4' unit='MiB'>{total}</maxMemory>"
+        numa = f"<cpu><numa><cell id='0' cpus='0-{vcpus - 1}' memory='{memory_mib}' unit='MiB'/></numa></cpu>"
+        device = virtio_mem_xml(size, requested)
+        cmdline_extra = f"{MEMHP_MOVABLE} {cmdline_extra}"
     return f"""<domain type='qemu'{ns}>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   {f"<metadata>{metadata}</metadata>" if metadata else ""}
-  <memory unit='MiB'>{memory_mib}</memory>
-  <currentMemory unit='MiB'>{memory_mib}</currentMemory>
+  {max_memory}
+  <memory unit='MiB'>{total}</memory>
+  <currentMemory unit='MiB'>{total}</currentMemory>
   {memory_backing}
   <vcpu placement='static'{current}>{vcpus}</vcpu>
+  {numa}
   {extra}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -197,6 +242,7 @@ def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, memory_mib: int
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     {serial}
     <memballoon model='virtio'{balloon_attrs}/>
+    {device}
   </devices>
   {qemu}
 </domain>
