@@ -86,6 +86,7 @@ class RecordingDomain:
         self.vcpus = {v: frozenset(range(ncpus)) for v in range(vcpus)}
         self.emulator = frozenset(range(ncpus))
         self.memtune: dict[str, int] = {}
+        self.iothreads: dict[int, frozenset[int]] = {}
 
     def _record(self, text: str) -> None:
         self.actions.append(Action("started", f"libvirt {text}{self.label}"))
@@ -123,6 +124,12 @@ class RecordingDomain:
     def pinIOThread(self, i: int, cpumap: tuple[bool, ...], flags: int) -> None:
         self._record(f"pinIOThread({i}, {format_cpuset(_cpus(cpumap))}, {flag_names(flags)})")
         self._inner("pinIOThread", i, cpumap, flags)
+        self.iothreads[i] = _cpus(cpumap)
+
+    def ioThreadInfo(self, flags: int) -> list[tuple[int, tuple[bool, ...]]]:
+        if self.inner is not None:
+            return list(self.inner.ioThreadInfo(flags))
+        return [(i, tuple(c in cs for c in range(self.ncpus))) for i, cs in sorted(self.iothreads.items())]
 
     def vcpuPinInfo(self, flags: int) -> list[tuple[bool, ...]]:
         if self.inner is not None:

@@ -77,6 +77,13 @@ def apply_pins(conn: Any, dom: Any, pins: Pins, persist: bool, vlog: VMLog) -> t
     if pins.emulator and live_emulator != format_cpuset(pins.emulator):
         raise ApplyError(f"emulator pin did not stick: asked {format_cpuset(pins.emulator)}, libvirt reports "
                          f"{live_emulator}")
+    if pins.iothreads:
+        live_io = {int(i): frozenset(from_cpumap(bits))
+                   for i, bits in call("iothreadinfo", dom.ioThreadInfo, libvirt.VIR_DOMAIN_AFFECT_LIVE)}
+        for i, cs in sorted(pins.iothreads.items()):
+            if live_io.get(i) != cs:
+                raise ApplyError(f"iothread {i} pin did not stick: asked {format_cpuset(cs)}, libvirt reports "
+                                 f"{format_cpuset(live_io[i]) if i in live_io else 'no such iothread'}")
     vlog.info("pinned: vcpus %s, emulator %s%s", live_vcpus, live_emulator,
               " (also in the persistent definition)" if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG else "")
     return live_vcpus, live_emulator
@@ -108,6 +115,12 @@ def apply_memtune(dom: Any, items: list[tuple[str, int]], vlog: VMLog) -> tuple[
             vlog.warning("%s (the other limits are still applied)", refused[-1])
     live = call("memtune", dom.memoryParameters, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     got = {k: int(v) for k, v in live.items() if k in dict(items)}
+    refused_names = {r.split()[1] for r in refused}
+    for name, kib in items:  # read back and compare: a limit the kernel did not take is reported, not assumed
+        # cgroups keep limits in pages: anything within one 4 KiB page of the request is what was asked.
+        if name not in refused_names and abs(got.get(name, -1) - kib) >= 4:
+            refused.append(f"memtune {name}: asked {kib} KiB, libvirt reports {got.get(name, 'nothing')}")
+            vlog.warning("%s", refused[-1])
     vlog.info("memtune now %s", got)
     return got, refused
 

@@ -66,3 +66,11 @@ def test_a_transient_domain_is_never_pinned_with_affect_config(tmp_path: Path) -
     persistent = [a for _, a in calls(dryrun.plan(dom, cfg, persistent_domain=True))]
     assert "libvirt pinVcpuFlags(0, 2, AFFECT_LIVE)" in transient
     assert "libvirt pinVcpuFlags(0, 2, AFFECT_LIVE|AFFECT_CONFIG)" in persistent
+
+
+def test_an_iothread_pin_is_planned_and_verified(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    dom = parse_domain(domain_xml(uuid=U1, backing="", extra="<iothreads>1</iothreads>",
+                                  tuning='<kvm:iothreadpin iothread="1" cpuset="3"/>'))
+    texts = [a for _, a in calls(dryrun.plan(dom, host.config(), persistent_domain=True))]
+    assert texts == ["libvirt pinIOThread(1, 3, AFFECT_LIVE)"]

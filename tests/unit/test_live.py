@@ -32,6 +32,7 @@ class FakeDom:
         self.calls: list[str] = []
         self.online = vcpus
         self.memtune: dict[str, int] = {}
+        self.iothreads: dict[int, frozenset[int]] = {1: frozenset(range(ncpus))}
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -74,6 +75,14 @@ class FakeDom:
 
     def memoryParameters(self, flags: int) -> dict[str, int]:
         return dict(self.memtune)
+
+    def pinIOThread(self, i: int, cpumap: tuple[bool, ...], flags: int) -> None:
+        self.calls.append(f"iothreadpin {i} {sorted(from_cpumap(cpumap))}")
+        if self.sticky:
+            self.iothreads[i] = from_cpumap(cpumap)
+
+    def ioThreadInfo(self, flags: int) -> list[tuple[int, tuple[bool, ...]]]:
+        return [(i, tuple(c in cs for c in range(self.ncpus))) for i, cs in sorted(self.iothreads.items())]
 
     def vcpuPinInfo(self, flags: int) -> list[tuple[bool, ...]]:
         return [tuple(i in cs for i in range(self.ncpus)) for v, cs in sorted(self.vcpus.items()) if v < self.online]
@@ -164,3 +173,23 @@ def test_the_worker_runs_the_balloon_step(four: FakeHost, monkeypatch: pytest.Mo
     assert seen == [262144 * 75 // 100] and dom.vcpus[0] == {2}
     rec = operations.ledger_for(cfg).read().domains[U1]
     assert rec.state == "running" and rec.applied.pins["0"] == "2" and rec.applied.balloon["target"] == seen[0]
+
+
+def test_iothread_pins_and_memtune_are_read_back_and_compared(four: FakeHost) -> None:
+    from kvmhooks.apply.live import apply_memtune, apply_pins
+
+    dom = FakeDom(U1, b"")
+    apply_pins(FakeConn(dom), dom, Pins({0: frozenset({2})}, iothreads={1: frozenset({3})}), False, VMLog("vm", U1))
+    assert dom.iothreads[1] == {3}
+    dom = FakeDom(U1, b"")
+    dom.pinIOThread = lambda i, cpumap, flags: None  # type: ignore[method-assign]
+    with pytest.raises(ApplyError, match="iothread 1 pin did not stick: asked 3, libvirt reports 0-3"):
+        apply_pins(FakeConn(dom), dom, Pins({0: frozenset({2})}, iothreads={1: frozenset({3})}), False,
+                   VMLog("vm", U1))
+    dom = FakeDom(U1, b"")
+    got, problems = apply_memtune(dom, [("hard_limit", 1048576), ("soft_limit", 524288)], VMLog("vm", U1))
+    assert got == {"hard_limit": 1048576, "soft_limit": 524288} and problems == []
+    dom.setMemoryParameters = lambda params, flags: dom.memtune.update(  # type: ignore[method-assign]
+        {k: v // 2 for k, v in params.items()})
+    _, problems = apply_memtune(dom, [("hard_limit", 1048576)], VMLog("vm", U1))
+    assert problems == ["memtune hard_limit: asked 1048576 KiB, libvirt reports 524288"]
