@@ -30,7 +30,8 @@ def run_demo(cfg: Config, keep: bool = False, uri: str = "qemu:///system") -> in
     import libvirt
 
     from kvmhooks.apply.libvirt import connect
-    from kvmhooks.cli import cmd_status, hook_state
+    from kvmhooks.cli.host import hook_state
+    from kvmhooks.cli.status import cmd_status
 
     if not hook_state(cfg)["installed"]:
         raise KvmhooksError("the kvmhooks hook is not installed: run ./install.sh first")

@@ -1,0 +1,74 @@
+"""`kvmhooks plan` (a dry run of the real code) and `kvmhooks validate`."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmhooks import operations
+from kvmhooks.cli.common import xml_for
+from kvmhooks.cli.exit import EXIT_FINDING, EXIT_OK
+from kvmhooks.cli.render import emit
+from kvmhooks.config import Config
+from kvmhooks.domain import parse_domain
+from kvmhooks.errors import KvmhooksError
+from kvmhooks.ledger import LedgerState
+
+
+def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.dryrun import plan
+
+    data, running, persistent = xml_for(args, cfg)
+    dom = parse_domain(data)
+    if dom.active_tuning is None:
+        emit(args, {"vm": dom.name, "actions": [], "note": "not annotated (or enabled='no'): kvmhooks does nothing"},
+             lambda: f"VM {dom.name!r}: not annotated (or enabled='no'): kvmhooks does nothing")
+        return EXIT_OK
+    try:  # the real prepare and started code, against recorders and a copy of the ledger
+        actions = [{"phase": a.phase, "action": a.action} for a in plan(dom, cfg, persistent)]
+    except KvmhooksError as e:
+        reason = str(e)
+        emit(args, {"vm": dom.name, "refuse": reason}, lambda: f"would refuse the start: {reason}")
+        return EXIT_FINDING
+    note = " (running now: this is the plan for its next start)" if running else ""
+
+    def human() -> str:
+        return f"VM {dom.name!r}{note}:\n" + "\n".join(f"  {a['phase']:8} {a['action']}" for a in actions)
+
+    emit(args, {"vm": dom.name, "running": running, "actions": actions}, human)
+    return EXIT_OK
+
+
+def validate_problems(data: bytes, cfg: Config) -> tuple[str, list[str]]:
+    from kvmhooks.plan.cpus import plan_cpus
+    from kvmhooks.plan.hugepages import plan_hugepages
+
+    try:
+        dom = parse_domain(data)
+    except KvmhooksError as e:
+        return "?", [str(e)]
+    problems = []
+    topo = operations.topology_for(cfg)
+    hp = None
+    try:
+        hp = plan_hugepages(dom, topo, cfg)
+    except KvmhooksError as e:
+        problems.append(str(e))
+    try:
+        plan_cpus(dom, topo, cfg, LedgerState(), frozenset(hp.pages) if hp else frozenset())
+    except KvmhooksError as e:
+        problems.append(str(e))
+    return dom.name, problems
+
+
+def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.doctor import check_balloon, domain_facts
+
+    data, _, _ = xml_for(args, cfg)
+    name, problems = validate_problems(data, cfg)
+    # The guest's own defences are advice, not refusals: the start would go ahead.
+    warnings = [f"warning: {f.what} ({f.fix})" for f in check_balloon(domain_facts(name, data))
+                if f.severity == "warning"] if not problems else []
+    emit(args, {"vm": name, "ok": not problems, "problems": problems, "warnings": warnings},
+         lambda: "\n".join(problems) if problems else "\n".join([f"VM {name!r}: annotation valid for this host",
+                                                                   *warnings]))
+    return EXIT_FINDING if problems else EXIT_OK

@@ -1,0 +1,25 @@
+"""`kvmhooks balloond` and `kvmhooks demo`."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmhooks.config import Config
+
+
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from kvmhooks.cli.demo import run_demo
+
+    return run_demo(cfg, keep=args.keep, uri=args.uri or cfg.libvirt_uri)
+
+
+def cmd_balloond(args: argparse.Namespace, cfg: Config) -> int:
+    from dataclasses import replace
+
+    from kvmhooks.balloond import run
+    from kvmhooks.log import setup_logging
+
+    setup_logging("stderr" if args.foreground_log else cfg.log, cfg.log_level, "balloond")
+    if args.interval:
+        cfg = replace(cfg, balloon_interval=args.interval)
+    return run(cfg, once=args.once)
