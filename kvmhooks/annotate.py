@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from lxml import etree
 
 from kvmhooks import NAMESPACE, PREFIX
-from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg, safe_parse
+from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib, libvirt_to_kib, parse_cpuset, parse_size_kib
+from kvmhooks.xmlsafe import safe_parse
 
 _K = f"{{{NAMESPACE}}}"
 _Q = f"{{{QEMU_CMDLINE_NS}}}"

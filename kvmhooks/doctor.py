@@ -49,7 +49,8 @@ class DomainFacts:
 def domain_facts(name: str, xml: bytes, active: bool = False) -> DomainFacts:
     """Facts about one VM from its XML, including what :class:`Domain` does not carry (VFIO devices)."""
     from kvmhooks.annotate import has_vfio_hostdev
-    from kvmhooks.domain import parse_domain, safe_parse
+    from kvmhooks.domain import parse_domain
+    from kvmhooks.xmlsafe import safe_parse
 
     try:
         dom = parse_domain(xml)

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from kvmhooks.config import CONFIG_ENV, Config, load_config
-from kvmhooks.domain import MAX_XML_BYTES, parse_domain, scan_uuid
+from kvmhooks.domain import parse_domain
 from kvmhooks.errors import KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
+from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
 
 log = logging.getLogger(__name__)
 

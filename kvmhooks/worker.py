@@ -17,9 +17,10 @@ import time
 from collections.abc import Sequence
 
 from kvmhooks.config import CONFIG_ENV, Config, load_config
-from kvmhooks.domain import UUID_RE, parse_domain
+from kvmhooks.domain import parse_domain
 from kvmhooks.errors import ApplyError, KvmhooksError
 from kvmhooks.log import VMLog, setup_logging
+from kvmhooks.xmlsafe import UUID_RE
 
 log = logging.getLogger(__name__)
 

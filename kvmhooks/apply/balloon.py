@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from kvmhooks.annotation import BalloonSpec
 from kvmhooks.apply.libvirt import call
 from kvmhooks.apply.qmp import BALLOON_QOM, POLL, QMPBalloon, QMPTransportError
-from kvmhooks.domain import BalloonSpec, Domain
+from kvmhooks.domain import Domain
 from kvmhooks.log import VMLog
 from kvmhooks.plan.balloon import fixed_target
 

@@ -23,10 +23,12 @@ from typing import Any, Protocol, TypeVar
 
 from lxml import etree
 
+from kvmhooks.annotation import BalloonSpec
 from kvmhooks.apply.libvirt import call
 from kvmhooks.apply.qmp import QMPBalloon, QMPTransportError, _uint
-from kvmhooks.domain import BalloonSpec, Domain, VirtioMemDevice, safe_parse
+from kvmhooks.domain import Domain, VirtioMemDevice
 from kvmhooks.errors import ApplyError
+from kvmhooks.xmlsafe import safe_parse
 
 T = TypeVar("T")
 # libvirt's own QEMU job wait is 30 s; a call still running after this is stuck.

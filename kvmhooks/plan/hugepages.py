@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmhooks.annotation import HugepagesSpec
 from kvmhooks.config import Config, pool_key
-from kvmhooks.domain import Domain, HugepagesSpec
+from kvmhooks.domain import Domain
 from kvmhooks.errors import DomainConfigError, HostError
 from kvmhooks.plan.pools import spare_kib
 from kvmhooks.topology import HostTopology

@@ -20,8 +20,9 @@ import pytest
 from kvmhooks import operations
 from kvmhooks.apply.pools import SysfsPools
 from kvmhooks.config import Config
-from kvmhooks.domain import parse_domain, scan_uuid
+from kvmhooks.domain import parse_domain
 from kvmhooks.errors import CapacityError
+from kvmhooks.xmlsafe import scan_uuid
 from tests.fakehost import GIB, FakeHost, FakeKernel, domain_xml
 from tests.unit.test_crash_safety import Dead, Faults, check_invariant, recover
 

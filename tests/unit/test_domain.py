@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmhooks.domain import MAX_XML_BYTES, BalloonSpec, parse_domain, qmp_socket_arg, scan_uuid
+from kvmhooks.annotation import BalloonSpec
+from kvmhooks.domain import parse_domain, qmp_socket_arg
 from kvmhooks.errors import AnnotationError, DomainConfigError, XMLInputError
+from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
 from tests.fakehost import domain_xml
 
 FULL = """
