@@ -102,6 +102,19 @@ def auto_page_kib(memory_kib: int, topo: HostTopology) -> int:
     return 2048
 
 
+def _remove_persisted_pins(root: etree._Element) -> None:
+    """Undo ``<kvm:cputune persist="yes"/>``: the worker wrote the pins into the persistent ``<cputune>``, so
+    the pins there are kvmhooks'; the rest of ``<cputune>`` (shares, period, quota) stays the admin's."""
+    cputune = root.find("cputune")
+    if cputune is None:
+        return
+    for tag in ("vcpupin", "emulatorpin", "iothreadpin"):
+        for el in cputune.findall(tag):
+            cputune.remove(el)
+    if len(cputune) == 0:
+        root.remove(cputune)
+
+
 def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edited:
     root = safe_parse(xml.encode())
     uuid = (root.findtext("uuid") or "").strip()
@@ -109,6 +122,9 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
         meta = root.find("metadata")
         if meta is not None and meta.findall(_K + "tuning"):
             for el in meta.findall(_K + "tuning"):
+                persist = el.find(_K + "cputune")
+                if persist is not None and persist.get("persist") == "yes":
+                    _remove_persisted_pins(root)
                 meta.remove(el)
             if len(meta) == 0:  # we emptied it
                 root.remove(meta)

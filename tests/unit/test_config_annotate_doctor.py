@@ -157,3 +157,18 @@ def test_doctor_balloon_defences(numa_host: FakeHost) -> None:
     on = domain_xml(tuning=None, backing="", devices="<memballoon model='virtio' freePageReporting='on'/>")
     assert not check_balloon(domain_facts("vm", on))
     assert domain_facts("bad", b"<domain>").domain is None
+
+
+def test_remove_undoes_the_cputune_that_persist_yes_wrote(host: FakeHost) -> None:
+    """persist="yes" makes the worker write the pins into the persistent <cputune>; --remove takes them back
+    and leaves the admin's own <cputune> settings."""
+    topo = read_topology(host.sysfs, host.proc)
+    persisted = domain_xml(name="web", backing="", tuning='<kvm:cpu policy="dedicated"/><kvm:cputune persist="yes"/>',
+                           extra="<cputune><shares>2048</shares><vcpupin vcpu='0' cpuset='1'/>"
+                                 "<vcpupin vcpu='1' cpuset='2'/><emulatorpin cpuset='1'/></cputune>").decode()
+    removed = edit_domain_xml(persisted, AnnotateRequest(remove=True), topo).xml
+    assert "<cputune><shares>2048</shares></cputune>" in removed and "vcpupin" not in removed
+    only_pins = persisted.replace("<shares>2048</shares>", "")
+    assert "cputune" not in edit_domain_xml(only_pins, AnnotateRequest(remove=True), topo).xml
+    not_ours = persisted.replace(' persist="yes"', ' persist="no"')  # pins the admin wrote: left alone
+    assert "<vcpupin vcpu=\"0\" cpuset=\"1\"/>" in edit_domain_xml(not_ours, AnnotateRequest(remove=True), topo).xml
