@@ -16,9 +16,10 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvmhooks.guest import HOG_LINE
 from tests.e2e.conftest import TEST_CONFIG, VM, Env, dommemstat, domstate, virsh, wait_for
@@ -75,6 +76,28 @@ def console(vm: VM) -> str:
 def written(vm: VM) -> int:
     oks = re.findall(rf"{HOG_LINE} ok (\d+)", console(vm))
     return int(oks[-1]) if oks else 0
+
+
+def follow_hog(vm: VM, rec: Any, timeout: float, start: int, each: Callable[[], None] | None = None) -> int:
+    """Sample every half second until the hog is done (bounded), then two seconds more (at the end the guest
+    must stay above what it uses); returns the least memory it was given while still idle."""
+    lowest = start
+    deadline = time.monotonic() + timeout
+    while not hog_done(vm) and time.monotonic() < deadline:
+        _, given = rec.sample()
+        if written(vm) == 0:
+            lowest = min(lowest, given)
+        if each is not None:
+            each()
+        time.sleep(0.5)
+    for _ in range(4):
+        rec.sample()
+        time.sleep(0.5)
+    return lowest
+
+
+def _not_squeezed(vm: VM) -> None:
+    assert dommemstat(vm.name)["actual"] == 512 * MIB, "the idle default guest was squeezed"
 
 
 def hog_done(vm: VM) -> bool:
@@ -135,16 +158,7 @@ def test_reclaimed_idle_guest_survives_a_10_mib_per_s_burst_and_an_idle_one_keep
         # (slower cycles) still reaches min before the hog starts
         rec = Recorder(hog)
         wait_for(lambda: driver_up(hog) and driver_up(idle), 60, "both balloon drivers")
-        squeezed = False
-        deadline = time.monotonic() + 90
-        while not hog_done(hog) and time.monotonic() < deadline:
-            used, given = rec.sample()
-            squeezed = squeezed or (given <= 160 * MIB and written(hog) == 0)
-            assert dommemstat(idle.name)["actual"] == 512 * MIB, "the idle default guest was squeezed"
-            time.sleep(0.5)
-        for _ in range(4):  # a few more seconds at the end: it stays above what it uses
-            rec.sample()
-            time.sleep(0.5)
+        squeezed = follow_hog(hog, rec, 90, 512 * MIB, each=lambda: _not_squeezed(idle)) <= 160 * MIB
     table = rec.save("reclaim-10mibps")
     Path("/tmp/kvmhooks-elastic-reclaim-10mibps.log").write_text("\n".join(log) + "\n")
     assert squeezed, "the idle guest was not reclaimed toward min=128M before the burst\n" + table
@@ -161,16 +175,7 @@ def test_a_low_host_target_squeezes_toward_min_and_a_50_mib_per_s_burst_grows_it
     with balloond(1.0, "balloon_host_target = 0.01") as log:  # the host is always "above target" here
         rec = Recorder(vm)
         wait_for(lambda: driver_up(vm), 60, "the balloon driver")
-        lowest_idle = 512 * MIB
-        deadline = time.monotonic() + 60
-        while not hog_done(vm) and time.monotonic() < deadline:
-            used, given = rec.sample()
-            if written(vm) == 0:
-                lowest_idle = min(lowest_idle, given)
-            time.sleep(0.5)
-        for _ in range(4):
-            rec.sample()
-            time.sleep(0.5)
+        lowest_idle = follow_hog(vm, rec, 60, 512 * MIB)
     table = rec.save("host-target-50mibps")
     Path("/tmp/kvmhooks-elastic-host-target-50mibps.log").write_text("\n".join(log) + "\n")
     assert lowest_idle <= 160 * MIB, "not squeezed toward min while idle\n" + table

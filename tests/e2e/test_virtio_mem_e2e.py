@@ -16,7 +16,7 @@ from lxml import etree
 
 from kvmhooks.guest import MEMHP_MOVABLE
 from tests.e2e.conftest import Env, dommemstat, run, virsh, wait_for
-from tests.e2e.test_elastic_e2e import KVMHOOKS, Recorder, assert_survived, balloond, driver_up, hog_done, written
+from tests.e2e.test_elastic_e2e import KVMHOOKS, Recorder, assert_survived, balloond, driver_up, follow_hog, written
 
 MIB = 1024
 BOOT, SIZE, START = 256, 512, 256  # MiB
@@ -67,16 +67,7 @@ def test_virtio_mem_guest_is_unplugged_when_idle_and_plugged_ahead_of_a_10_mib_p
     with balloond(1.0, 'balloon_host_target = 0.01\nballoon_step = "200M"') as log:
         rec = PlugRecorder(vm)
         wait_for(lambda: driver_up(vm), 60, "the balloon driver (the policy's guest stats)")
-        lowest_idle = START * MIB
-        deadline = time.monotonic() + 75
-        while not hog_done(vm) and time.monotonic() < deadline:
-            used, current = rec.sample()
-            if written(vm) == 0:
-                lowest_idle = min(lowest_idle, current)
-            time.sleep(0.5)
-        for _ in range(4):
-            rec.sample()
-            time.sleep(0.5)
+        lowest_idle = follow_hog(vm, rec, 75, START * MIB)
     table = rec.save("virtio-mem")
     Path("/tmp/kvmhooks-virtio-mem.txt").write_text(table + "\n")
     Path("/tmp/kvmhooks-virtio-mem.log").write_text("\n".join(log) + "\n")
