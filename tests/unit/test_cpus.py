@@ -215,3 +215,31 @@ def test_adopted_shared_vm_keeps_floating_so_it_is_re_pinned_later(small: FakeHo
     assert rec is not None and rec.pins is not None and prepared.record.pins is not None
     assert rec.shared and rec.pins.floating == prepared.record.pins.floating == (0, 2)
     assert rec.pins.emulator_floats is prepared.record.pins.emulator_floats is True
+
+
+def test_isolated_emulator_is_one_cpu_under_thread_isolate(numa_host: FakeHost) -> None:
+    """The thread policy is about vCPUs: the isolated emulator takes one CPU, not a whole core, and a lone CPU
+    (here 8, the sibling of housekeeping CPU 0) first; another VM can still use what it leaves."""
+    node0 = frozenset({0})
+    p = plan(numa_host, '<kvm:cpu policy="dedicated" threads="isolate" emulator="isolate"/>', vcpus=2,
+             hp_nodes=node0)
+    assert pins(p) == {0: "1", 1: "2"} and p.emulator == {8} and p.dedicated == {1, 9, 2, 10, 8}
+    # Node 0 keeps its whole core 3: the emulator took CPU 8, whose core was never whole.
+    other = plan(numa_host, '<kvm:cpu policy="dedicated" threads="isolate"/>', vcpus=1, uuid=2,
+                 state=holding(sorted(p.dedicated)), hp_nodes=node0)
+    assert pins(other) == {0: "3"}
+
+
+def test_shared_vm_isolated_emulator_takes_a_lone_cpu(numa_host: FakeHost) -> None:
+    p = plan(numa_host, '<kvm:cpu policy="shared" emulator="isolate"/>', vcpus=2)
+    assert p.emulator == {8} and p.dedicated == {8} and 8 not in p.vcpus[0]
+
+
+def test_guest_cell_refusal_is_one_line_naming_the_vm(numa_host: FakeHost) -> None:
+    cells = "<cpu><numa><cell id='0' cpus='0-8' memory='131072'/><cell id='1' cpus='9' memory='131072'/></numa></cpu>"
+    with pytest.raises(CapacityError) as exc:
+        plan(numa_host, '<kvm:cpu policy="dedicated"/>', vcpus=10, extra=cells)
+    assert str(exc.value).startswith("VM 'vm1': guest NUMA cell 0 has 9 vCPU(s)") and "\n" not in str(exc.value)
+    # The same vCPUs without guest cells span the nodes, the node with the most free CPUs filled first.
+    p = plan(numa_host, '<kvm:cpu policy="dedicated"/>', vcpus=10)
+    assert p.dedicated >= frozenset({4, 5, 6, 7, 12, 13, 14, 15})
