@@ -464,11 +464,11 @@ def _adopt_cpus(dom: Domain, rec: DomainRecord, topo: HostTopology) -> None:
     else:
         cpus = {c for v, cs in dom.live_vcpupins.items() if v not in explicit and len(cs) == 1 for c in cs}
         emulator_floats = t.cpu.emulator == "pool" and t.emulatorpin is None
+    if t.cpu.threads == "isolate":  # whole cores for the vCPUs; the isolated emulator is one CPU (the planner's)
+        cpus |= {s for c in cpus if c in topo.cpus for s in topo.cpus[c].siblings}
     if t.cpu.emulator == "isolate" and t.emulatorpin is None and emu is not None and len(emu) == 1:
         rec.emulator_cpu = min(emu)
         cpus |= emu
-    if t.cpu.threads == "isolate":  # the planner reserves whole cores under "isolate" (the emulator's too)
-        cpus |= {s for c in cpus if c in topo.cpus for s in topo.cpus[c].siblings}
     rec.cpus = sorted(cpus)
     rec.pins = Pins(vcpus=dict(dom.live_vcpupins), emulator=emu, floating=tuple(floating),
                     emulator_floats=emulator_floats)

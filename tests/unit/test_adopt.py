@@ -60,11 +60,11 @@ def test_isolate_siblings_and_the_isolated_emulator_cpu_are_adopted(numa_host: F
                      extra="<cputune><vcpupin vcpu='0' cpuset='1'/><vcpupin vcpu='1' cpuset='2'/>"
                            "<emulatorpin cpuset='3'/></cputune>")
     rec = operations.adopt(parse_domain(xml), cfg)
-    # 1 and 2 with their siblings 9 and 10 (2 nodes x 4 cores x 2 threads), and the emulator's 3 with 11
-    assert rec is not None and rec.cpus == [1, 2, 3, 9, 10, 11] and rec.emulator_cpu == 3
+    # 1 and 2 with their siblings 9 and 10 (2 nodes x 4 cores x 2 threads), and the emulator's 3 alone
+    assert rec is not None and rec.cpus == [1, 2, 3, 9, 10] and rec.emulator_cpu == 3
     other = domain_xml(uuid=U2, backing="", tuning='<kvm:cpu policy="dedicated"/>', vcpus=2)
     got = operations.prepare(parse_domain(other), cfg).record
-    assert not set(got.cpus) & {1, 2, 3, 9, 10, 11}
+    assert not set(got.cpus) & {1, 2, 3, 9, 10}
 
 
 def test_reconnect_of_a_vm_disabled_live_keeps_its_cpus(host: FakeHost, tmp_path: Path) -> None:
