@@ -3,7 +3,7 @@
 # tiny guest is built from. Installs only what is missing. As root.
 set -euo pipefail
 PKGS="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt python3-lxml python3-venv
-      busybox-static cpio procps"
+      python3-prometheus-client busybox-static cpio procps"
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=$(for p in $PKGS; do installed "$p" || echo "$p"; done)
 # The tiny guest's kernel comes from 'apt-get download', which needs package lists.
