@@ -80,7 +80,7 @@ libvirt_version() {  # prints e.g. 9000000, or 0 when unknown
 install_deps() {
   [ "$use_apt" = yes ] && command -v apt-get >/dev/null || return 0
   local missing=()
-  for p in python3-venv python3-libvirt python3-lxml; do
+  for p in python3-venv python3-libvirt python3-lxml python3-prometheus-client; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then

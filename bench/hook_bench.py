@@ -68,9 +68,11 @@ def main() -> None:
         floor = timed([py, "-I", "-c", f"import lxml.etree; open({str(pool)!r}, 'w').write('{now}')"], b"", env,
                       args.runs)
         rows.append(("floor: interpreter + import lxml.etree + one pool write", floor, floor))
-        rows.append(("hook, unannotated VM, prepare", timed([hook, "vm", "prepare", "begin", "-"], plain, env,
+        # An unannotated VM as on an installed host: the default config (no state_dir, the default ledger).
+        plain_env = {**env, "KVMHOOKS_CONFIG": str(Path(tmp) / "default-config.toml")}
+        rows.append(("hook, unannotated VM, prepare", timed([hook, "vm", "prepare", "begin", "-"], plain, plain_env,
                                                              args.runs), sh))
-        rows.append(("hook, unannotated VM, release", timed([hook, "vm", "release", "end", "-"], plain, env,
+        rows.append(("hook, unannotated VM, release", timed([hook, "vm", "release", "end", "-"], plain, plain_env,
                                                              args.runs), sh))
         pair = []
         for _ in range(max(10, args.runs // 4)):

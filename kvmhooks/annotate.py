@@ -25,7 +25,7 @@ from lxml import etree
 
 from kvmhooks import NAMESPACE, PREFIX
 from kvmhooks.domain import QEMU_CMDLINE_NS, qmp_socket_arg
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import DomainConfigError, UsageError
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib, libvirt_to_kib, parse_cpuset, parse_size_kib
 from kvmhooks.xmlsafe import safe_parse
@@ -169,7 +169,7 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
             for c in cpus:
                 parse_cpuset(str(c))
         except ValueError:
-            raise KvmhooksError(f"--pin {req.pin!r}: expected 'auto' or host CPUs for vCPU 0,1,... like 2,3") from None
+            raise UsageError(f"--pin {req.pin!r}: expected 'auto' or host CPUs for vCPU 0,1,... like 2,3") from None
         for old in tuning.findall(_K + "vcpupin"):
             tuning.remove(old)
         for v, c in enumerate(cpus):
@@ -186,7 +186,7 @@ def edit_domain_xml(xml: str, req: AnnotateRequest, topo: HostTopology) -> Edite
     vfio = has_vfio_hostdev(root)
     if req.free_page_reporting:
         if hugepage_backed or vfio:
-            raise KvmhooksError("free page reporting cannot work for this VM: " + (
+            raise DomainConfigError("free page reporting cannot work for this VM: " + (
                 "it is backed by huge pages (the host cannot take back part of a huge page)" if hugepage_backed
                 else "it has a VFIO host device (its memory is pinned for DMA)"))
         _memballoon(root).set("freePageReporting", "on")
@@ -224,17 +224,17 @@ def _add_virtio_mem(root: etree._Element, size_text: str, tuning: etree._Element
     try:
         size = parse_size_kib(size_text)
     except ValueError as e:
-        raise KvmhooksError(f"--virtio-mem {size_text!r}: {e}") from None
+        raise UsageError(f"--virtio-mem {size_text!r}: {e}") from None
     page = root.find("memoryBacking/hugepages/page")
     block = VIRTIO_MEM_BLOCK_KIB
     if page is not None and page.get("size"):  # a block must hold whole huge pages
         block = max(block, libvirt_to_kib(page.get("size", "0"), page.get("unit")))
     size = -(-size // block) * block
     if size <= 0:
-        raise KvmhooksError(f"--virtio-mem {size_text!r}: must be more than zero")
+        raise UsageError(f"--virtio-mem {size_text!r}: must be more than zero")
     mem = root.find("memory")
     if mem is None:
-        raise KvmhooksError("the domain has no <memory>")
+        raise DomainConfigError("the domain has no <memory>")
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
@@ -244,7 +244,7 @@ def _add_virtio_mem(root: etree._Element, size_text: str, tuning: etree._Element
     boot = _kib_of(mem) - all_devices
     total = boot + all_devices - old_size + size
     if boot <= 0:
-        raise KvmhooksError("cannot tell the boot memory: <memory> is not above its memory devices' sizes")
+        raise DomainConfigError("cannot tell the boot memory: <memory> is not above its memory devices' sizes")
     mem.text, mem.attrib["unit"] = str(total), "KiB"
     maxmem = root.find("maxMemory")
     if maxmem is None:

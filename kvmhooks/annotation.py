@@ -343,8 +343,8 @@ def _parse_balloon(r: _Reader, dom: Domain, memtune: MemtuneSpec | None) -> Ball
                      f"{dom.name} --qmp' or add <qemu:arg value='-qmp'/><qemu:arg value='"
                      f"{qmp_socket_arg(dom.uuid)}'/>")
     if not dom.has_memballoon:
-        raise DomainConfigError(f"VM {dom.name!r}: <kvm:balloon> needs a balloon device; add "
-                                "<memballoon model='virtio'/> under <devices>")
+        raise DomainConfigError("<kvm:balloon> needs a balloon device; add "
+                                "<memballoon model='virtio'/> under <devices>", vm=dom.name)
     reclaim = r.choice("reclaim", ("none", "idle"), "none")
     shares = r.integer("shares", MIN_SHARES, MAX_SHARES)
     return BalloonSpec(target, min_kib, 2 if period is None else period, policy,  # type: ignore[arg-type]

@@ -138,9 +138,9 @@ def _int(vm: str, text: str | None, what: str, default: int, hi: int = MAX_DOMAI
     try:
         n = parse_uint(text, len(str(hi)))
     except ValueError as e:
-        raise XMLInputError(f"VM {vm!r}: domain XML: {what}: {e}") from None
+        raise XMLInputError(f"domain XML: {what}: {e}", vm=vm) from None
     if n > hi:
-        raise XMLInputError(f"VM {vm!r}: domain XML: {what} {clip(text)} is more than {hi}")
+        raise XMLInputError(f"domain XML: {what} {clip(text)} is more than {hi}", vm=vm)
     return n
 
 
@@ -150,7 +150,7 @@ def _switch(vm: str, el: etree._Element | None, attr: str) -> bool:
         return False
     if el.get(attr) == "on":
         return True
-    raise XMLInputError(f"VM {vm!r}: domain XML: <{el.tag} {attr}> {clip(el.get(attr, ''))}: expected on or off")
+    raise XMLInputError(f"domain XML: <{el.tag} {attr}> {clip(el.get(attr, ''))}: expected on or off", vm=vm)
 
 
 def parse_domain(data: bytes) -> Domain:
@@ -159,14 +159,14 @@ def parse_domain(data: bytes) -> Domain:
     name = _text(root, "name") or "?"
     uuid = (_text(root, "uuid") or "").lower()
     if not UUID_RE.fullmatch(uuid):
-        raise XMLInputError(f"VM {name!r}: domain XML has no canonical <uuid>")
+        raise XMLInputError("domain XML has no canonical <uuid>", vm=name)
     mem_el = root.find("memory")
     if mem_el is None or mem_el.text is None:
-        raise XMLInputError(f"VM {name!r}: domain XML has no <memory>")
+        raise XMLInputError("domain XML has no <memory>", vm=name)
     try:
         memory_kib = libvirt_to_kib(mem_el.text, mem_el.get("unit"))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: domain XML: <memory>: {e}") from None
+        raise XMLInputError(f"domain XML: <memory>: {e}", vm=name) from None
     vcpu_el = root.find("vcpu")
     vcpu_text = None if vcpu_el is None or vcpu_el.text is None else vcpu_el.text.strip(ASCII_WS)
     max_vcpus = _int(name, vcpu_text, "<vcpu>", 1, MAX_DOMAIN_VCPUS)
@@ -179,11 +179,11 @@ def parse_domain(data: bytes) -> Domain:
         try:
             cell_cpus = parse_cpuset(c.get("cpus", "")) if c.get("cpus") else frozenset()
         except ValueError as e:
-            raise XMLInputError(f"VM {name!r}: domain XML: <numa><cell cpus>: {e}") from None
+            raise XMLInputError(f"domain XML: <numa><cell cpus>: {e}", vm=name) from None
         try:
             cell_kib = libvirt_to_kib(c.get("memory", "0"), c.get("unit"))
         except ValueError as e:
-            raise XMLInputError(f"VM {name!r}: domain XML: <numa><cell memory>: {e}") from None
+            raise XMLInputError(f"domain XML: <numa><cell memory>: {e}", vm=name) from None
         cells.append(NumaCell(cell_id, cell_cpus, cell_kib))
 
     numatune_nodes = None
@@ -199,7 +199,7 @@ def parse_domain(data: bytes) -> Domain:
             cellid = _int(name, mn.get("cellid"), "<numatune><memnode cellid>", 0)
             memnodes[cellid] = parse_node_list(mn.get("nodeset", ""))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: domain XML: <numatune>: {e}") from None
+        raise XMLInputError(f"domain XML: <numatune>: {e}", vm=name) from None
 
     hp = root.find("memoryBacking/hugepages")
     page_sizes: list[int] = []
@@ -208,7 +208,7 @@ def parse_domain(data: bytes) -> Domain:
             try:
                 page_sizes.append(libvirt_to_kib(page.get("size", ""), page.get("unit")))
             except ValueError as e:
-                raise XMLInputError(f"VM {name!r}: domain XML: <memoryBacking><hugepages><page size>: {e}") \
+                raise XMLInputError(f"domain XML: <memoryBacking><hugepages><page size>: {e}", vm=name) \
                     from None
 
     qmp_socket = None
@@ -234,7 +234,7 @@ def parse_domain(data: bytes) -> Domain:
         if ep is not None:
             live_emulatorpin = parse_cpuset(ep.get("cpuset", ""))
     except ValueError as e:
-        raise XMLInputError(f"VM {name!r}: domain XML: <cputune>: {e}") from None
+        raise XMLInputError(f"domain XML: <cputune>: {e}", vm=name) from None
     virtio_mem, devices_kib = _memory_devices(name, root)
     max_mem_el = root.find("maxMemory")
     max_memory_kib = max_memory_slots = None
@@ -242,7 +242,7 @@ def parse_domain(data: bytes) -> Domain:
         try:
             max_memory_kib = libvirt_to_kib(max_mem_el.text or "", max_mem_el.get("unit"))
         except ValueError as e:
-            raise XMLInputError(f"VM {name!r}: domain XML: <maxMemory>: {e}") from None
+            raise XMLInputError(f"domain XML: <maxMemory>: {e}", vm=name) from None
         max_memory_slots = _int(name, max_mem_el.get("slots"), "<maxMemory slots>", 0)
     os_hint = ""
     for el in root.iter():
@@ -283,8 +283,8 @@ def _memory_devices(vm: str, root: etree._Element) -> tuple[tuple[VirtioMemDevic
         try:
             return libvirt_to_kib(sub.text, sub.get("unit"))
         except ValueError as e:
-            raise XMLInputError(f"VM {vm!r}: domain XML: <memory model={clip(el.get('model', ''))}> "
-                                f"<{tag}>: {e}") from None
+            raise XMLInputError(f"domain XML: <memory model={clip(el.get('model', ''))}> "
+                                f"<{tag}>: {e}", vm=vm) from None
 
     for el in root.iterfind("devices/memory"):
         kib = size(el, "size") or 0

@@ -11,6 +11,7 @@
      ├── LockTimeout              the shared ledger stayed locked past its deadline
      ├── LedgerError              the ledger file is unreadable (says how to repair it)
      ├── ConfigError              /etc/kvmhooks/config.toml is invalid
+     ├── UsageError               a command line that cannot be carried out as written (CLI)
      ├── NotFound                 no such domain (CLI)
      ├── ConnectError             libvirtd cannot be reached (CLI, worker)
      └── ApplyError               writing to the host (sysfs, libvirt, QMP) failed; wraps the cause
@@ -24,7 +25,15 @@ from __future__ import annotations
 
 
 class KvmhooksError(Exception):
-    """Root of every error kvmhooks raises on purpose."""
+    """Root of every error kvmhooks raises on purpose.
+
+    ``vm`` names the VM the error is about (the message then begins "VM 'name': "); the hook names the VM
+    itself for errors that carry none, so a message never names it twice or not at all.
+    """
+
+    def __init__(self, message: str = "", *, vm: str | None = None):
+        self.vm = vm
+        super().__init__(message if vm is None else f"VM {vm!r}: {message}")
 
 
 class XMLInputError(KvmhooksError):
@@ -39,14 +48,13 @@ class AnnotationError(KvmhooksError):
     """
 
     def __init__(self, vm: str, element: str, attribute: str | None, value: str | None, reason: str):
-        self.vm = vm
         self.element = element
         self.attribute = attribute
         self.value = value
         self.reason = reason
         where = f"<kvm:{element}>" if attribute is None else f"<kvm:{element} {attribute}=...>"
         shown = "" if value is None else f" value {value!r}"
-        super().__init__(f"VM {vm!r}: {where}{shown}: {reason}")
+        super().__init__(f"{where}{shown}: {reason}", vm=vm)
 
 
 class DomainConfigError(KvmhooksError):
@@ -72,6 +80,10 @@ class LedgerError(KvmhooksError):
 
 class ConfigError(KvmhooksError):
     """The host configuration file is invalid."""
+
+
+class UsageError(KvmhooksError):
+    """A command line that cannot be carried out as written (nothing to do, a bad option value)."""
 
 
 class NotFound(KvmhooksError):

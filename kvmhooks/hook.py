@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from kvmhooks import NAMESPACE
 from kvmhooks.config import CONFIG_ENV, Config, load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.errors import KvmhooksError, XMLInputError
@@ -58,6 +59,8 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
         return
     if op not in ("prepare", "started", "reconnect"):
         return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
+    if NAMESPACE.encode() not in data:
+        return  # not ours: never refused, whatever its size or content (the shell may hand over a long XML)
     if len(data) > MAX_XML_BYTES:
         raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
     dom = parse_domain(data)
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
         run(argv, data, cfg)
         return 0
     except KvmhooksError as e:
-        msg = str(e) if str(e).startswith("VM ") else f"VM {vm!r}: {e}"
+        msg = str(e) if e.vm is not None else f"VM {vm!r}: {e}"
         log.error("%s: %s", op, msg)
     except Exception as e:
         log.exception("%s: VM %r: unexpected error", op, vm)

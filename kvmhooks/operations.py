@@ -73,7 +73,7 @@ def preview_pool_writes(dom: Domain, plan: HugepagePlan, cfg: Config, topo: Host
     """The pool writes prepare would make for ``plan`` now (``kvmhooks plan``); raises as prepare would."""
     problems = accounting.reservation_problems(state, topo, cfg, dom.uuid, plan.pools())
     if problems:
-        raise CapacityError(f"VM {dom.name!r}: not enough memory for huge pages: " + "; ".join(problems))
+        raise CapacityError("not enough memory for huge pages: " + "; ".join(problems), vm=dom.name)
     return accounting.reservation_writes(state, topo, cfg, dom.uuid, plan.pools())
 
 
@@ -264,10 +264,10 @@ def _prepare_locked(s: Session, dom: Domain, vlog: VMLog) -> Prepared:
     if plan is not None:
         problems = accounting.reservation_problems(st, s.topo, cfg, dom.uuid, plan.pools())
         if problems:
-            msg = f"VM {dom.name!r}: not enough memory for huge pages: " + "; ".join(problems)
+            refusal = CapacityError("not enough memory for huge pages: " + "; ".join(problems), vm=dom.name)
             if plan.required:
-                raise CapacityError(msg)  # nothing written, nothing committed
-            warnings.append(f"{msg} (required='no': starting without reserved pages)")
+                raise refusal  # nothing written, nothing committed
+            warnings.append(f"{refusal} (required='no': starting without reserved pages)")
             vlog.warning("%s", warnings[-1])
             plan = None
         else:

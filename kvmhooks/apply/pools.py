@@ -81,9 +81,9 @@ def apply_pool_writes(pools: SysfsPools, writes: Sequence[PoolWrite], deadline: 
             got[w.pool] = pools.set(w.node, w.size_kib, w.target)
         short = [w for w in short if got[w.pool] < w.target]
     if short:
-        raise CapacityError(f"VM {vm!r}: the kernel could not find enough contiguous memory for huge pages "
+        raise CapacityError("the kernel could not find enough contiguous memory for huge pages "
                             "(" + ", ".join(f"{w.pool}: got {got[w.pool] - w.before} of {w.target - w.before} pages"
                                             for w in short)
                             + "); memory is fragmented: try again, or reserve pages at boot "
-                            "(hugepages= on the kernel command line)")
+                            "(hugepages= on the kernel command line)", vm=vm)
     return got

@@ -9,7 +9,7 @@ from typing import Any
 from kvmhooks import operations
 from kvmhooks.apply.libvirt import connect, lookup
 from kvmhooks.config import Config
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import UsageError
 from kvmhooks.ledger import LedgerState
 
 
@@ -24,7 +24,7 @@ def read_ledger(cfg: Config) -> LedgerState:
     try:
         return operations.ledger_for(cfg).read()
     except PermissionError:
-        raise KvmhooksError(f"cannot read {cfg.ledger_path}: run as root") from None
+        raise UsageError(f"cannot read {cfg.ledger_path}: run as root") from None
 
 
 def xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool, bool]:
@@ -34,9 +34,9 @@ def xml_for(args: argparse.Namespace, cfg: Config) -> tuple[bytes, bool, bool]:
         try:
             return Path(args.xml).read_bytes(), False, True
         except OSError as e:
-            raise KvmhooksError(f"cannot read {args.xml}: {e.strerror}") from None
+            raise UsageError(f"cannot read {args.xml}: {e.strerror}") from None
     if not args.domain:
-        raise KvmhooksError("name a domain or give --xml FILE")
+        raise UsageError("name a domain or give --xml FILE")
     conn = connect(args.uri or cfg.libvirt_uri)
     d = lookup(conn, args.domain)
     return inactive_xml(d).encode(), bool(d.isActive()), bool(d.isPersistent())

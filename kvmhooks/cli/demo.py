@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvmhooks import NAMESPACE, operations
 from kvmhooks.config import Config
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import HostError
 from kvmhooks.guest import READY_LINE, build_guest, domain_xml
 from kvmhooks.units import format_kib
 
@@ -34,7 +34,7 @@ def run_demo(cfg: Config, keep: bool = False, uri: str = "qemu:///system") -> in
     from kvmhooks.cli.status import cmd_status
 
     if not hook_state(cfg)["installed"]:
-        raise KvmhooksError("the kvmhooks hook is not installed: run ./install.sh first")
+        raise HostError("the kvmhooks hook is not installed: run ./install.sh first")
     conn = connect(uri)
     _say("building the tiny guest (Debian cloud kernel + busybox initramfs, cached after the first time)")
     kernel, initrd = build_guest()

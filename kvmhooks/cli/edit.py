@@ -14,7 +14,7 @@ from kvmhooks.cli.exit import EXIT_OK
 from kvmhooks.cli.render import emit
 from kvmhooks.config import Config
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
 
     if not (args.remove or args.hugepages or args.cpu or args.pin or args.balloon or args.qmp
             or args.free_page_reporting or args.virtio_mem):
-        raise KvmhooksError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp, "
+        raise UsageError("nothing to annotate: give --hugepages, --cpu, --pin, --balloon, --qmp, "
                             "--free-page-reporting, --virtio-mem or --remove")
     conn = connect(args.uri or cfg.libvirt_uri)
     d = lookup(conn, args.domain)

@@ -129,8 +129,8 @@ def _nonempty_pool(dom: Domain, topo: HostTopology, cfg: Config, state: LedgerSt
                    mine: frozenset[int]) -> frozenset[int]:
     pool = shared_pool(topo, cfg, state, mine)
     if not pool:
-        raise CapacityError(f"VM {dom.name!r}: the shared CPU pool is empty (allowed "
-                            f"{format_cpuset(allowed_cpus(topo, cfg)) or 'none'}, all dedicated to VMs)")
+        raise CapacityError(f"the shared CPU pool is empty (allowed "
+                            f"{format_cpuset(allowed_cpus(topo, cfg)) or 'none'}, all dedicated to VMs)", vm=dom.name)
     return pool
 
 
@@ -207,8 +207,8 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
     assert t is not None and t.cpu is not None
     threads = t.cpu.threads
     if threads == "require" and not topo.smt:
-        raise HostError(f"VM {dom.name!r}: <kvm:cpu threads='require'> needs a host with SMT (hyper-threading); "
-                        "this host has one thread per core: use threads='prefer'")
+        raise HostError("<kvm:cpu threads='require'> needs a host with SMT (hyper-threading); "
+                        "this host has one thread per core: use threads='prefer'", vm=dom.name)
     allowed = allowed_cpus(topo, cfg)
     taken = state.dedicated_cpus(excluding=dom.uuid)
     free = allowed - taken  # the emulator CPU may be any of these: the thread policy is about vCPUs
@@ -224,7 +224,7 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
     unit = "whole free cores" if threads == "isolate" else ("free sibling threads" if threads == "require"
                                                              else "free CPUs")
     what = f"{n} dedicated vCPU(s)" + (" + 1 emulator CPU" if want_emulator else "")
-    head = f"VM {dom.name!r}: <kvm:cpu policy='dedicated' threads='{threads}'> needs {what} but"
+    head = f"<kvm:cpu policy='dedicated' threads='{threads}'> needs {what} but"
 
     def finish(placed: list[tuple[_Group, list[list[int]]]], home: list[int]) -> tuple[dict[int, int], int | None,
                                                                                         frozenset[int]] | None:
@@ -238,7 +238,7 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
     if not groups and want_emulator:  # a shared VM's isolated emulator: a lone CPU anywhere keeps cores whole
         if not free:
             raise CapacityError(f"{head} there are not enough free CPUs: allowed {format_cpuset(allowed) or 'none'}, "
-                                f"dedicated to other VMs {format_cpuset(taken) or 'none'}")
+                                f"dedicated to other VMs {format_cpuset(taken) or 'none'}", vm=dom.name)
         emu = min(free, key=lambda c: (len(topo.cpus[c].siblings & free), order.index(topo.cpus[c].node), c))
         return {}, emu, frozenset({emu})
     # One NUMA node for all vCPUs (and the emulator CPU, else the emulator elsewhere) when it fits.
@@ -269,7 +269,7 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
             if done is not None:
                 return done
         raise CapacityError(f"{head} there are not enough {unit}: allowed {format_cpuset(allowed) or 'none'}, "
-                            f"dedicated to other VMs {format_cpuset(taken) or 'none'}")
+                            f"dedicated to other VMs {format_cpuset(taken) or 'none'}", vm=dom.name)
 
     # Spanning nodes with guest NUMA cells: each cell whole on one host node, so the guest's NUMA view holds.
     for g in groups:
@@ -277,8 +277,8 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
         if not any(len(_units(topo, by_node[nd], threads)) >= len(g.vcpus) for nd in nodes):
             where = (f"it is bound to host node(s) {format_cpuset(g.nodes) or 'none'} by <numatune><memnode>, "
                      f"which have fewer {unit}" if g.nodes is not None else f"no host NUMA node has that many {unit}")
-            raise CapacityError(f"VM {dom.name!r}: guest NUMA cell {g.cell} has {len(g.vcpus)} vCPU(s) but {where} "
-                                f"(a guest cell is never split across host nodes; {unit}: {per_node(by_node)})")
+            raise CapacityError(f"guest NUMA cell {g.cell} has {len(g.vcpus)} vCPU(s) but {where} (a guest "
+                                f"cell is never split across host nodes; {unit}: {per_node(by_node)})", vm=dom.name)
     placed = _fit_cells(topo, sorted(groups, key=lambda g: (g.nodes is None, -len(g.vcpus), g.vcpus)),
                         dict(by_node), order, threads)
     if placed is not None:
@@ -288,11 +288,12 @@ def _place_dedicated(dom: Domain, topo: HostTopology, cfg: Config, state: Ledger
         if done is None:
             raise CapacityError(f"{head} no free CPU is left for the emulator: allowed "
                                 f"{format_cpuset(allowed) or 'none'}, dedicated to other VMs "
-                                f"{format_cpuset(taken) or 'none'}")
+                                f"{format_cpuset(taken) or 'none'}", vm=dom.name)
         return done
     sizes = "+".join(str(len(g.vcpus)) for g in groups)
     raise CapacityError(f"{head} its guest NUMA cells ({sizes} vCPUs) do not fit whole on the host nodes together "
-                        f"({unit}: {per_node(by_node)}; dedicated to other VMs {format_cpuset(taken) or 'none'})")
+                        f"({unit}: {per_node(by_node)}; dedicated to other VMs {format_cpuset(taken) or 'none'})",
+                        vm=dom.name)
 
 
 def _fit_cells(topo: HostTopology, groups: list[_Group], free: dict[int, frozenset[int]], order: list[int],

@@ -45,9 +45,9 @@ def choose_size(dom: Domain, spec: HugepagesSpec, topo: HostTopology) -> int:
         size = spec.size_kib
         if not dom.backing_page_kib and size != topo.default_page_kib:
             raise DomainConfigError(
-                f"VM {dom.name!r}: <kvm:hugepages size=...> asks for {_mib(size)} pages but the domain's "
+                f"<kvm:hugepages size=...> asks for {_mib(size)} pages but the domain's "
                 f"<memoryBacking><hugepages/> names no page size, so QEMU would use the host default "
-                f"({_mib(topo.default_page_kib)}); add <page size='{size}' unit='KiB'/> inside it")
+                f"({_mib(topo.default_page_kib)}); add <page size='{size}' unit='KiB'/> inside it", vm=dom.name)
     elif dom.backing_page_kib:
         size = dom.backing_page_kib[0]
     else:
@@ -63,23 +63,23 @@ def plan_hugepages(dom: Domain, topo: HostTopology, cfg: Config) -> HugepagePlan
     spec = tuning.hugepages
     if not dom.hugepage_backing:
         raise DomainConfigError(
-            f"VM {dom.name!r}: <kvm:hugepages> needs hugepage backing in the domain; add "
-            "<memoryBacking><hugepages/></memoryBacking> (virsh edit, or 'kvmhooks annotate')")
+            "<kvm:hugepages> needs hugepage backing in the domain; add "
+            "<memoryBacking><hugepages/></memoryBacking> (virsh edit, or 'kvmhooks annotate')", vm=dom.name)
     size = choose_size(dom, spec, topo)
     if size not in topo.page_sizes:
-        raise HostError(f"VM {dom.name!r}: this host has no {_mib(size)} huge pages "
+        raise HostError(f"this host has no {_mib(size)} huge pages "
                         f"(no /sys/kernel/mm/hugepages/hugepages-{size}kB); supported: "
-                        + ", ".join(_mib(s) for s in sorted(topo.page_sizes)))
+                        + ", ".join(_mib(s) for s in sorted(topo.page_sizes)), vm=dom.name)
     if size not in topo.hugetlbfs:
         opt = f"-o pagesize={_mib(size)} " if size != topo.default_page_kib else ""
         where = "/dev/hugepages" if size == topo.default_page_kib else f"/dev/hugepages{_mib(size)}"
-        raise HostError(f"VM {dom.name!r}: no hugetlbfs is mounted for {_mib(size)} pages; run "
+        raise HostError(f"no hugetlbfs is mounted for {_mib(size)} pages; run "
                         f"'mkdir -p {where} && mount -t hugetlbfs {opt}hugetlbfs {where}' (or re-run "
-                        "install.sh), then restart libvirtd")
+                        "install.sh), then restart libvirtd", vm=dom.name)
     for n in (spec.nodes or frozenset()) | (dom.numatune_nodes or frozenset()):
         if n not in topo.nodes:
-            raise HostError(f"VM {dom.name!r}: NUMA node {n} does not exist on this host "
-                            f"(nodes: {', '.join(map(str, sorted(topo.nodes)))})")
+            raise HostError(f"NUMA node {n} does not exist on this host "
+                            f"(nodes: {', '.join(map(str, sorted(topo.nodes)))})", vm=dom.name)
     pages = _distribute(dom, spec, topo, size, cfg)
     return HugepagePlan(size, pages, spec.required)
 

@@ -109,8 +109,10 @@ def test_unannotated_vm_never_starts_python(host: FakeHost, cfg: Path, op: str) 
     fake.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
     fake.chmod(0o755)
     env = {**hook_env(cfg), "KVMHOOKS_PYTHON": str(fake)}
+    # (A configured state_dir sends every release to Python, which alone reads TOML: use the default here.)
+    plain_env = {**env, "KVMHOOKS_CONFIG": str(host.root / "no-config.toml")}
     r = subprocess.run([str(HOOK), "plain", op, "begin", "-"], input=domain_xml(tuning=None), capture_output=True,
-                       env=env, timeout=30)
+                       env=plain_env, timeout=30)
     assert (r.returncode, r.stdout, r.stderr, mark.exists()) == (0, b"", b"", False)
     r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(), capture_output=True, env=env,
                        timeout=30)
