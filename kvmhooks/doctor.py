@@ -5,7 +5,7 @@ Each finding says what is wrong, why it matters, and the exact command or XML th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvmhooks.config import Config
@@ -42,7 +42,6 @@ class DomainFacts:
     domain: Domain | None
     error: str | None = None  # the annotation or XML did not parse
     active: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
     vfio: bool = False  # a VFIO host device (PCI or mdev): its memory is pinned, pages cannot be handed back
 
 
