@@ -19,7 +19,7 @@ from kvmhooks.cli.exit import EXIT_FINDING
 from kvmhooks.cli.host import cmd_doctor, cmd_host
 from kvmhooks.cli.plan import cmd_plan, cmd_validate
 from kvmhooks.cli.reconcile import cmd_reconcile
-from kvmhooks.cli.services import cmd_balloond, cmd_demo
+from kvmhooks.cli.services import cmd_balloond, cmd_demo, cmd_metrics
 from kvmhooks.cli.status import cmd_status
 from kvmhooks.config import load_config
 from kvmhooks.errors import KvmhooksError
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=float, help="seconds between cycles (default from config: 10)")
     s.add_argument("--log-stderr", dest="foreground_log", action="store_true", help="log to stderr")
     s.set_defaults(func=cmd_balloond)
+    s = sub.add_parser("metrics", parents=[common], help="Prometheus metrics of pools, reservations, pins, failures")
+    s.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (PATH ending in .prom)")
+    s.set_defaults(func=cmd_metrics)
     s = sub.add_parser("demo", parents=[common], help="boot an annotated tiny TCG guest and show the tuning land")
     s.add_argument("--keep", action="store_true", help="keep the demo VM defined and running")
     s.set_defaults(func=cmd_demo)

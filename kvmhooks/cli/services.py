@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from kvmhooks.cli.exit import EXIT_OK
 from kvmhooks.config import Config
 
 
@@ -23,3 +25,16 @@ def cmd_balloond(args: argparse.Namespace, cfg: Config) -> int:
     if args.interval:
         cfg = replace(cfg, balloon_interval=args.interval)
     return run(cfg, once=args.once)
+
+
+def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
+    """The Prometheus exposition of the host's state now (pools, reservations, pins, failures): to stdout,
+    or as a node_exporter textfile written atomically (for cron until the agent serves it)."""
+    from kvmhooks.metrics import render, state_registry, write_textfile
+
+    reg = state_registry(cfg)
+    if args.textfile:
+        write_textfile(reg, args.textfile)
+    else:
+        sys.stdout.write(render(reg).decode())
+    return EXIT_OK

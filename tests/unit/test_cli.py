@@ -201,3 +201,23 @@ def test_annotate_records_the_autodeflate_it_added(env, capsys) -> None:  # type
     # forgets definitions between connections: the removal itself is in the end-to-end annotate test).
     record = json.loads((host.root / "lib/annotated/11111111-2222-3333-4444-00000000000b.json").read_text())
     assert record == {"autodeflate": True}
+
+
+def test_metrics_command_prints_the_exposition_and_writes_a_textfile(env, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvmhooks import operations
+    from kvmhooks.config import load_config
+    from kvmhooks.domain import parse_domain
+
+    cfg, _, host = env
+    operations.prepare(parse_domain(domain_xml(uuid=U_WEB)), load_config(cfg))
+    code, out, _ = run(capsys, "metrics", "--config", str(cfg))
+    families = {f.name: f for f in text_string_to_metric_families(out)}
+    assert code == 0 and families["kvmhooks_up"].samples[0].value == 1
+    reserved = {(s.labels["node"], s.labels["page_size_bytes"]): s.value
+                for s in families["kvmhooks_hugepages_reserved_pages"].samples}
+    assert sum(reserved.values()) == 128 and 128 in reserved.values(), out
+    target = tmp_path / "kvmhooks.prom"
+    assert run(capsys, "metrics", "--config", str(cfg), "--textfile", str(target))[0] == 0
+    assert "kvmhooks_hugepages_reserved_pages" in target.read_text()
