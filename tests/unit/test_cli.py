@@ -210,7 +210,7 @@ def test_metrics_command_prints_the_exposition_and_writes_a_textfile(env, capsys
     from kvmhooks.config import load_config
     from kvmhooks.domain import parse_domain
 
-    cfg, _, host = env
+    cfg, _, _ = env
     operations.prepare(parse_domain(domain_xml(uuid=U_WEB)), load_config(cfg))
     code, out, _ = run(capsys, "metrics", "--config", str(cfg))
     families = {f.name: f for f in text_string_to_metric_families(out)}
