@@ -139,12 +139,12 @@ class Session:
         for key, n in got.items():
             accounting.record_readback(self.state, key, n, n)
         self.state.intents = [i for i in self.state.intents if not any(i is m for m in mine)]
-        self._forget_settled(got)
+        self.forget_settled(got)
         self.commit()
         self.refresh()
         return got
 
-    def _forget_settled(self, keys: Mapping[str, int] | list[str]) -> None:
+    def forget_settled(self, keys: Mapping[str, int] | list[str]) -> None:
         for key in list(keys):
             if accounting.settled(self.state, key):
                 del self.state.pools[key]
@@ -200,7 +200,7 @@ class Session:
             st.note(f)
         if writes:
             self.execute(writes, "recover", None, "-", time.monotonic() + self.cfg.retry_timeout)
-        self._forget_settled(list(keys))
+        self.forget_settled(list(keys))
         self.commit()
         return found
 
@@ -343,7 +343,7 @@ def _release_locked(s: Session, uuid: str) -> DomainRecord | None:
         return None
     writes = accounting.writes_for(s.state, s.topo, s.cfg, rec.hugepages)
     s.execute(writes, "release", uuid, rec.name)
-    s._forget_settled(list(rec.hugepages))
+    s.forget_settled(list(rec.hugepages))
     return rec
 
 
@@ -517,7 +517,7 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
         writes = [w for w in writes if w.pool not in problems]
         out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
         s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)
-        s._forget_settled(list(released))
+        s.forget_settled(list(released))
     for a in out.actions:
         log.info("reconcile: %s", a)
     for uuid, rec in out.released:
