@@ -76,14 +76,19 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
             print(f"kvmhooks: warning: {w}", file=sys.stderr)
     elif not dom.active_tuning.live_work:  # started, huge pages only: all done at prepare, no worker needed
         operations.mark(dom.uuid, cfg, state="running")
-    else:  # started
-        from kvmhooks.worker import spawn_detached
+    else:  # started: the resident agent tunes it if it answers at once, else a detached worker does
+        from kvmhooks.agent import tell
 
         try:
             operations.mark(dom.uuid, cfg, state="starting")
-        finally:  # the worker has its own deadlines; the VM is tuned even if the mark failed
-            status = spawn_detached(["started", dom.uuid], os.environ.get(CONFIG_ENV))
-            vlog.info("started: detached worker spawned (status %d)", status)
+        finally:  # both have their own deadlines; the VM is tuned even if the mark failed
+            if tell(cfg, dom.uuid):
+                vlog.info("started: handed to kvmhooksd")
+            else:
+                from kvmhooks.worker import spawn_detached
+
+                status = spawn_detached(["started", dom.uuid], os.environ.get(CONFIG_ENV))
+                vlog.info("started: detached worker spawned (status %d)", status)
 
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:

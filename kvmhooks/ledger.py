@@ -180,6 +180,7 @@ class Applied(_Lazy):
     worker_pid: int | None = None
     worker_sid: int | None = None
     worker_seconds: float | None = None
+    tuned_by: str | None = None  # "worker" (the detached process) or "agent" (kvmhooksd)
 
     def to_json(self) -> dict[str, Any]:
         raw = self._undecoded()
@@ -212,6 +213,7 @@ class Applied(_Lazy):
                  "worker_seconds": worker.get("seconds")}
         a.worker_pid = _opt_int(d, "worker_pid", what)
         a.worker_sid = _opt_int(d, "worker_sid", what)
+        a.tuned_by = _opt_str(d, "tuned_by", what)
         ws = d.get("worker_seconds")
         a.worker_seconds = float(ws) if isinstance(ws, (int, float)) and not isinstance(ws, bool) else None
         return a

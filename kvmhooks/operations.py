@@ -347,6 +347,48 @@ def _release_locked(s: Session, uuid: str) -> DomainRecord | None:
     return rec
 
 
+# --- retune (a running VM's annotation changed) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Retuned:
+    record: DomainRecord
+    pending_restart: tuple[str, ...] = ()  # what only a restart can change (huge pages), never half-applied
+
+
+def retune(dom: Domain, cfg: Config) -> Retuned | None:
+    """Re-plan a running VM's CPUs from its edited live annotation, under the same rules as prepare
+    (dedicated CPUs exclusive, shared VMs off them); the caller applies the new pins. None: not ours.
+
+    Raises (the ledger unchanged) when the new plan cannot be had: the previous tuning then stays.
+    """
+    from kvmhooks.config import parse_pool_key
+
+    with session(cfg) as s:
+        rec = s.state.domains.get(dom.uuid)
+        if rec is None or dom.active_tuning is None:
+            return None
+        pending = []
+        hp = None
+        try:
+            hp = plan_hugepages(dom, s.topo, cfg)
+        except KvmhooksError as e:
+            pending.append(f"huge pages: {e}")
+        wanted = hp.pools() if hp is not None else {}
+        if wanted != {**rec.hugepages, **rec.borrowed}:
+            pending.append(f"huge pages {wanted or 'none'} (holds {({**rec.hugepages, **rec.borrowed}) or 'none'}):"
+                           " takes effect at the next start")
+        nodes = frozenset(parse_pool_key(k)[0] for k in {**rec.hugepages, **rec.borrowed})
+        rec.cpus = []  # its own CPUs are free for its new plan (not committed if the plan is refused)
+        cpu_plan = plan_cpus(dom, s.topo, cfg, s.state, nodes)
+        if cpu_plan is None:
+            rec.cpus, rec.pins, rec.shared, rec.threads, rec.emulator_cpu = [], None, False, None, None
+        else:
+            rec.emulator_cpu = None
+            _record_cpus(rec, dom, cpu_plan)
+        stamp(rec)
+        return Retuned(rec, tuple(pending))
+
+
 # --- adopt (reconnect) ----------------------------------------------------------------------------------
 
 def adopt(dom: Domain, cfg: Config, pools: SysfsPools | None = None) -> DomainRecord | None:

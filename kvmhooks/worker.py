@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from kvmhooks.config import CONFIG_ENV, Config, load_config
 from kvmhooks.domain import parse_domain
@@ -66,19 +67,32 @@ def wait_running(dom: object, timeout: float) -> None:
 
 
 def run_started(uuid: str, cfg: Config) -> int:
-    """Apply the live tuning of a just-started VM. Everything it did goes to the ledger for status."""
+    """The detached worker's job: connect, then :func:`tune` the just-started VM."""
     import libvirt
 
     from kvmhooks import operations
 
-    started = time.monotonic()
-    vlog = VMLog("?", uuid)
     try:
         conn = libvirt.open(cfg.libvirt_uri)
     except libvirt.libvirtError as e:
-        vlog.error("worker: cannot connect to %s: %s", cfg.libvirt_uri, e)
+        VMLog("?", uuid).error("worker: cannot connect to %s: %s", cfg.libvirt_uri, e)
         operations.mark(uuid, cfg, error=f"worker: cannot connect to libvirt: {e}")
         return 1
+    try:
+        return tune(conn, uuid, cfg, "worker")
+    finally:
+        conn.close()
+
+
+def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
+    """Apply the live tuning of a just-started VM over ``conn`` (the worker's own, or the agent's).
+
+    Everything it did goes to the ledger for status; a failure goes to the failure record. Never raises.
+    """
+    from kvmhooks import operations
+
+    started = time.monotonic()
+    vlog = VMLog("?", uuid)
     try:
         dom = conn.lookupByUUIDString(uuid)
         vlog = VMLog(dom.name(), uuid)
@@ -89,8 +103,9 @@ def run_started(uuid: str, cfg: Config) -> int:
         applied = apply_started(conn, dom, d, cfg, vlog)
         applied.worker_pid, applied.worker_sid = os.getpid(), os.getsid(0)
         applied.worker_seconds = round(time.monotonic() - started, 3)
+        applied.tuned_by = by
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
-        vlog.info("worker: CPU and memory tuning done in %.3f s", time.monotonic() - started)
+        vlog.info("%s: CPU and memory tuning done in %.3f s", by, time.monotonic() - started)
         # The balloon last: it waits for the guest's driver (the guest must boot first).
         t = d.active_tuning
         if t is not None and t.balloon is not None:
@@ -101,13 +116,11 @@ def run_started(uuid: str, cfg: Config) -> int:
             operations.mark(uuid, cfg, applied=applied)
         return 0
     except Exception as e:
-        vlog.error("worker: %s", e)
+        vlog.error("%s: %s", by, e)
         with contextlib.suppress(Exception):
-            operations.mark(uuid, cfg, error=f"worker: {e}")
-        operations.record_failure(cfg, uuid, "worker", str(e))
+            operations.mark(uuid, cfg, error=f"{by}: {e}")
+        operations.record_failure(cfg, uuid, by, str(e))
         return 1
-    finally:
-        conn.close()
 
 
 def run_repin(cfg: Config) -> int:

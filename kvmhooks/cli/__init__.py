@@ -19,7 +19,7 @@ from kvmhooks.cli.exit import EXIT_FINDING
 from kvmhooks.cli.host import cmd_doctor, cmd_host
 from kvmhooks.cli.plan import cmd_plan, cmd_validate
 from kvmhooks.cli.reconcile import cmd_reconcile
-from kvmhooks.cli.services import cmd_balloond, cmd_demo, cmd_metrics
+from kvmhooks.cli.services import cmd_agent, cmd_balloond, cmd_demo, cmd_metrics
 from kvmhooks.cli.status import cmd_status
 from kvmhooks.config import load_config
 from kvmhooks.errors import KvmhooksError
@@ -67,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", parents=[common], help="KVM tuning advice for this host and its VMs (reads only)")
     s.add_argument("domains", nargs="*", metavar="DOM")
     s.set_defaults(func=cmd_doctor)
-    s = sub.add_parser("balloond", parents=[common], help="the automatic balloon service (runs in the foreground)")
+    s = sub.add_parser("balloond", parents=[common],
+                       help="the automatic balloon service alone (the agent runs it too: run one of them)")
     s.add_argument("--once", action="store_true", help="one cycle, then exit")
     s.add_argument("--interval", type=float, help="seconds between cycles (default from config: 10)")
     s.add_argument("--log-stderr", dest="foreground_log", action="store_true", help="log to stderr")
     s.set_defaults(func=cmd_balloond)
+    s = sub.add_parser("agent", parents=[common], help="kvmhooksd, the resident agent (runs in the foreground): "
+                       "fast post-start tuning, live re-tuning on annotation changes, the automatic balloon")
+    s.add_argument("--log-stderr", dest="foreground_log", action="store_true", help="log to stderr")
+    s.set_defaults(func=cmd_agent)
     s = sub.add_parser("metrics", parents=[common], help="Prometheus metrics of pools, reservations, pins, failures")
     s.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (PATH ending in .prom)")
     s.set_defaults(func=cmd_metrics)

@@ -38,3 +38,17 @@ def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
     else:
         sys.stdout.write(render(reg).decode())
     return EXIT_OK
+
+
+def cmd_agent(args: argparse.Namespace, cfg: Config) -> int:
+    """kvmhooksd in the foreground (a systemd unit where systemd runs; demo.sh and the tests start it so)."""
+    import signal
+
+    from kvmhooks.agent import Agent
+    from kvmhooks.log import setup_logging
+
+    setup_logging("stderr" if args.foreground_log else cfg.log, cfg.log_level, "agent")
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+    return agent.run()

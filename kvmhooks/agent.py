@@ -1,0 +1,239 @@
+"""kvmhooksd (`kvmhooks agent`): the resident agent. One libvirt connection, libvirt's event loop, and the jobs
+that need a process that stays: post-start tuning without a new interpreter, live re-tuning when a running
+VM's annotation changes, and the automatic balloon policy (what `kvmhooks balloond` ran alone).
+
+How it meets the hook (which stays self-sufficient: prepare never depends on the agent):
+
+- the ``started`` hook tells the agent "started UUID" over a root-only unix socket, with a deadline of a few
+  milliseconds, and spawns the detached worker instead when nobody answers "ok" (:func:`tell`);
+- the agent does not touch that domain while its hook still runs: it tunes on libvirt's STARTED (or
+  RESUMED) lifecycle event, and a bounded watchdog covers an event that never comes;
+- a METADATA_CHANGE event in the kvmhooks namespace re-plans and re-applies pins, memtune and the vCPU count
+  (an invalid edit is refused into the log and ``kvmhooks status``; the previous tuning stays, and what only
+  a restart can change, huge pages, is reported as pending);
+- when libvirtd goes away the agent reconnects with backoff, then looks at every running VM it had promised
+  to tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmhooks import NAMESPACE
+from kvmhooks.config import Config
+from kvmhooks.log import VMLog
+from kvmhooks.xmlsafe import UUID_RE
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "agent.sock"
+# The started hook waits this long for the agent's "ok" before it spawns the worker instead: an agent that
+# answers at all answers in well under a millisecond; a stuck one must not slow VM starts.
+TELL_TIMEOUT = 0.05
+# A promised tuning whose STARTED event has not come after this long is looked at anyway (a missed event).
+EVENT_GRACE = 2.0
+# Reconnection backoff after libvirtd went away (seconds, doubling up to the maximum).
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
+
+
+def socket_path(cfg: Config) -> Path:
+    return cfg.state_dir / SOCKET_NAME
+
+
+def tell(cfg: Config, uuid: str) -> bool:
+    """From the started hook: hand the VM to the agent; True only if it answered "ok". Never raises."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(TELL_TIMEOUT)
+            s.connect(str(socket_path(cfg)))
+            s.sendall(f"started {uuid}\n".encode())
+            return s.recv(16).startswith(b"ok")
+    except OSError:
+        return False
+
+
+class Agent:
+    def __init__(self, cfg: Config):
+        from kvmhooks.balloond import Service
+
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self.conn: Any = None
+        self.pending: dict[str, float] = {}  # uuid → when the hook handed it over
+        self.lock = threading.Lock()
+        self.balloon = Service(cfg)
+        self.busy: set[str] = set()  # VMs a tuning thread is working on
+
+    # --- the hook's socket ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        path = socket_path(self.cfg)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # root only: the socket is created 0600
+        try:
+            srv.bind(str(path))
+        finally:
+            os.umask(old)
+        srv.listen(64)
+        srv.settimeout(0.5)
+        threading.Thread(target=self._accept, args=(srv,), name="agent-socket", daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while not self.stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with c:
+                c.settimeout(0.5)
+                try:
+                    words = c.recv(128).decode("ascii", "replace").split()
+                    if len(words) == 2 and words[0] == "started" and UUID_RE.fullmatch(words[1]):
+                        with self.lock:
+                            self.pending[words[1]] = time.monotonic()
+                        c.sendall(b"ok\n")
+                    else:
+                        c.sendall(b"error\n")
+                except OSError as e:
+                    log.debug("agent: socket client: %s", e)
+
+    # --- libvirt events ---------------------------------------------------------------------------------
+
+    def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: object) -> None:
+        import libvirt
+
+        uuid = dom.UUIDString()
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+            with self.lock:
+                promised = self.pending.pop(uuid, None) is not None
+            if promised:
+                self._spawn(self._tune, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            with self.lock:
+                self.pending.pop(uuid, None)
+
+    def _metadata(self, conn: Any, dom: Any, mtype: int, nsuri: str | None, opaque: object) -> None:
+        if nsuri == NAMESPACE and dom.isActive():
+            self._spawn(self._retune, dom.UUIDString())
+
+    def _spawn(self, job: Any, uuid: str) -> None:
+        threading.Thread(target=job, args=(uuid,), name=f"agent-{uuid[:8]}", daemon=True).start()
+
+    # --- the jobs ---------------------------------------------------------------------------------------
+
+    def _tune(self, uuid: str) -> None:
+        from kvmhooks.worker import tune
+
+        tune(self.conn, uuid, self.cfg, "agent")
+
+    def _retune(self, uuid: str) -> None:
+        """The annotation of a running VM changed: re-plan and apply, or keep the old tuning and say why."""
+        from kvmhooks import operations
+        from kvmhooks.apply.live import apply_started
+        from kvmhooks.domain import parse_domain
+
+        vlog = VMLog("?", uuid)
+        with self.lock:
+            if uuid in self.busy:
+                return  # a re-tune is under way; it reads the newest XML
+            self.busy.add(uuid)
+        try:
+            dom = self.conn.lookupByUUIDString(uuid)
+            vlog = VMLog(dom.name(), uuid)
+            d = parse_domain(dom.XMLDesc(0).encode())
+            done = operations.retune(d, self.cfg)
+            if done is None:
+                return
+            applied = apply_started(self.conn, dom, d, self.cfg, vlog)
+            applied.tuned_by = "agent"
+            applied.problems += [f"pending restart: {p}" for p in done.pending_restart]
+            operations.mark(uuid, self.cfg, applied=applied, error=None)
+            operations.clear_failure(self.cfg, uuid)
+            vlog.info("agent: re-tuned after an annotation change: pins %s%s", applied.pins,
+                      f"; pending restart: {'; '.join(done.pending_restart)}" if done.pending_restart else "")
+        except Exception as e:  # an invalid edit (KvmhooksError), or the VM went away: the old tuning stays
+            vlog.warning("agent: live annotation change not applied (the previous tuning stays): %s", e)
+            operations.record_failure(self.cfg, uuid, "retune", f"live annotation change not applied: {e}")
+        finally:
+            with self.lock:
+                self.busy.discard(uuid)
+
+    def _missed_events(self) -> None:
+        """A promised VM whose STARTED event did not come: look at it anyway (bounded by the worker's wait)."""
+        now = time.monotonic()
+        with self.lock:
+            late = [u for u, t in self.pending.items() if now - t > EVENT_GRACE]
+            for u in late:
+                del self.pending[u]
+        for u in late:
+            self._spawn(self._tune, u)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        import libvirt
+
+        conn = libvirt.open(self.cfg.libvirt_uri)
+        conn.setKeepAlive(5, 3)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, None)
+        return conn
+
+    def run(self, once: bool = False) -> int:
+        import libvirt
+
+        from kvmhooks.apply.libvirt import quiet_libvirt
+
+        quiet_libvirt()
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=self._events, name="libvirt-events", daemon=True).start()
+        self.serve()
+        log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
+        backoff = BACKOFF_MIN
+        next_balloon = 0.0
+        while not self.stop.is_set():
+            try:
+                if self.conn is None or not self.conn.isAlive():
+                    self.conn = self._connect()
+                    backoff = BACKOFF_MIN
+                    log.info("agent: connected to %s", self.cfg.libvirt_uri)
+                self._missed_events()
+                if time.monotonic() >= next_balloon:
+                    next_balloon = time.monotonic() + self.cfg.balloon_interval
+                    self.balloon.cycle(self.conn)
+            except libvirt.libvirtError as e:
+                log.warning("agent: libvirt unavailable (%s); retrying in %g s", e, backoff)
+                self.conn = None
+                self.stop.wait(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                continue
+            except Exception:  # the agent keeps guests tuned and alive: log a bug, go on
+                log.exception("agent: cycle failed")
+            if once:
+                break
+            self.stop.wait(0.2)
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.cfg).unlink()
+        log.info("agent: stopped")
+        return 0
+
+    def _events(self) -> None:
+        import libvirt
+
+        while not self.stop.is_set():
+            try:
+                libvirt.virEventRunDefaultImpl()
+            except Exception:  # the loop must outlive one bad callback
+                log.exception("agent: event loop")

@@ -1,0 +1,5 @@
+import sys
+
+from kvmhooks.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""kvmhooksd on fake trees: the hook's socket handshake and its fallback, the lifecycle gate (tune on the
+STARTED event, never while the hook runs), and live re-tuning through the ledger under prepare's rules."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmhooks import operations
+from kvmhooks.agent import Agent, socket_path, tell
+from kvmhooks.domain import parse_domain
+from tests.fakehost import FakeHost, domain_xml
+from tests.unit.test_hook import hook, write_config
+
+libvirt = pytest.importorskip("libvirt")
+U1 = "11111111-2222-3333-4444-000000000001"
+U2 = "11111111-2222-3333-4444-000000000002"
+
+
+@pytest.fixture
+def agent(host: FakeHost) -> Any:
+    a = Agent(host.config())
+    a.serve()
+    yield a
+    a.stop.set()
+    time.sleep(0.6)  # the accept loop polls every 0.5 s
+
+
+def test_tell_without_an_agent_is_false_at_once(host: FakeHost) -> None:
+    t0 = time.monotonic()
+    assert tell(host.config(), U1) is False
+    assert time.monotonic() - t0 < 0.05
+
+
+def test_the_agent_takes_a_started_vm_and_refuses_anything_else(host: FakeHost, agent: Any) -> None:
+    import socket
+
+    assert tell(host.config(), U1) is True and U1 in agent.pending
+    assert oct(socket_path(host.config()).stat().st_mode & 0o777) == "0o600"  # root only
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(socket_path(host.config())))
+        s.sendall(b"started ../../etc/passwd\n")
+        assert s.recv(16) == b"error\n"
+
+
+class Dom:
+    def __init__(self, uuid: str):
+        self.uuid = uuid
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+
+def test_tuning_waits_for_the_started_event(host: FakeHost, agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    tuned: list[str] = []
+    monkeypatch.setattr(agent, "_tune", tuned.append)
+    monkeypatch.setattr(agent, "_spawn", lambda job, uuid: job(uuid))
+    agent._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert tuned == []  # not promised by a hook: not ours to tune
+    assert tell(host.config(), U1)
+    assert tuned == []  # promised, but the hook may still run: wait for the event
+    agent._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert tuned == [U1] and U1 not in agent.pending
+    assert tell(host.config(), U2)
+    agent.pending[U2] -= 10  # an event that never came
+    agent._missed_events()
+    assert tuned == [U1, U2]
+
+
+def test_the_started_hook_hands_over_to_a_running_agent(host: FakeHost, agent: Any) -> None:
+    cfg = write_config(host, libvirt_uri='"test:///nonexistent"')
+    xml = domain_xml(uuid=U1, tuning='<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>')
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert hook(cfg, "vm1", "started", xml).returncode == 0
+    assert U1 in agent.pending  # the agent has it; no worker (it would have failed on test:///nonexistent)
+    time.sleep(0.3)
+    assert not (host.root / "run/failures" / U1).exists()
+    assert "handed to kvmhooksd" in (host.root / "kvmhooks.log").read_text()
+
+
+SHARED = '<kvm:cpu policy="shared"/>'
+DEDICATED = '<kvm:cpu policy="dedicated"/>'
+
+
+def test_retune_switches_shared_to_dedicated_under_prepares_rules(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(cpu_housekeeping=frozenset({0}))
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=SHARED, backing="")), cfg)
+    other = operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=DEDICATED, backing="", vcpus=1)), cfg)
+    done = operations.retune(parse_domain(domain_xml(uuid=U1, tuning=DEDICATED, backing="")), cfg)
+    assert done is not None and not done.pending_restart
+    held = set(done.record.cpus)
+    assert len(held) == 2 and not held & set(other.record.cpus) and not done.record.shared
+    assert set(operations.ledger_for(cfg).read().domains[U1].cpus) == held
+    back = operations.retune(parse_domain(domain_xml(uuid=U1, tuning=SHARED, backing="")), cfg)
+    assert back is not None and back.record.cpus == [] and back.record.shared
+
+
+def test_retune_never_half_applies_huge_pages(host: FakeHost) -> None:
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1)), cfg)
+    done = operations.retune(parse_domain(domain_xml(uuid=U1, memory_kib=512 * 1024)), cfg)
+    assert done is not None and "next start" in done.pending_restart[0]
+    assert host.pool(0) == 128 and operations.ledger_for(cfg).read().domains[U1].hugepages == {"node0/2048kB": 128}
+
+
+def test_an_invalid_live_edit_keeps_the_old_tuning_and_says_so(host: FakeHost) -> None:
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="1"/>')),
+                       cfg)
+    bad = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="99999"/>').decode()
+
+    class Conn:
+        def lookupByUUIDString(self, uuid: str) -> Any:
+            class D:
+                def name(self) -> str:
+                    return "vm1"
+
+                def XMLDesc(self, flags: int) -> str:
+                    return bad
+            return D()
+
+    a = Agent(cfg)
+    a.conn = Conn()
+    a._retune(U1)
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert rec.pins is not None and rec.pins.vcpus == {0: frozenset({1})}
+    assert "live annotation change not applied" in (host.root / "run/failures" / U1).read_text()
