@@ -237,23 +237,28 @@ UNIT
 }
 
 install_service() {
-  # The automatic balloon service: a systemd unit where systemd runs; elsewhere the admin starts
-  # 'kvmhooks balloond' as they start libvirtd.
-  systemd_running || { say "no systemd: start the automatic balloon service with 'kvmhooks balloond &' if you use policy=\"auto\""; return 0; }
-  cat > /etc/systemd/system/kvmhooks-balloond.service <<UNIT
+  # kvmhooksd, the resident agent (fast post-start tuning, live re-tuning, the automatic balloon): a systemd
+  # unit where systemd runs; elsewhere the admin starts 'kvmhooks agent' as they start libvirtd. VMs are
+  # tuned without it too (the hook's detached worker), only slower and without live re-tuning.
+  systemd_running || { say "no systemd: start the agent with 'kvmhooks agent &' (optional: VMs are tuned without it)"; return 0; }
+  if [ -f /etc/systemd/system/kvmhooks-balloond.service ]; then  # before the agent absorbed it
+    systemctl disable -q --now kvmhooks-balloond.service 2>/dev/null || true
+    rm -f /etc/systemd/system/kvmhooks-balloond.service
+  fi
+  cat > /etc/systemd/system/kvmhooksd.service <<UNIT
 $FSTAB_MARK
 [Unit]
-Description=kvmhooks automatic memory balloon
+Description=kvmhooks agent: post-start and live tuning of annotated libvirt VMs, automatic memory balloon
 After=libvirtd.service
 Wants=libvirtd.service
 [Service]
-ExecStart=$PREFIX/venv/bin/kvmhooks balloond
+ExecStart=$PREFIX/venv/bin/kvmhooks agent
 Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
-  systemctl daemon-reload && systemctl enable -q --now kvmhooks-balloond.service
-  say "kvmhooks-balloond.service enabled"
+  systemctl daemon-reload && systemctl enable -q --now kvmhooksd.service
+  say "kvmhooksd.service enabled"
 }
 
 install_mounts() {
@@ -284,10 +289,12 @@ uninstall() {
   if [ -f /etc/fstab ] && grep -q "$FSTAB_MARK" /etc/fstab; then
     sed -i "\|$FSTAB_MARK|d" /etc/fstab && say "removed our /etc/fstab lines (mounts stay until reboot)"
   fi
-  if [ -f /etc/systemd/system/kvmhooks-balloond.service ]; then
-    systemctl disable -q --now kvmhooks-balloond.service 2>/dev/null || true
-    rm -f /etc/systemd/system/kvmhooks-balloond.service
-  fi
+  for unit in kvmhooks-balloond.service kvmhooksd.service; do
+    if [ -f "/etc/systemd/system/$unit" ]; then
+      systemctl disable -q --now "$unit" 2>/dev/null || true
+      rm -f "/etc/systemd/system/$unit"
+    fi
+  done
   for u in /etc/systemd/system/*.mount; do
     [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
   done

@@ -55,8 +55,20 @@ def test_the_agent_tunes_a_start_and_follows_a_live_annotation_edit(env: Env, ag
     assert "4000" in status and vcpupin(vm.name) == {0: "0", 1: "1"}
 
 
+def agent_answers() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(SOCKET))
+        return True
+    except OSError:
+        return False
+
+
 def test_without_the_agent_the_worker_still_tunes(env: Env) -> None:
-    assert not SOCKET.exists()
+    if agent_answers():
+        pytest.skip("a kvmhooksd runs on this host (demo.sh starts one)")
     vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/>', backing="")
     virsh("start", vm.name)
     wait_for(lambda: vcpupin(vm.name).get(0) == "1", 5, "pins from the worker")
