@@ -28,6 +28,7 @@ from typing import Any
 
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config
+from kvmhooks.errors import KvmhooksError
 from kvmhooks.log import VMLog
 from kvmhooks.xmlsafe import UUID_RE
 
@@ -170,6 +171,29 @@ class Agent:
             with self.lock:
                 self.busy.discard(uuid)
 
+    def catch_up(self) -> None:
+        """After (re)connecting: a running VM whose tuning never finished (the ledger still says "starting":
+        the agent or its libvirt connection went away in between) is tuned now. Tuning twice is harmless."""
+        import libvirt
+
+        from kvmhooks import operations
+
+        try:
+            state = operations.ledger_for(self.cfg).read()
+        except KvmhooksError as e:
+            log.warning("agent: cannot read the ledger to catch up: %s", e)
+            return
+        for uuid, rec in state.domains.items():
+            if rec.state != "starting":
+                continue
+            try:
+                running = bool(self.conn.lookupByUUIDString(uuid).isActive())
+            except libvirt.libvirtError:
+                running = False
+            if running:
+                VMLog(rec.name, uuid).info("agent: its tuning never finished; tuning it now")
+                self._spawn(self._tune, uuid)
+
     def _missed_events(self) -> None:
         """A promised VM whose STARTED event did not come: look at it anyway (bounded by the worker's wait)."""
         now = time.monotonic()
@@ -209,6 +233,7 @@ class Agent:
                     self.conn = self._connect()
                     backoff = BACKOFF_MIN
                     log.info("agent: connected to %s", self.cfg.libvirt_uri)
+                    self.catch_up()
                 self._missed_events()
                 if time.monotonic() >= next_balloon:
                     next_balloon = time.monotonic() + self.cfg.balloon_interval

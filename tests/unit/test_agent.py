@@ -129,3 +129,26 @@ def test_an_invalid_live_edit_keeps_the_old_tuning_and_says_so(host: FakeHost) -
     rec = operations.ledger_for(cfg).read().domains[U1]
     assert rec.pins is not None and rec.pins.vcpus == {0: frozenset({1})}
     assert "live annotation change not applied" in (host.root / "run/failures" / U1).read_text()
+
+
+def test_after_a_reconnect_an_unfinished_tuning_is_done(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = host.config()
+    xml = domain_xml(uuid=U1, tuning='<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>')
+    operations.prepare(parse_domain(xml), cfg)
+    operations.mark(U1, cfg, state="starting")  # the hook handed it over; nobody finished it
+    operations.prepare(parse_domain(domain_xml(uuid=U2)), cfg)
+    operations.mark(U2, cfg, state="running")
+
+    class Conn:
+        def lookupByUUIDString(self, uuid: str) -> Any:
+            class D:
+                def isActive(self) -> bool:
+                    return True
+            return D()
+
+    a = Agent(cfg)
+    a.conn = Conn()
+    tuned: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: tuned.append(uuid))
+    a.catch_up()
+    assert tuned == [U1]
