@@ -11,8 +11,11 @@ How it meets the hook (which stays self-sufficient: prepare never depends on the
 - a METADATA_CHANGE event in the kvmhooks namespace re-plans and re-applies pins, memtune and the vCPU count
   (an invalid edit is refused into the log and ``kvmhooks status``; the previous tuning stays, and what only
   a restart can change, huge pages, is reported as pending);
-- when libvirtd goes away the agent reconnects with backoff, then looks at every running VM it had promised
-  to tune.
+- a TUNABLE event that changed pins is compared (after a moment) with the ledger's plan: a hand change is
+  reported, and with ``drift = "restore"`` undone;
+- its Prometheus metrics are served on ``metrics_listen`` when configured;
+- when libvirtd goes away the agent reconnects with backoff, then tunes every running VM whose tuning never
+  finished.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ SOCKET_NAME = "agent.sock"
 TELL_TIMEOUT = 0.05
 # A promised tuning whose STARTED event has not come after this long is looked at anyway (a missed event).
 EVENT_GRACE = 2.0
+# How long a drift check waits after a TUNABLE event: kvmhooks records its own pin changes (a shared VM's
+# re-pin) right after making them, so a comparison made at once could take kvmhooks for the admin.
+DRIFT_SETTLE = 1.0
 # Reconnection backoff after libvirtd went away (seconds, doubling up to the maximum).
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
@@ -129,6 +135,10 @@ class Agent:
         if nsuri == NAMESPACE and dom.isActive():
             self._spawn(self._retune, dom.UUIDString())
 
+    def _tunable(self, conn: Any, dom: Any, params: dict[str, object], opaque: object) -> None:
+        if any(str(k).startswith("cputune.") and "pin" in str(k) for k in params):
+            self._spawn(self._check_drift, dom.UUIDString())
+
     def _spawn(self, job: Any, uuid: str) -> None:
         threading.Thread(target=job, args=(uuid,), name=f"agent-{uuid[:8]}", daemon=True).start()
 
@@ -170,6 +180,40 @@ class Agent:
         finally:
             with self.lock:
                 self.busy.discard(uuid)
+
+    def _check_drift(self, uuid: str) -> None:
+        """Pins changed: by kvmhooks (tuning, a shared re-pin) or by hand? Compare, after a moment (kvmhooks
+        records its own changes right after making them), the live pins with the ledger's plan."""
+        from kvmhooks import operations
+        from kvmhooks.apply.live import apply_pins, read_pins
+        from kvmhooks.units import format_cpuset
+
+        time.sleep(DRIFT_SETTLE)
+        with self.lock:
+            if uuid in self.busy:
+                return
+        try:
+            rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
+            if rec is None or rec.pins is None or rec.state != "running":
+                return  # not managed, or its tuning is not finished
+            dom = self.conn.lookupByUUIDString(uuid)
+            live_vcpus, live_emulator = read_pins(dom)
+            changed = [f"vCPU {v} on {cs} (planned {format_cpuset(rec.pins.vcpus[int(v)])})"
+                       for v, cs in sorted(live_vcpus.items(), key=lambda kv: int(kv[0]))
+                       if int(v) in rec.pins.vcpus and cs != format_cpuset(rec.pins.vcpus[int(v)])]
+            if rec.pins.emulator and live_emulator != format_cpuset(rec.pins.emulator):
+                changed.append(f"emulator on {live_emulator} (planned {format_cpuset(rec.pins.emulator)})")
+            if not changed:
+                return
+            vlog = VMLog(rec.name, uuid)
+            what = "pins changed by hand: " + "; ".join(changed)
+            if self.cfg.drift == "restore":
+                apply_pins(self.conn, dom, rec.pins, False, vlog)
+                what += "; restored"
+            vlog.warning("agent: %s", what)
+            operations.record_failure(self.cfg, uuid, "drift", what)
+        except Exception as e:  # it may have stopped meanwhile
+            log.info("agent: drift check of %s: %s", uuid, e)
 
     def catch_up(self) -> None:
         """After (re)connecting: a running VM whose tuning never finished (the ledger still says "starting":
@@ -213,6 +257,7 @@ class Agent:
         conn.setKeepAlive(5, 3)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self._tunable, None)
         return conn
 
     def run(self, once: bool = False) -> int:
@@ -224,6 +269,14 @@ class Agent:
         libvirt.virEventRegisterDefaultImpl()
         threading.Thread(target=self._events, name="libvirt-events", daemon=True).start()
         self.serve()
+        if self.cfg.metrics_listen:
+            from prometheus_client import start_http_server
+
+            from kvmhooks.metrics import registry
+
+            host, _, port = self.cfg.metrics_listen.rpartition(":")
+            start_http_server(int(port), host, registry=registry(self.cfg)[0])
+            log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
         next_balloon = 0.0

@@ -35,6 +35,11 @@ class Config:
     log: str = "/var/log/kvmhooks/kvmhooks.log"
     log_level: str = "INFO"
     libvirt_uri: str = "qemu:///system"
+    # What kvmhooksd does when a managed VM's pins are changed by hand: "report" (log, kvmhooks status) or
+    # "restore" (also put the planned pins back).
+    drift: str = "report"
+    # kvmhooksd serves its Prometheus metrics here ("127.0.0.1:9765"); empty: not served (kvmhooks metrics).
+    metrics_listen: str = ""
     # Host CPUs kvmhooks may hand out for automatic placement (None: all online minus housekeeping).
     cpu_allowed: frozenset[int] | None = None
     cpu_housekeeping: frozenset[int] = frozenset({0})
@@ -62,7 +67,7 @@ class Config:
 _SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
            "balloon_timeout": float, "balloon_interval": float, "balloon_host_target": float,
            "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path,
-           "lib_dir": Path}
+           "lib_dir": Path, "drift": str, "metrics_listen": str}
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -110,6 +115,11 @@ def config_from_dict(data: dict[str, object], where: str = "config") -> Config:
                         raise ValueError(f"unknown [cpu] setting {ck!r} (known: allowed, housekeeping)")
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
+    if changes.get("drift", "report") not in ("report", "restore"):
+        raise ConfigError(f"{where}: drift: expected 'report' or 'restore', got {changes['drift']!r}")
+    listen = str(changes.get("metrics_listen", ""))
+    if listen and not (listen.rpartition(":")[2].isdecimal() and listen.rpartition(":")[0]):
+        raise ConfigError(f"{where}: metrics_listen: expected HOST:PORT like 127.0.0.1:9765, got {listen!r}")
     return replace(cfg, **changes)  # type: ignore[arg-type]
 
 

@@ -3,14 +3,16 @@ an invalid edit keeps the old pin and says why, and with the agent stopped the w
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Env, ledger, run, virsh, wait_for
+from tests.e2e.conftest import CONFIG, TEST_CONFIG, Env, ledger, run, virsh, wait_for
 from tests.e2e.test_cpu_e2e import vcpupin
 
 KVMHOOKS = "/usr/local/bin/kvmhooks"
@@ -18,20 +20,35 @@ SOCKET = Path("/run/kvmhooks/agent.sock")
 NS = "http://kvmhooks.org/xmlns/domain/1.0"
 
 
+@contextlib.contextmanager
+def running_agent() -> Iterator[subprocess.Popen[bytes]]:
+    """kvmhooksd as installed, in the foreground, its log in /tmp; stopped with SIGTERM."""
+    with open("/tmp/kvmhooks-agent-e2e.log", "ab") as out:
+        p = subprocess.Popen([KVMHOOKS, "agent", "--log-stderr"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(SOCKET.exists, 10, "the agent's socket")
+            yield p
+        finally:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 @pytest.fixture
 def agent(env: Env) -> Iterator[subprocess.Popen[bytes]]:
-    out = open("/tmp/kvmhooks-agent-e2e.log", "wb")
-    p = subprocess.Popen([KVMHOOKS, "agent", "--log-stderr"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(SOCKET.exists, 10, "the agent's socket")
+    with running_agent() as p:
         yield p
+
+
+@contextlib.contextmanager
+def config(extra: str) -> Iterator[None]:
+    CONFIG.write_text(extra + TEST_CONFIG)  # top-level keys before [cpu]
+    try:
+        yield
     finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        out.close()
+        CONFIG.write_text(TEST_CONFIG)
 
 
 def test_the_agent_tunes_a_start_and_follows_a_live_annotation_edit(env: Env, agent: subprocess.Popen[bytes]) -> None:
@@ -73,3 +90,16 @@ def test_without_the_agent_the_worker_still_tunes(env: Env) -> None:
     virsh("start", vm.name)
     wait_for(lambda: vcpupin(vm.name).get(0) == "1", 5, "pins from the worker")
     assert wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("tuned_by"), 5, "the record") == "worker"
+
+
+def test_a_hand_pin_is_restored_and_the_metrics_show_the_pins(env: Env) -> None:
+    with config('drift = "restore"\nmetrics_listen = "127.0.0.1:9765"\n'), running_agent():
+        vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>', backing="")
+        virsh("start", vm.name)
+        wait_for(lambda: ledger()["domains"][vm.uuid]["state"] == "running", 5, "the agent's tuning")
+        virsh("vcpupin", vm.name, "0", "0")  # the admin, by hand
+        wait_for(lambda: "restored" in run(KVMHOOKS, "status", vm.name).stdout, 5, "the drift report")
+        assert vcpupin(vm.name) == {0: "1", 1: "0"}  # the planned pin is back
+        assert "pins changed by hand: vCPU 0 on 0 (planned 1); restored" in run(KVMHOOKS, "status", vm.name).stdout
+        scrape = urllib.request.urlopen("http://127.0.0.1:9765/metrics", timeout=5).read().decode()
+        assert f'kvmhooks_vm_vcpu_pin{{cpuset="1",uuid="{vm.uuid}",vcpu="0",vm="{vm.name}"}} 1.0' in scrape

@@ -152,3 +152,43 @@ def test_after_a_reconnect_an_unfinished_tuning_is_done(host: FakeHost, monkeypa
     monkeypatch.setattr(a, "_spawn", lambda job, uuid: tuned.append(uuid))
     a.catch_up()
     assert tuned == [U1]
+
+
+@pytest.mark.parametrize("mode", ["report", "restore"])
+def test_a_hand_pin_is_reported_or_restored(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmhooks import agent as agent_mod
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    monkeypatch.setattr(agent_mod, "DRIFT_SETTLE", 0.0)
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(drift=mode)
+    xml = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="2"/>')
+    operations.prepare(parse_domain(xml), cfg)
+    dom = FakeDom(U1, xml, vcpus=2)
+    dom.vcpus = {0: frozenset({1}), 1: frozenset({2})}
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    a._check_drift(U1)  # tuning not finished (ledger "prepared"): not judged
+    assert not (host.root / "run/failures" / U1).exists()
+    operations.mark(U1, cfg, state="running")
+    a._check_drift(U1)  # as planned: nothing to say
+    assert not (host.root / "run/failures" / U1).exists()
+    dom.vcpus[0] = frozenset({3})  # the admin: virsh vcpupin vm1 0 3
+    a._check_drift(U1)
+    said = (host.root / "run/failures" / U1).read_text()
+    assert "pins changed by hand: vCPU 0 on 3 (planned 1)" in said
+    assert dom.vcpus[0] == ({1} if mode == "restore" else {3}) and ("restored" in said) == (mode == "restore")
+
+
+def test_drift_and_metrics_settings_are_checked(tmp_path: Path) -> None:
+    from kvmhooks.config import load_config
+    from kvmhooks.errors import ConfigError
+
+    f = tmp_path / "c.toml"
+    for bad in ('drift = "fix"', 'metrics_listen = "9765"', 'metrics_listen = "host:port"'):
+        f.write_text(bad + "\n")
+        with pytest.raises(ConfigError):
+            load_config(f)
+    f.write_text('drift = "restore"\nmetrics_listen = "127.0.0.1:9765"\n')
+    c = load_config(f)
+    assert (c.drift, c.metrics_listen) == ("restore", "127.0.0.1:9765")
