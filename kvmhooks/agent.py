@@ -270,12 +270,9 @@ class Agent:
         threading.Thread(target=self._events, name="libvirt-events", daemon=True).start()
         self.serve()
         if self.cfg.metrics_listen:
-            from prometheus_client import start_http_server
+            from kvmhooks.metrics import registry, serve_http
 
-            from kvmhooks.metrics import registry
-
-            host, _, port = self.cfg.metrics_listen.rpartition(":")
-            start_http_server(int(port), host, registry=registry(self.cfg)[0])
+            serve_http(registry(self.cfg)[0], self.cfg.metrics_listen)
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN

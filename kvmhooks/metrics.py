@@ -466,3 +466,11 @@ def write_textfile(reg: CollectorRegistry, path: str | Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(f"{path}.{os.getpid()}.{threading.current_thread().ident}")  # the library's temporary name
         raise
+
+
+def serve_http(reg: CollectorRegistry, listen: str) -> None:
+    """Serve ``reg`` at http://HOST:PORT/metrics from a daemon thread (the agent's ``metrics_listen``)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), host, registry=reg)
