@@ -5,7 +5,7 @@ Each finding says what is wrong, why it matters, and the exact command or XML th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmhooks.config import Config
@@ -43,6 +43,8 @@ class DomainFacts:
     error: str | None = None  # the annotation or XML did not parse
     active: bool = False
     vfio: bool = False  # a VFIO host device (PCI or mdev): its memory is pinned, pages cannot be handed back
+    # Where a running VM's memory is: host node → {"huge": KiB, "normal": KiB} (its QEMU's numa_maps)
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def domain_facts(name: str, xml: bytes, active: bool = False) -> DomainFacts:
@@ -91,6 +93,25 @@ def check_host(h: HostFacts, domains: list[DomainFacts]) -> list[Finding]:
     return out
 
 
+def check_memory_locality(h: HostFacts, d: DomainFacts) -> list[Finding]:
+    """A running VM whose vCPUs are pinned to some NUMA nodes but whose memory sits mostly on others pays a
+    remote access on most of its memory (what ``numastat -p`` shows by hand)."""
+    dom = d.domain
+    if dom is None or not d.memory or not dom.live_vcpupins or len(h.topo.nodes) < 2:
+        return []
+    cpu_nodes = {h.topo.cpus[c].node for cs in dom.live_vcpupins.values() for c in cs if c in h.topo.cpus}
+    total = sum(v["huge"] + v["normal"] for v in d.memory.values())
+    away = sum(v["huge"] + v["normal"] for n, v in d.memory.items() if n not in cpu_nodes)
+    if not cpu_nodes or not total or away * 2 <= total:
+        return []
+    where = ", ".join(f"node {n} {(v['huge'] + v['normal']) / 1024:.0f}M" for n, v in sorted(d.memory.items()))
+    return [Finding("numa-locality", d.name, f"{away * 100 // total}% of its memory is on NUMA nodes its vCPUs "
+                    f"are not pinned to ({where}; vCPUs on node(s) {', '.join(map(str, sorted(cpu_nodes)))})",
+                    "every access to that memory crosses the interconnect",
+                    "pin the vCPUs to the memory's node (<kvm:cpu policy='dedicated'/> places them with the huge "
+                    "pages), or bind the memory with <numatune><memory mode='strict' nodeset='...'/>")]
+
+
 def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) -> list[Finding]:
     """Advice for one VM. ``running_vcpus``: vCPUs of all running VMs, to judge how busy the host is."""
     name = d.name
@@ -98,7 +119,7 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
         return [Finding("annotation", name, d.error or "the domain XML could not be read",
                         "kvmhooks refuses to start the VM until this is fixed", "virsh edit " + name)]
     dom = d.domain
-    out: list[Finding] = []
+    out: list[Finding] = check_memory_locality(h, d)
     t = dom.active_tuning
     topo = h.topo
     # Huge pages: mounted, and pages available for backed VMs we do not reserve for.

@@ -44,7 +44,7 @@ from kvmhooks import operations
 from kvmhooks.config import Config, parse_pool_key, pool_key
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.ledger import DomainRecord, LedgerState
-from kvmhooks.topology import HostTopology
+from kvmhooks.topology import HostTopology, qemu_memory
 from kvmhooks.units import format_cpuset
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ STATE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvmhooks_vm_tuning_problems", "gauge", _VM,
                "Parts of the tuning the hypervisor refused or that did not land (kvmhooks status lists them)"),
     MetricSpec("kvmhooks_vm_error", "gauge", _VM, "1: the ledger records an error for the VM"),
+    MetricSpec("kvmhooks_vm_memory_bytes", "gauge", (*_VM, "node", "kind"),
+               "Where the VM's QEMU process has its memory: per host NUMA node, huge or normal pages "
+               "(its numa_maps, what numastat -p reads)"),
     MetricSpec("kvmhooks_vm_hook_failure", "gauge", (*_VM, "op"),
                "1: the VM's last hook/worker run failed in this operation (until its next prepare or release)"),
     MetricSpec("kvmhooks_vm_hook_failure_timestamp_seconds", "gauge", (*_VM, "op"),
@@ -314,6 +317,9 @@ class StateCollector(Collector):
             names[uuid] = rec.name
             for name, value, labels in rows:
                 fam.add(name, value, *labels)
+            for node, kinds in sorted(qemu_memory(self.cfg.proc_root, uuid).items()):
+                for kind, kib in sorted(kinds.items()):
+                    fam.add("kvmhooks_vm_memory_bytes", kib * _KIB, rec.name, uuid, str(node), kind)
         if bad is not None:
             self._failed("ledger_record", bad)
         else:

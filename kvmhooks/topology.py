@@ -173,6 +173,34 @@ def qemu_pid(proc_root: Path, uuid: str) -> int | None:
     return None
 
 
+def qemu_memory(proc_root: Path, uuid: str) -> dict[int, dict[str, int]]:
+    """Where the VM's QEMU process has its memory, per host NUMA node: {node: {"huge": KiB, "normal": KiB}}.
+
+    The data ``numastat -p`` reads (``/proc/PID/numa_maps``: pages per node and the page size of every
+    mapping). Empty when there is no such process.
+    """
+    pid = qemu_pid(proc_root, uuid)
+    out: dict[int, dict[str, int]] = {}
+    if pid is None:
+        return out
+    try:
+        text = (proc_root / str(pid) / "numa_maps").read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        size = next((f.partition("=")[2] for f in fields if f.startswith("kernelpagesize_kB=")), "4")
+        if not (size.isascii() and size.isdecimal()):
+            continue
+        kind = "huge" if "huge" in fields else "normal"
+        for f in fields:
+            m = re.fullmatch(r"N([0-9]{1,4})=([0-9]{1,12})", f)
+            if m:
+                per = out.setdefault(int(m.group(1)), {"huge": 0, "normal": 0})
+                per[kind] += int(m.group(2)) * int(size)
+    return out
+
+
 def qemu_hugepages(proc_root: Path, uuid: str) -> dict[tuple[int, int], int]:
     """Huge pages per (node, page size KiB) the VM's QEMU process has faulted in: what ``numastat`` reads.
 

@@ -105,7 +105,14 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
                 running_vcpus += d.info()[3]
         for d in targets:
             try:  # domain_facts also sees what Domain does not carry (a VFIO device)
-                doms.append(domain_facts(d.name(), d.XMLDesc(0).encode(), bool(d.isActive())))
+                facts_d = domain_facts(d.name(), d.XMLDesc(0).encode(), bool(d.isActive()))
+                if facts_d.active:
+                    from dataclasses import replace
+
+                    from kvmhooks.topology import qemu_memory
+
+                    facts_d = replace(facts_d, memory=qemu_memory(cfg.proc_root, d.UUIDString()))
+                doms.append(facts_d)
             except libvirt.libvirtError as e:  # it vanished while we looked: that VM only
                 log.info("doctor: skipping a domain: %s", e)
     findings = check_host(facts, doms)

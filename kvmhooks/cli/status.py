@@ -68,6 +68,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if uuid in failures:
             row["failure"] = failures[uuid]
         if d.isActive():
+            from kvmhooks.topology import qemu_memory
+
+            # Where its memory really is (numastat -p's data), huge pages and normal pages apart.
+            row["memory_nodes"] = {str(n): v for n, v in sorted(qemu_memory(cfg.proc_root, uuid).items())}
             # memoryStats asks QEMU; info()[2] is libvirt's copy, updated by throttled BALLOON_CHANGE events.
             actual = int(d.memoryStats().get("actual", info[2]))
             row["memory_kib"] = {"max": info[1], "actual": actual}
@@ -114,10 +118,12 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             other += [f"{k} {format_kib(val)}" for k, val in applied.get("memtune", {}).items()]
             problems = "; ".join([*applied.get("problems", []), *([v["error"]] if v.get("error") else []),
                                   *([v["failure"]] if v.get("failure") else [])])
+            mem_s = " ".join(f"n{n}:{m['huge'] / 1024:.0f}M huge+{m['normal'] / 1024:.0f}M"
+                             for n, m in v.get("memory_nodes", {}).items() if m["huge"] or m["normal"])
             rows.append([v["name"], v["state"], v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
-                         bal_s or "-", ", ".join(other) or "-", problems])
+                         bal_s or "-", mem_s or "-", ", ".join(other) or "-", problems])
         out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",
-                          "OTHER (live)", "PROBLEMS"], rows) if rows else "no annotated VMs")
+                          "MEMORY/NODE", "OTHER (live)", "PROBLEMS"], rows) if rows else "no annotated VMs")
         if pools:
             out.append("")
             out.append(pool_table(pools))

@@ -13,6 +13,7 @@ from tests.e2e.conftest import (
     free2m,
     ledger,
     pool2m,
+    run,
     start_libvirtd,
     stop_daemon,
     virsh,
@@ -32,6 +33,11 @@ def test_annotated_guest_gets_its_pages_and_gives_them_back(env: Env) -> None:
     assert free2m() < pool2m()
     wait_for(vm.ready, 60, "the guest's ready line")
     assert domstate(vm.name) == "running"
+    # Where its memory is (numastat's data), as status shows it: huge pages on node 0, this host's only node.
+    import json
+
+    status = json.loads(run("/usr/local/bin/kvmhooks", "status", vm.name, "--json").stdout)["vms"][0]
+    assert status["memory_nodes"]["0"]["huge"] > 0
     # Huge pages only: everything was done at prepare, so no worker is spawned for it.
     assert ledger()["domains"][vm.uuid]["state"] == "running"
     assert "worker_pid" not in ledger()["domains"][vm.uuid]["applied"]

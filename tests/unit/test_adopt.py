@@ -76,3 +76,27 @@ def test_reconnect_of_a_vm_disabled_live_keeps_its_cpus(host: FakeHost, tmp_path
                      b'<kvm:tuning xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0" enabled="no">')
     operations.adopt(parse_domain(off), cfg)
     assert operations.ledger_for(cfg).read().domains[U1].cpus == rec.cpus
+
+
+def test_memory_per_node_doctor_and_metrics(numa_host: FakeHost) -> None:
+    """Where a running VM's memory is (numastat -p's data): status, the metrics and doctor read it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvmhooks.doctor import DomainFacts, check_memory_locality, read_host_facts
+    from kvmhooks.metrics import render, state_registry
+    from kvmhooks.topology import qemu_memory, read_topology
+
+    fake_qemu(numa_host, 4242, U1, MAPS + "7f3000000000 default anon=5000 dirty=5000 N1=3000 N0=2000 "
+                                          "kernelpagesize_kB=4\n")
+    mem = qemu_memory(numa_host.proc, U1)
+    assert mem == {1: {"huge": 100 * 2048, "normal": 3000 * 4}, 0: {"huge": 0, "normal": 10 * 4 + 2000 * 4}}
+    cfg = numa_host.config(cpu_housekeeping=frozenset())
+    # vCPUs pinned to node 0 (CPUs 0-3, 8-11), memory mostly on node 1: a finding
+    xml = domain_xml(uuid=U1, extra="<cputune><vcpupin vcpu='0' cpuset='0'/><vcpupin vcpu='1' cpuset='1'/></cputune>")
+    facts = DomainFacts("vm1", parse_domain(xml), active=True, memory=mem)
+    (finding,) = check_memory_locality(read_host_facts(read_topology(numa_host.sysfs, numa_host.proc), cfg), facts)
+    assert finding.check == "numa-locality" and "node 1 212M" in finding.what
+    operations.prepare(parse_domain(domain_xml(uuid=U1)), cfg)
+    families = {f.name: f for f in text_string_to_metric_families(render(state_registry(cfg)).decode())}
+    got = {(s.labels["node"], s.labels["kind"]): s.value for s in families["kvmhooks_vm_memory_bytes"].samples}
+    assert got[("1", "huge")] == 100 * 2048 * 1024 and got[("0", "normal")] == 2010 * 4 * 1024
