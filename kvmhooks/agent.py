@@ -66,6 +66,17 @@ def tell(cfg: Config, uuid: str) -> bool:
         return False
 
 
+def running(cfg: Config) -> bool:
+    """Whether a kvmhooksd answers on its socket (for kvmhooks status)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(TELL_TIMEOUT)
+            s.connect(str(socket_path(cfg)))
+        return True
+    except OSError:
+        return False
+
+
 class Agent:
     def __init__(self, cfg: Config):
         from kvmhooks.balloond import Service
@@ -77,6 +88,7 @@ class Agent:
         self.lock = threading.Lock()
         self.balloon = Service(cfg)
         self.busy: set[str] = set()  # VMs a tuning thread is working on
+        self.metrics: Any = None  # kvmhooks.metrics.Metrics when metrics_listen is set
 
     # --- the hook's socket ------------------------------------------------------------------------------
 
@@ -144,10 +156,16 @@ class Agent:
 
     # --- the jobs ---------------------------------------------------------------------------------------
 
+    def _timed(self, op: str) -> Any:
+        return self.metrics.timed(op) if self.metrics is not None else contextlib.nullcontext()
+
     def _tune(self, uuid: str) -> None:
         from kvmhooks.worker import tune
 
-        tune(self.conn, uuid, self.cfg, "agent")
+        with self._timed("tune"):
+            failed = tune(self.conn, uuid, self.cfg, "agent") != 0  # tune() records its own failure
+        if failed and self.metrics is not None:
+            self.metrics.failed("tune")
 
     def _retune(self, uuid: str) -> None:
         """The annotation of a running VM changed: re-plan and apply, or keep the old tuning and say why."""
@@ -212,6 +230,8 @@ class Agent:
                 what += "; restored"
             vlog.warning("agent: %s", what)
             operations.record_failure(self.cfg, uuid, "drift", what)
+            if self.metrics is not None:
+                self.metrics.drift(rec.name, "pins")
         except Exception as e:  # it may have stopped meanwhile
             log.info("agent: drift check of %s: %s", uuid, e)
 
@@ -272,7 +292,8 @@ class Agent:
         if self.cfg.metrics_listen:
             from kvmhooks.metrics import registry, serve_http
 
-            serve_http(registry(self.cfg)[0], self.cfg.metrics_listen)
+            reg, self.metrics = registry(self.cfg)
+            serve_http(reg, self.cfg.metrics_listen)
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
@@ -287,7 +308,11 @@ class Agent:
                 self._missed_events()
                 if time.monotonic() >= next_balloon:
                     next_balloon = time.monotonic() + self.cfg.balloon_interval
-                    self.balloon.cycle(self.conn)
+                    with self._timed("balloon"):
+                        moved = self.balloon.cycle(self.conn)
+                    if self.metrics is not None:
+                        for uuid in moved:
+                            self.metrics.balloon_adjusted(uuid)
             except libvirt.libvirtError as e:
                 log.warning("agent: libvirt unavailable (%s); retrying in %g s", e, backoff)
                 self.conn = None

@@ -112,7 +112,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             bal_s = ""
             if bal:
                 bal_s = f"{format_kib(bal['actual'])}/" + (format_kib(bal["target"]) if bal["target"] else "auto")
-            other = []
+            other = [f"by {applied['tuned_by']}"] if applied.get("tuned_by") else []
             if "vcpus_live" in applied:
                 other.append(f"vcpus {applied['vcpus_live']}")
             other += [f"{k} {format_kib(val)}" for k, val in applied.get("memtune", {}).items()]
@@ -131,9 +131,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
     notes = state.notes + [f"interrupted write in flight: {i.op} of pool {i.pool} ({i.before} → {i.target}) by "
                            f"process {i.pid}" for i in state.intents]
+    from kvmhooks.agent import running
+
+    agent = running(cfg)
+    agent_line = ("kvmhooksd: running (post-start and live tuning, drift, the automatic balloon)" if agent else
+                  "kvmhooksd: not running (VMs are tuned at start by the hook's worker; no live re-tuning)")
 
     def human_with_notes() -> str:
-        return human() + ("\n\nledger notes:\n" + "\n".join(f"  {n}" for n in notes) if notes else "")
+        return (human() + "\n\n" + agent_line
+                + ("\n\nledger notes:\n" + "\n".join(f"  {n}" for n in notes) if notes else ""))
 
-    emit(args, {"vms": vms, "pools": pools, "notes": notes}, human_with_notes)
+    emit(args, {"vms": vms, "pools": pools, "notes": notes, "agent": agent}, human_with_notes)
     return EXIT_OK

@@ -103,3 +103,20 @@ def test_a_hand_pin_is_restored_and_the_metrics_show_the_pins(env: Env) -> None:
         assert "pins changed by hand: vCPU 0 on 0 (planned 1); restored" in run(KVMHOOKS, "status", vm.name).stdout
         scrape = urllib.request.urlopen("http://127.0.0.1:9765/metrics", timeout=5).read().decode()
         assert f'kvmhooks_vm_vcpu_pin{{cpuset="1",uuid="{vm.uuid}",vcpu="0",vm="{vm.name}"}} 1.0' in scrape
+
+
+def test_a_libvirtd_restart_leaves_vms_running_and_the_agent_reconnected(env: Env,
+                                                                        agent: subprocess.Popen[bytes]) -> None:
+    from tests.e2e.conftest import domstate, start_libvirtd, stop_daemon
+
+    a = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/>', backing="")
+    virsh("start", a.name)
+    wait_for(lambda: ledger()["domains"][a.uuid]["applied"].get("tuned_by") == "agent", 5, "the first VM tuned")
+    stop_daemon("libvirtd")
+    start_libvirtd()
+    assert domstate(a.name) == "running" and agent.poll() is None
+    assert "kvmhooksd: running" in run(KVMHOOKS, "status").stdout
+    b = env.define('<kvm:vcpupin vcpu="0" cpuset="0"/>', backing="")
+    virsh("start", b.name)  # tuned by the agent again: it reconnected and re-registered its events
+    wait_for(lambda: ledger()["domains"][b.uuid]["applied"].get("tuned_by") == "agent", 20, "the agent back")
+    assert vcpupin(b.name)[0] == "0"
