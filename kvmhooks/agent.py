@@ -11,8 +11,8 @@ How it meets the hook (which stays self-sufficient: prepare never depends on the
 - a METADATA_CHANGE event in the kvmhooks namespace re-plans and re-applies pins, memtune and the vCPU count
   (an invalid edit is refused into the log and ``kvmhooks status``; the previous tuning stays, and what only
   a restart can change, huge pages, is reported as pending);
-- a TUNABLE event that changed pins is compared (after a moment) with the ledger's plan: a hand change is
-  reported, and with ``drift = "restore"`` undone;
+- a TUNABLE event that changed pins, and a periodic check, compare the live pins with the ledger's plan: a
+  hand change is reported, and with ``drift = "restore"`` undone;
 - its Prometheus metrics are served on ``metrics_listen`` when configured;
 - when libvirtd goes away the agent reconnects with backoff, then tunes every running VM whose tuning never
   finished.
@@ -46,6 +46,9 @@ EVENT_GRACE = 2.0
 # How long a drift check waits after a TUNABLE event: kvmhooks records its own pin changes (a shared VM's
 # re-pin) right after making them, so a comparison made at once could take kvmhooks for the admin.
 DRIFT_SETTLE = 1.0
+# Besides the TUNABLE event, every managed VM's pins are compared with the plan this often (an event lost while
+# libvirtd restarted, a change libvirt does not announce).
+DRIFT_PERIOD = 60.0
 # Reconnection backoff after libvirtd went away (seconds, doubling up to the maximum).
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
@@ -235,6 +238,18 @@ class Agent:
         except Exception as e:  # it may have stopped meanwhile
             log.info("agent: drift check of %s: %s", uuid, e)
 
+    def check_all_drift(self) -> None:
+        from kvmhooks import operations
+
+        try:
+            managed = [u for u, r in operations.ledger_for(self.cfg).read().domains.items()
+                       if r.state == "running" and r.pins is not None]
+        except KvmhooksError as e:
+            log.info("agent: periodic drift check skipped: %s", e)
+            return
+        for uuid in managed:
+            self._spawn(self._check_drift, uuid)
+
     def catch_up(self) -> None:
         """After (re)connecting: a running VM whose tuning never finished (the ledger still says "starting":
         the agent or its libvirt connection went away in between) is tuned now. Tuning twice is harmless."""
@@ -298,6 +313,7 @@ class Agent:
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
         next_balloon = 0.0
+        next_drift = time.monotonic() + DRIFT_PERIOD
         while not self.stop.is_set():
             try:
                 if self.conn is None or not self.conn.isAlive():
@@ -306,6 +322,9 @@ class Agent:
                     log.info("agent: connected to %s", self.cfg.libvirt_uri)
                     self.catch_up()
                 self._missed_events()
+                if time.monotonic() >= next_drift:
+                    next_drift = time.monotonic() + DRIFT_PERIOD
+                    self.check_all_drift()
                 if time.monotonic() >= next_balloon:
                     next_balloon = time.monotonic() + self.cfg.balloon_interval
                     with self._timed("balloon"):

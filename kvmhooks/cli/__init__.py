@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--virtio-mem", metavar="SIZE", help="add a virtio-mem device of SIZE (and <maxMemory>, a guest "
                    "NUMA cell, an auto policy) that balloond resizes")
     s.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    s.add_argument("--live", action="store_true",
+                   help="also change the running VM's annotation (kvmhooksd re-tunes it within a second)")
     s.add_argument("--remove", action="store_true", help="remove the annotation and what annotate added")
     s.set_defaults(func=cmd_annotate)
     s = sub.add_parser("reconcile", parents=[common], help="repair the ledger and pools against running VMs")

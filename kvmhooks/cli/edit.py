@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import logging
+from typing import Any
 
 from kvmhooks import operations
 from kvmhooks.apply.libvirt import connect, lookup
@@ -14,7 +15,7 @@ from kvmhooks.cli.exit import EXIT_OK
 from kvmhooks.cli.render import emit
 from kvmhooks.config import Config
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import UsageError
+from kvmhooks.errors import ApplyError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
         log.info("VM %r (%s): annotate %s", args.domain, uuid, "--remove" if args.remove else
                  " ".join(f"--{k}={v}" for k, v in req.__dict__.items() if v and k not in ("remove", "remove_backing")))
         after = inactive_xml(lookup(conn, uuid))
+        if args.live:
+            _annotate_live(d, edited.xml, args.domain)
         if args.remove:
             record.unlink(missing_ok=True)
         elif edited.added_backing or edited.added_autodeflate:
@@ -62,3 +65,33 @@ def cmd_annotate(args: argparse.Namespace, cfg: Config) -> int:
          lambda: (diff or "no change") + "".join(f"\nnote: {n}" for n in notes)
          + ("\n(dry run: nothing was changed)" if args.dry_run else ""))
     return EXIT_OK
+
+
+def _annotate_live(dom: Any, edited_xml: str, name: str) -> None:
+    """Carry the annotation (only it: backing and devices need a restart) to the running domain, where
+    kvmhooksd re-tunes from it (libvirt's METADATA_CHANGE event)."""
+    import libvirt
+    from lxml import etree
+
+    from kvmhooks import NAMESPACE, PREFIX
+    from kvmhooks.xmlsafe import safe_parse
+
+    if not dom.isActive():
+        raise UsageError(f"--live: {name} is not running (the definition was changed for its next start)")
+
+    def plain(el: etree._Element) -> etree._Element:  # libvirt puts the element in our namespace itself
+        out = etree.Element(etree.QName(el).localname, {str(k): str(v) for k, v in el.attrib.items()})
+        out.extend(plain(c) for c in el if isinstance(c.tag, str))
+        return out
+
+    tuning = safe_parse(edited_xml.encode()).find(f"metadata/{{{NAMESPACE}}}tuning")
+    try:
+        if tuning is None:  # --remove: the running VM loses its annotation too
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        else:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, etree.tostring(plain(tuning), encoding="unicode"),
+                            PREFIX, NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as e:
+        raise ApplyError(f"--live: libvirt did not take the annotation for the running {name}", e) from None
+    log.info("VM %r: annotation carried to the running domain", name)

@@ -120,3 +120,14 @@ def test_a_libvirtd_restart_leaves_vms_running_and_the_agent_reconnected(env: En
     virsh("start", b.name)  # tuned by the agent again: it reconnected and re-registered its events
     wait_for(lambda: ledger()["domains"][b.uuid]["applied"].get("tuned_by") == "agent", 20, "the agent back")
     assert vcpupin(b.name)[0] == "0"
+
+
+def test_annotate_live_retunes_a_running_vm(env: Env, agent: subprocess.Popen[bytes]) -> None:
+    vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>', backing="")
+    virsh("start", vm.name)
+    wait_for(lambda: vcpupin(vm.name) == {0: "1", 1: "0"}, 5, "the first pins")
+    res = run(KVMHOOKS, "annotate", vm.name, "--pin", "0,1", "--live", check=False)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert '<kvm:vcpupin vcpu="0" cpuset="0"/>' in out
+    wait_for(lambda: vcpupin(vm.name) == {0: "0", 1: "1"}, 3, "the pins to follow annotate --live")

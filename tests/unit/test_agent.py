@@ -192,3 +192,17 @@ def test_drift_and_metrics_settings_are_checked(tmp_path: Path) -> None:
     f.write_text('drift = "restore"\nmetrics_listen = "127.0.0.1:9765"\n')
     c = load_config(f)
     assert (c.drift, c.metrics_listen) == ("restore", "127.0.0.1:9765")
+
+
+def test_the_periodic_drift_check_looks_at_every_managed_running_vm(host: FakeHost,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = host.config()
+    pinned = '<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>'
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=pinned)), cfg)
+    operations.mark(U1, cfg, state="running")
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=pinned)), cfg)  # still starting: not judged
+    a = Agent(cfg)
+    checked: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: checked.append(uuid))
+    a.check_all_drift()
+    assert checked == [U1]
