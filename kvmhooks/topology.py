@@ -173,58 +173,43 @@ def qemu_pid(proc_root: Path, uuid: str) -> int | None:
     return None
 
 
-def qemu_memory(proc_root: Path, uuid: str) -> dict[int, dict[str, int]]:
-    """Where the VM's QEMU process has its memory, per host NUMA node: {node: {"huge": KiB, "normal": KiB}}.
-
-    The data ``numastat -p`` reads (``/proc/PID/numa_maps``: pages per node and the page size of every
-    mapping). Empty when there is no such process.
-    """
+def _numa_maps(proc_root: Path, uuid: str) -> list[tuple[bool, int, int, int]]:
+    """The VM's QEMU process's ``/proc/PID/numa_maps`` (what ``numastat -p`` reads), one row per mapping and
+    node: (huge page mapping?, page size KiB, node, pages). Empty when there is no such process."""
     pid = qemu_pid(proc_root, uuid)
-    out: dict[int, dict[str, int]] = {}
     if pid is None:
-        return out
+        return []
     try:
         text = (proc_root / str(pid) / "numa_maps").read_text(errors="replace")
     except OSError:
-        return out
+        return []
+    rows = []
     for line in text.splitlines():
         fields = line.split()
         size = next((f.partition("=")[2] for f in fields if f.startswith("kernelpagesize_kB=")), "4")
         if not (size.isascii() and size.isdecimal()):
             continue
-        kind = "huge" if "huge" in fields else "normal"
         for f in fields:
             m = re.fullmatch(r"N([0-9]{1,4})=([0-9]{1,12})", f)
             if m:
-                per = out.setdefault(int(m.group(1)), {"huge": 0, "normal": 0})
-                per[kind] += int(m.group(2)) * int(size)
+                rows.append(("huge" in fields, int(size), int(m.group(1)), int(m.group(2))))
+    return rows
+
+
+def qemu_memory(proc_root: Path, uuid: str) -> dict[int, dict[str, int]]:
+    """Where the VM's QEMU process has its memory, per host NUMA node: {node: {"huge": KiB, "normal": KiB}}."""
+    out: dict[int, dict[str, int]] = {}
+    for huge, size, node, pages in _numa_maps(proc_root, uuid):
+        per = out.setdefault(node, {"huge": 0, "normal": 0})
+        per["huge" if huge else "normal"] += pages * size
     return out
 
 
 def qemu_hugepages(proc_root: Path, uuid: str) -> dict[tuple[int, int], int]:
-    """Huge pages per (node, page size KiB) the VM's QEMU process has faulted in: what ``numastat`` reads.
-
-    ``/proc/PID/numa_maps`` lists every mapping with ``huge``, ``N<node>=<pages>`` and ``kernelpagesize_kB``.
-    Empty when there is no such process (or no huge page faulted in yet).
-    """
-    pid = qemu_pid(proc_root, uuid)
+    """Huge pages per (node, page size KiB) the VM's QEMU process has faulted in (empty: no process, or none
+    faulted in yet)."""
     out: dict[tuple[int, int], int] = {}
-    if pid is None:
-        return out
-    try:
-        text = (proc_root / str(pid) / "numa_maps").read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        fields = line.split()
-        if "huge" not in fields:
-            continue
-        size = next((f.partition("=")[2] for f in fields if f.startswith("kernelpagesize_kB=")), "")
-        if not (size.isascii() and size.isdecimal()):
-            continue
-        for f in fields:
-            m = re.fullmatch(r"N([0-9]{1,4})=([0-9]{1,12})", f)
-            if m:
-                key = (int(m.group(1)), int(size))
-                out[key] = out.get(key, 0) + int(m.group(2))
+    for huge, size, node, pages in _numa_maps(proc_root, uuid):
+        if huge:
+            out[(node, size)] = out.get((node, size), 0) + pages
     return out
