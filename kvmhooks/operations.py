@@ -544,20 +544,14 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
             s_state = LedgerState()
         if s_state.intents:
             out.actions.append("recover interrupted writes on " + ", ".join(sorted({i.pool for i in s_state.intents})))
-        _reconcile_decide(s_state, cfg, topology_for(cfg), running, snapshot, now, out)
         topo = topology_for(cfg)
-        writes = accounting.writes_for(s_state, topo, cfg, s_state.pools)
-        out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
+        released = _reconcile_decide(s_state, cfg, topo, running, snapshot, now, out)
+        _reconcile_writes(s_state, topo, cfg, released, out)
         return out
     with session(cfg, pools, quarantine=True) as s:
         out.set_aside = s.txn.ledger.set_aside
         released = _reconcile_decide(s.state, cfg, s.topo, running, snapshot, now, out)
-        writes = accounting.writes_for(s.state, s.topo, cfg, set(s.state.pools) | released)
-        problems = accounting.capacity_problems(writes, s.topo, cfg)
-        for key, why in problems.items():
-            out.actions.append(f"cannot restore pool {key}: {why}")
-        writes = [w for w in writes if w.pool not in problems]
-        out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
+        writes = _reconcile_writes(s.state, s.topo, cfg, released, out)
         s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)
         s.forget_settled(list(released))
     for a in out.actions:
@@ -565,6 +559,18 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
     for uuid, rec in out.released:
         _log_released(uuid, rec)
     return out
+
+
+def _reconcile_writes(st: LedgerState, topo: HostTopology, cfg: Config, released: set[str],
+                      out: ReconcileResult) -> list[accounting.PoolWrite]:
+    """The pool repairs reconcile makes (the same for its dry run): every recorded pool and those released
+    VMs held, to baseline + held, dropping raises the node cannot spare."""
+    writes = accounting.writes_for(st, topo, cfg, set(st.pools) | released)
+    problems = accounting.capacity_problems(writes, topo, cfg)
+    out.actions += [f"cannot restore pool {key}: {why}" for key, why in problems.items()]
+    writes = [w for w in writes if w.pool not in problems]
+    out.actions += [f"set pool {w.pool} from {w.before} to {w.target} pages" for w in writes]
+    return writes
 
 
 def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running: Mapping[str, bytes],
