@@ -10,7 +10,7 @@ domain XML on stdin. Rules this module keeps (libvirt's hooks.rst, and measured 
 - only ``prepare`` may fail: ``started`` and ``reconnect`` failing would stop a running VM (libvirtd kills
   it), stopped/release failures help nobody; those log, record the failure for ``kvmhooks status`` and
   exit 0 — whatever goes wrong, including a broken config or ledger;
-- never call libvirt from here: ``started`` hands that work to a detached worker.
+- never call libvirt from here: ``started`` hands that work to kvmhooksd, or to a detached worker.
 
 This is the only place (with the worker and the CLI) where exceptions become exit codes.
 """
@@ -61,9 +61,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
         return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
     if NAMESPACE.encode() not in data:
         return  # not ours: never refused, whatever its size or content (the shell may hand over a long XML)
-    if len(data) > MAX_XML_BYTES:
-        raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
-    dom = parse_domain(data)
+    dom = parse_domain(data)  # refuses oversize or unsafe XML (xmlsafe.safe_parse)
     vlog = VMLog(dom.name, dom.uuid)
     if op == "reconnect":
         operations.adopt(dom, cfg)  # keeps a VM already in the ledger as it is, even if disabled meanwhile
