@@ -101,6 +101,9 @@ install_package() {
     | grep -v -e "^WARNING: Location" -e "is ignored" || true
   "$PREFIX/venv/bin/python3" -c "import kvmhooks.hook, libvirt, lxml, qemu.qmp" \
     || die "the kvmhooks venv cannot import its dependencies"
+  # An upgrade while VMs run: give the ledger's records their held/ markers (the shell hook's lookup at stop).
+  "$PREFIX/venv/bin/python3" -c "from kvmhooks.config import load_config; from kvmhooks.ledger import Ledger; \
+Ledger(load_config().ledger_path, 10).sync_markers()" || say "warning: could not mark the ledger's VMs"
   ln -sfn "$PREFIX/venv/bin/kvmhooks" "$BIN_LINK"
   say "package installed in $PREFIX/venv; 'kvmhooks' is $BIN_LINK"
 }

@@ -45,9 +45,14 @@ def main() -> None:
                     help="write the host's real 2M pool of node 0 (as root; it is put back after each pair)")
     args = ap.parse_args()
     py = args.python
-    hook = str(REPO / "hooks/qemu")
     with tempfile.TemporaryDirectory() as tmp:
         host = FakeHost(Path(tmp)).build()
+        # The hook with its built-in state directory (the default config's) in the temporary tree, so the
+        # host's own /run/kvmhooks plays no part.
+        hook = str(Path(tmp) / "qemu")
+        Path(hook).write_text((REPO / "hooks/qemu").read_text().replace("STATE=/run/kvmhooks",
+                                                                        f"STATE={host.root}/run", 1))
+        os.chmod(hook, 0o755)
         sysfs = Path("/sys") if args.real_pools else host.sysfs
         cfg = Path(tmp) / "config.toml"
         cfg.write_text(f'sysfs_root = "{sysfs}"\nproc_root = "{"/proc" if args.real_pools else host.proc}"\n'

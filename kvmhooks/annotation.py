@@ -69,6 +69,24 @@ class MemtuneSpec:
                                     ("min_guarantee", self.min_guarantee)) if v is not None]
 
 
+# cpufreq governors a kernel may offer (Documentation/admin-guide/pm/cpufreq.rst); a name outside this set
+# is refused here rather than found missing at start.
+GOVERNORS = ("performance", "powersave", "schedutil", "ondemand", "conservative", "userspace")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """``<kvm:host>``: keep the host off the VM's dedicated CPUs while it runs (undone at its stop)."""
+
+    isolate: bool = True  # host tasks and unbound kernel work queues off the CPUs
+    irqs: bool = True  # movable IRQs off the CPUs
+    governor: str | None = None  # cpufreq governor for the CPUs; None: untouched
+
+    @property
+    def any(self) -> bool:
+        return self.isolate or self.irqs or self.governor is not None
+
+
 BalloonReclaim = Literal["none", "idle"]
 # Proxmox-style weight range for <kvm:balloon shares>: relative, so only the ratio between VMs matters.
 MIN_SHARES, MAX_SHARES, DEFAULT_SHARES = 1, 100000, 1000
@@ -99,6 +117,12 @@ class Tuning:
     vcpus_live: int | None = None
     memtune: MemtuneSpec | None = None
     balloon: BalloonSpec | None = None
+    host: HostSpec | None = None
+
+    @property
+    def cpu_work(self) -> bool:
+        """CPU placement or pins to plan (the CPU planner is imported only then: the hook pays for it)."""
+        return bool(self.cpu or self.vcpupins or self.emulatorpin is not None or self.iothreadpins)
 
     @property
     def live_work(self) -> bool:
@@ -117,6 +141,7 @@ ELEMENTS: dict[str, tuple[str, ...]] = {
     "vcpus": ("live",),
     "memtune": ("hard_limit", "soft_limit", "swap_hard_limit", "min_guarantee"),
     "balloon": ("target", "min", "stats-period", "policy", "transport", "reclaim", "shares"),
+    "host": ("isolate", "irqs", "governor"),
 }
 _REPEATABLE = {"vcpupin", "iothreadpin"}
 PAGE_SIZES_KIB = {"2M": 2048, "1G": 1024 * 1024}
@@ -241,10 +266,12 @@ def parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
     mt = one("memtune")
     memtune = _parse_memtune(mt) if mt is not None else None
     bl = one("balloon")
+    cpu_spec = _parse_cpu(cpu) if cpu is not None else None
+    hs = one("host")
     return Tuning(
         enabled=enabled,
         hugepages=_parse_hugepages(hp, dom) if hp is not None else None,
-        cpu=_parse_cpu(cpu) if cpu is not None else None,
+        cpu=cpu_spec,
         vcpupins=_parse_pins(found.get("vcpupin", []), "vcpu", 0, 4095,
                              lambda n: None if n < dom.max_vcpus else
                              f"the VM has {dom.max_vcpus} vCPU(s), numbered 0 to {dom.max_vcpus - 1}"),
@@ -256,7 +283,18 @@ def parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
         vcpus_live=_parse_vcpus(vc, dom) if vc is not None else None,
         memtune=memtune,
         balloon=_parse_balloon(bl, dom, memtune) if bl is not None else None,
+        host=_parse_host(hs, cpu_spec) if hs is not None else None,
     )
+
+
+def _parse_host(r: _Reader, cpu: CpuSpec | None) -> HostSpec | None:
+    spec = HostSpec(r.yesno("isolate", True), r.yesno("irqs", True),
+                    r.choice("governor", GOVERNORS, "") or None)
+    if spec.any and (cpu is None or cpu.policy != "dedicated"):
+        # Isolating shared or hand-pinned CPUs would take them from the host for VMs that do not own them.
+        raise r.fail(None, None, "needs <kvm:cpu policy='dedicated'>: only CPUs the VM holds alone are "
+                     "taken from the host")
+    return spec if spec.any else None
 
 
 def _parse_cpu(r: _Reader) -> CpuSpec:

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator, MutableMapping
@@ -562,6 +563,10 @@ class LedgerState:
                    [str(n) for n in notes] if isinstance(notes, list) else [])
 
 
+HELD_DIR = "held"
+_MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 class Transaction:
     """An exclusive hold on the ledger: ``state`` to change, ``commit()`` to make a step durable."""
 
@@ -574,7 +579,10 @@ class Transaction:
         """Write the state now (the lock stays held); a no-op when nothing changed."""
         text = self.state.to_json()
         if text != self._written:
+            held = set(self.state.domains)
+            self.ledger._mark_held(held)
             self.ledger._write(text)
+            self.ledger._unmark_released(held)
             self._written = text
 
 
@@ -656,6 +664,40 @@ class Ledger:
             txn = Transaction(self, state, text)
             yield txn
             txn.commit()
+
+    @property
+    def held_dir(self) -> Path:
+        """One empty file per VM with a record (``held/UUID``), beside the ledger.
+
+        The shell dispatcher answers "does this unannotated VM hold anything?" at every stop with one
+        ``[ -e ]`` here instead of a grep of the ledger (a fork per stop of every VM on the host). A marker
+        is created before the record is committed and removed after, so a record never lacks one; a stale
+        marker only costs one Python start at that VM's stop.
+        """
+        return self.path.with_name(HELD_DIR)
+
+    def sync_markers(self) -> None:
+        """Markers for every record (install.sh, upgrading from a version without them while VMs run)."""
+        if self.path.exists():
+            with self._locked(fcntl.LOCK_EX):
+                state, _ = self._load()
+                held = set(state.domains)
+                self._mark_held(held)
+                self._unmark_released(held)
+
+    def _mark_held(self, held: set[str]) -> None:
+        d = self.held_dir
+        d.mkdir(mode=0o755, exist_ok=True)
+        for uuid in held - set(os.listdir(d)):
+            if _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
+                os.close(os.open(d / uuid, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+
+    def _unmark_released(self, held: set[str]) -> None:
+        d = self.held_dir
+        with contextlib.suppress(OSError):
+            for name in set(os.listdir(d)) - held:
+                with contextlib.suppress(OSError):
+                    os.unlink(d / name)
 
     def _write(self, text: str) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

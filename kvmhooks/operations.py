@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
@@ -40,10 +41,12 @@ from kvmhooks.ledger import (
 )
 from kvmhooks.log import VMLog
 from kvmhooks.plan import pools as accounting
-from kvmhooks.plan.cpus import CpuPlan, plan_cpus
 from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages
 from kvmhooks.topology import HostTopology, qemu_hugepages, read_topology
 from kvmhooks.units import format_cpuset
+
+if TYPE_CHECKING:
+    from kvmhooks.plan.cpus import CpuPlan
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,16 @@ def check(dom: Domain, cfg: Config, topo: HostTopology | None = None, state: Led
     topo = topo or topology_for(cfg)
     state = state if state is not None else LedgerState()
     hp = plan_hugepages(dom, topo, cfg)
-    cpus = plan_cpus(dom, topo, cfg, state, frozenset(hp.pages) if hp else frozenset())
-    return hp, cpus
+    return hp, _plan_cpus(dom, topo, cfg, state, frozenset(hp.pages) if hp else frozenset())
+
+
+def _plan_cpus(dom: Domain, topo: HostTopology, cfg: Config, state: LedgerState, nodes: frozenset[int]
+               ) -> CpuPlan | None:
+    if dom.active_tuning is None or not dom.active_tuning.cpu_work:
+        return None  # (most hook calls: the CPU planner is not even imported)
+    from kvmhooks.plan.cpus import plan_cpus
+
+    return plan_cpus(dom, topo, cfg, state, nodes)
 
 
 # --- the session: lock, recovery, the write protocol -----------------------------------------------------
@@ -379,7 +390,7 @@ def retune(dom: Domain, cfg: Config) -> Retuned | None:
                            " takes effect at the next start")
         nodes = frozenset(parse_pool_key(k)[0] for k in {**rec.hugepages, **rec.borrowed})
         rec.cpus = []  # its own CPUs are free for its new plan (not committed if the plan is refused)
-        cpu_plan = plan_cpus(dom, s.topo, cfg, s.state, nodes)
+        cpu_plan = _plan_cpus(dom, s.topo, cfg, s.state, nodes)
         if cpu_plan is None:
             rec.cpus, rec.pins, rec.shared, rec.threads, rec.emulator_cpu = [], None, False, None, None
         else:

@@ -78,7 +78,7 @@ def plan_cpus(dom: Domain, topo: HostTopology, cfg: Config, state: LedgerState,
               hugepage_nodes: frozenset[int] = frozenset()) -> CpuPlan | None:
     """The pins and reservations for one VM, or None when it asks for no CPU tuning."""
     t = dom.active_tuning
-    if t is None or (t.cpu is None and not t.vcpupins and t.emulatorpin is None and not t.iothreadpins):
+    if t is None or not t.cpu_work:
         return None
     for p in t.vcpupins:
         _check_explicit(dom, topo, "vcpupin", "cpuset", p.cpus)

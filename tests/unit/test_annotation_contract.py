@@ -37,12 +37,16 @@ SAMPLES: dict[tuple[str, str], tuple[dict[str, str], str]] = {
     ("balloon", "transport"): ({"target": "75%"}, "libvirt"),
     ("balloon", "reclaim"): ({"target": "75%"}, "idle"),
     ("balloon", "shares"): ({"target": "75%"}, "2000"),
+    ("host", "isolate"): ({}, "no"),
+    ("host", "irqs"): ({}, "no"),
+    ("host", "governor"): ({}, "performance"),
 }
 
 
 def tuning(element: str, attrs: dict[str, str]) -> Tuning:
     body = " ".join(f'{k}="{v}"' for k, v in attrs.items())
-    xml = domain_xml(tuning=f"<kvm:{element} {body}/>", vcpus=2, extra="<iothreads>2</iothreads>",
+    extra = '<kvm:cpu policy="dedicated"/>' if element == "host" else ""  # <kvm:host> needs dedicated CPUs
+    xml = domain_xml(tuning=f"<kvm:{element} {body}/>{extra}", vcpus=2, extra="<iothreads>2</iothreads>",
                      backing="<hugepages><page size='1' unit='G'/></hugepages>" if attrs.get("size") == "1G"
                      else "<hugepages/>")
     t = parse_domain(xml).tuning

@@ -104,6 +104,9 @@ def check_invariant(host: FakeHost, cfg: Config, admin: dict[tuple[int, int], in
     assert not [u for u, r in state.domains.items() if r.state == "preparing"]
     # The header's running sums (what planning reads instead of decoding every VM) match the records.
     assert state.domains.summary().to_json() == state.domains.recount().to_json()
+    # Every record has its marker (the shell's lookup at stop): a missing one would skip a release.
+    held_dir = operations.ledger_for(cfg).held_dir
+    assert set(state.domains) <= set(os.listdir(held_dir) if held_dir.exists() else ())
     for (node, size), want in admin.items():
         ps = read_pool(host.sysfs, node, size)
         held = state.reserved(f"node{node}/{size}kB")

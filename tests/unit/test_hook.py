@@ -15,6 +15,7 @@ from tests.fakehost import GIB, FakeHost, domain_xml
 REPO = Path(__file__).resolve().parents[2]
 HOOK = REPO / "hooks/qemu"
 U1 = "11111111-2222-3333-4444-000000000001"
+U2 = "aaaaaaaa-2222-3333-4444-000000000002"
 
 
 def write_config(host: FakeHost, **extra: str) -> Path:
@@ -35,6 +36,15 @@ def hook_env(config: Path) -> dict[str, str]:
     """As libvirtd runs hooks (a short PATH, LC_ALL=C), with this interpreter standing in for the installed one."""
     return {"KVMHOOKS_CONFIG": str(config), "KVMHOOKS_PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
             "LC_ALL": "C"}
+
+
+def hook_with_state(state: Path) -> Path:
+    """A copy of hooks/qemu whose built-in state directory (the default config's) is ``state``, not the
+    host's /run/kvmhooks."""
+    script = state.parent / "qemu-hook"
+    script.write_text(HOOK.read_text().replace("STATE=/run/kvmhooks", f"STATE={state}", 1))
+    script.chmod(0o755)
+    return script
 
 
 @pytest.fixture
@@ -111,8 +121,8 @@ def test_unannotated_vm_never_starts_python(host: FakeHost, cfg: Path, op: str) 
     env = {**hook_env(cfg), "KVMHOOKS_PYTHON": str(fake)}
     # (A configured state_dir sends every release to Python, which alone reads TOML: use the default here.)
     plain_env = {**env, "KVMHOOKS_CONFIG": str(host.root / "no-config.toml")}
-    r = subprocess.run([str(HOOK), "plain", op, "begin", "-"], input=domain_xml(tuning=None), capture_output=True,
-                       env=plain_env, timeout=30)
+    r = subprocess.run([str(hook_with_state(host.root / "run")), "plain", op, "begin", "-"],
+                       input=domain_xml(tuning=None), capture_output=True, env=plain_env, timeout=30)
     assert (r.returncode, r.stdout, r.stderr, mark.exists()) == (0, b"", b"", False)
     r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(), capture_output=True, env=env,
                        timeout=30)
@@ -256,7 +266,12 @@ def test_hook_script_constants_match_the_package() -> None:
 
     text = HOOK.read_text()
     assert regex.search(r"^NS='(.*)'$", text, regex.M).group(1) == NAMESPACE  # type: ignore[union-attr]
-    assert regex.search(r"^LEDGER=(.*)$", text, regex.M).group(1) == str(Config().ledger_path)  # type: ignore[union-attr]
+    state = regex.search(r"^STATE=(.*)$", text, regex.M).group(1)  # type: ignore[union-attr]
+    assert state == str(Config().state_dir)
+    assert regex.search(r"^LEDGER=(.*)$", text, regex.M).group(1).replace("$STATE", state) == str(  # type: ignore[union-attr]
+        Config().ledger_path)
+    held = regex.search(r"^HELD=(\S*)", text, regex.M).group(1).replace("$STATE", state)  # type: ignore[union-attr]
+    assert held == str(Ledger(Config().ledger_path).held_dir)
     assert regex.search(r"^CONFIG=\$\{KVMHOOKS_CONFIG:-(.*)\}$", text, regex.M).group(1) == str(DEFAULT_CONFIG)  # type: ignore[union-attr]
 
 
@@ -265,3 +280,38 @@ def test_no_library_module_imports_the_cli() -> None:
             "print(sorted(m for m in sys.modules if m.startswith('kvmhooks.cli')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_the_shell_starts_python_at_stop_only_for_a_vm_the_ledger_holds(host: FakeHost, tmp_path: Path) -> None:
+    """The default-config path of hooks/qemu (no state_dir): an unannotated VM's stop looks for its marker in
+    held/ (created with every ledger record) and starts Python only then, for an odd UUID, or for a ledger
+    older than the markers. The Python side is a stand-in that notes it ran."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    ledger = Ledger(host.root / "run/ledger.json")
+    assert (ledger.held_dir / U1).exists()
+    script = hook_with_state(host.root / "run")
+    ran = tmp_path / "python-ran"
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
+    fake_py.chmod(0o755)
+    env = {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+
+    def stops_start_python(xml: bytes) -> bool:
+        ran.unlink(missing_ok=True)
+        for op in ("stopped", "release"):
+            r = subprocess.run([str(script), "vm1", op, "end", "-"], input=xml, env=env, capture_output=True)
+            assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+        return ran.exists()
+
+    plain = domain_xml(uuid=U1, tuning=None, backing="")
+    assert stops_start_python(plain)  # holds pages: Python releases them
+    assert not stops_start_python(domain_xml(uuid=U2, tuning=None, backing=""))  # holds nothing: no Python
+    assert stops_start_python(domain_xml(uuid=U2.upper(), tuning=None, backing=""))  # not canonical: Python
+    assert hook(cfg, "vm1", "release", plain, "end").returncode == 0  # the real release drops the marker
+    assert not (ledger.held_dir / U1).exists() and not stops_start_python(plain)
+    for marker in ledger.held_dir.iterdir():
+        marker.unlink()
+    ledger.held_dir.rmdir()  # a ledger written before markers existed
+    assert stops_start_python(plain)
