@@ -180,8 +180,9 @@ def _quiet() -> Iterator[None]:
 def plan(dom: Domain, cfg: Config, persistent_domain: bool) -> list[Action]:
     """Every sysfs write and libvirt call prepare and started would make for ``dom`` now.
 
-    Raises what prepare would raise (a refusal). The balloon step is described, not run: it waits for the
-    guest's driver, which a dry run has not got.
+    Raises what prepare would raise (a refusal). The balloon step runs too, against
+    :class:`RecordingBalloon`, which plays the guest's driver (up at once, giving back what is asked); only
+    a virtio-mem VM's plug is described (it needs the running device's block size).
     """
     from kvmhooks import operations
     from kvmhooks.apply.live import apply_started
@@ -218,29 +219,64 @@ def plan(dom: Domain, cfg: Config, persistent_domain: bool) -> list[Action]:
             conn = RecordingConn(ncpus, {dom.uuid: me}, other)
             apply_started(conn, me, dom, copy, VMLog(dom.name, dom.uuid))
             if t.balloon is not None:
-                actions += _balloon(dom)
+                actions += _balloon(dom, me, VMLog(dom.name, dom.uuid))
     return actions
 
 
-def _balloon(dom: Domain) -> list[Action]:
-    from kvmhooks.apply.qmp import BALLOON_QOM
-    from kvmhooks.plan.balloon import fixed_target
+class RecordingBalloon:
+    """The balloon transport :func:`kvmhooks.apply.balloon.apply_balloon` would open, recording its calls;
+    it plays a guest whose driver is up and that gives back what is asked at once."""
+
+    def __init__(self, dom: Domain, qmp: bool, actions: list[Action]):
+        self.transport = "qmp" if qmp else "libvirt"
+        self.actions, self.actual = actions, dom.memory_kib
+        self.via = f"QMP {dom.qmp_socket}:" if qmp else "libvirt"
+
+    def _say(self, what: str) -> None:
+        self.actions.append(Action("started", f"{self.via} {what}"))
+
+    def actual_kib(self) -> int:
+        return self.actual
+
+    def set_target_kib(self, kib: int) -> None:
+        self._say(f"balloon(value={kib * 1024})" if self.transport == "qmp"
+                  else f"setMemoryFlags({kib}, AFFECT_LIVE)")
+        self.actual = kib
+
+    def enable_stats(self, period: int) -> None:
+        from kvmhooks.apply.qmp import BALLOON_QOM
+
+        self._say(f"qom-set({BALLOON_QOM}, guest-stats-polling-interval, {period})" if self.transport == "qmp"
+                  else f"setMemoryStatsPeriod({period}, AFFECT_LIVE)")
+
+    def guest_stats(self) -> dict[str, int]:
+        self._say("wait until the guest's balloon driver reports stats (bounded)")
+        return {"last_update": 1}
+
+    def wait_actual(self, target_kib: int, tolerance_kib: int, timeout: float) -> int:
+        self._say(f"verify the balloon lands at {format_kib(target_kib)} (bounded)")
+        return self.actual
+
+    def close(self) -> None:
+        pass
+
+
+def _balloon(dom: Domain, me: RecordingDomain, vlog: Any) -> list[Action]:
+    """The worker's balloon step, run against :class:`RecordingBalloon` (same transport choice as a start)."""
+    from kvmhooks.apply.balloon import apply_balloon
 
     t = dom.active_tuning
     assert t is not None and t.balloon is not None
-    b = t.balloon
-    qmp = dom.qmp_socket is not None and b.transport != "libvirt"
-    period = b.stats_period or 2
-    wait = "once the guest's balloon driver reports stats (bounded)"
-    out = [Action("started", f"QMP {dom.qmp_socket}: qom-set({BALLOON_QOM}, guest-stats-polling-interval, {period}), "
-                             f"then qom-get guest-stats {wait}") if qmp else
-           Action("started", f"libvirt setMemoryStatsPeriod({period}, AFFECT_LIVE), then memoryStats() {wait}")]
-    if b.policy == "fixed" and b.target_kib is not None:
-        target = fixed_target(b.target_kib, b.min_kib, dom.memory_kib)
-        call = f"QMP balloon(value={target * 1024})" if qmp else f"libvirt setMemoryFlags({target}, AFFECT_LIVE)"
-        out.append(Action("started", f"{call}: {format_kib(target)}, then verify query-balloon until it lands"))
-    else:
-        out.append(Action("started", f"automatic balloon between {format_kib(b.min_kib)} and "
-                                     f"{format_kib(dom.memory_kib)} by 'kvmhooks balloond' via "
-                                     f"{'QMP' if qmp else 'libvirt'}"))
+    spec = t.balloon
+    out: list[Action] = []
+    if dom.virtio_mem and spec.policy == "fixed" and spec.target_kib is not None:
+        # Plugging needs the device's live block size and plugged memory, which only a running VM has.
+        out.append(Action("started", f"virtio-mem: set requested-size for a {format_kib(spec.target_kib)} guest "
+                                     "and wait until the guest plugs it (bounded)"))
+        return out
+    qmp = dom.qmp_socket is not None and spec.transport != "libvirt"
+    apply_balloon(dom, spec, me, 0.0, vlog, opener=lambda d, s, ld, v: RecordingBalloon(d, qmp, out))
+    if spec.policy == "auto" or spec.target_kib is None:
+        out.append(Action("started", f"automatic balloon between {format_kib(spec.min_kib)} and "
+                                     f"{format_kib(dom.memory_kib)} by kvmhooksd"))
     return out

@@ -7,6 +7,7 @@ memory outside the device, block-aligned) rather than ballooning; its balloon on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kvmhooks.annotation import BalloonSpec
@@ -162,9 +163,14 @@ def _fixed_virtio_mem(d: Domain, spec: BalloonSpec, b: Balloon, libvirt_dom: Any
 
 
 def apply_balloon(d: Domain, spec: BalloonSpec, libvirt_dom: Any, driver_timeout: float,
-                  vlog: VMLog) -> dict[str, Any]:
-    """The worker's balloon step: wait for the driver, set a fixed target, verify it landed."""
-    b = open_balloon(d, spec, libvirt_dom, vlog)
+                  vlog: VMLog, opener: Callable[[Domain, BalloonSpec, Any, VMLog], Balloon] | None = None
+                  ) -> dict[str, Any]:
+    """The worker's balloon step: wait for the driver, set a fixed target, verify it landed.
+
+    ``opener`` picks the transport (default :func:`open_balloon`); ``kvmhooks plan`` passes one that
+    records the calls instead of making them.
+    """
+    b = (opener or open_balloon)(d, spec, libvirt_dom, vlog)
     try:
         t0 = time.monotonic()
         if not wait_driver(b, spec.stats_period, driver_timeout):

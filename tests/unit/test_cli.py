@@ -60,7 +60,8 @@ def test_plan_lists_every_action_without_changing_anything(env, capsys) -> None:
         "node1/hugepages/hugepages-2048kB/nr_hugepages = 128 (now 0; +128 pages)" in out
     assert "pinVcpuFlags(0, 1, AFFECT_LIVE)" in out and "pinEmulator(0, AFFECT_LIVE)" in out
     assert "setMemoryParameters({'hard_limit': 1048576}, AFFECT_LIVE)" in out
-    assert "libvirt setMemoryFlags(196608, AFFECT_LIVE): 192M" in out and "setMemoryStatsPeriod(2, AFFECT_LIVE)" in out
+    assert "libvirt setMemoryFlags(196608, AFFECT_LIVE)\n  started  libvirt verify the balloon lands at 192M" in out
+    assert "setMemoryStatsPeriod(2, AFFECT_LIVE)" in out
     assert host.pool(0) == 0 and host.pool(1) == 0 and not (host.root / "run/ledger.json").exists()
     code, out, _ = run(capsys, "plan", "huge", "--config", str(cfg), "--uri", uri, "--json")
     assert code == 1 and "not enough memory" in json.loads(out)["refuse"]

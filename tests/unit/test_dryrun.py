@@ -74,3 +74,41 @@ def test_an_iothread_pin_is_planned_and_verified(tmp_path: Path) -> None:
                                   tuning='<kvm:iothreadpin iothread="1" cpuset="3"/>'))
     texts = [a for _, a in calls(dryrun.plan(dom, host.config(), persistent_domain=True))]
     assert texts == ["libvirt pinIOThread(1, 3, AFFECT_LIVE)"]
+
+
+def test_the_planned_balloon_step_is_what_the_real_step_asks_libvirt(tmp_path: Path) -> None:
+    """The plan runs apply_balloon itself (through a recording transport); the real step over libvirt makes
+    the same calls in the same order on a guest whose driver is up and that gives memory back at once."""
+    import libvirt
+
+    from kvmhooks.apply.balloon import LibvirtBalloon, apply_balloon
+
+    host = FakeHost(tmp_path, cores_per_node=2).build()
+    dom = parse_domain(domain_xml(uuid=U1, backing="", tuning='<kvm:balloon target="192M" transport="libvirt"/>'))
+    planned = [a for _, a in calls(dryrun.plan(dom, host.config(), persistent_domain=False))
+               if not a.startswith("libvirt wait") and not a.startswith("libvirt verify")]
+
+    made: list[str] = []
+
+    class Guest:  # the libvirt calls LibvirtBalloon makes, answered like a guest with its driver up
+        actual = dom.memory_kib
+
+        def setMemoryStatsPeriod(self, period: int, flags: int) -> int:
+            made.append(f"libvirt setMemoryStatsPeriod({period}, {dryrun.flag_names(flags)})")
+            return 0
+
+        def memoryStats(self) -> dict[str, int]:
+            return {"actual": self.actual, "last_update": 1}
+
+        def setMemoryFlags(self, kib: int, flags: int) -> int:
+            made.append(f"libvirt setMemoryFlags({kib}, {dryrun.flag_names(flags)})")
+            self.actual = kib
+            return 0
+
+    assert libvirt.VIR_DOMAIN_AFFECT_LIVE == 1
+    assert dom.tuning is not None and dom.tuning.balloon is not None
+    out = apply_balloon(dom, dom.tuning.balloon, Guest(), 1.0, VMLog(dom.name, U1),
+                        opener=lambda d, s, ld, v: LibvirtBalloon(ld))
+    assert out["actual"] == 192 * 1024
+    assert planned == made == ["libvirt setMemoryStatsPeriod(2, AFFECT_LIVE)",
+                               "libvirt setMemoryFlags(196608, AFFECT_LIVE)"]
