@@ -18,13 +18,12 @@ This is the only place (with the worker and the CLI) where exceptions become exi
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
 from kvmhooks import NAMESPACE
-from kvmhooks.config import CONFIG_ENV, Config, load_config
+from kvmhooks.config import Config, load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.errors import KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
@@ -55,7 +54,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
             # Dedicated CPUs came free: the shared VMs may float over them again (needs libvirt: detached).
             from kvmhooks.worker import spawn_detached
 
-            spawn_detached(["repin", "-"], os.environ.get(CONFIG_ENV))
+            spawn_detached(["repin", "-"], cfg)
         return
     if op not in ("prepare", "started", "reconnect"):
         return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
@@ -85,7 +84,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
             else:
                 from kvmhooks.worker import spawn_detached
 
-                status = spawn_detached(["started", dom.uuid], os.environ.get(CONFIG_ENV))
+                status = spawn_detached(["started", dom.uuid], cfg)
                 vlog.info("started: detached worker spawned (status %d)", status)
 
 

@@ -3,8 +3,14 @@
 A hook must never call back into libvirtd (the daemon waits for the hook while holding the domain's
 job: a deadlock). So the ``started`` hook double-forks this worker into its own session with stdio on
 /dev/null and every inherited descriptor closed (libvirtd reads the hook's stdout/stderr pipes until EOF,
-so a worker holding them would hang ``virsh start``), execs a fresh interpreter, and returns at once.
-The worker then waits (bounded) for the domain to run and applies the live tuning.
+so a worker holding them would hang ``virsh start``), and returns at once. The worker then waits
+(bounded) for the domain to run and applies the live tuning.
+
+The worker is the hook's own interpreter, forked: it keeps what the hook already imported (the package,
+lxml, the config), so a start without kvmhooksd pays only libvirt's import and connection, not a second
+interpreter start-up (that was most of its latency). The hook is single-threaded and holds no lock when
+it forks; the child sets up its own logging, and leaves with ``os._exit`` (no atexit handlers, no
+flushing of buffers that belong to the hook). ``python -m kvmhooks.worker`` runs the same jobs by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvmhooks.config import CONFIG_ENV, Config, load_config
+from kvmhooks.config import Config, load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.errors import ApplyError, KvmhooksError
 from kvmhooks.log import VMLog, setup_logging
@@ -26,26 +32,32 @@ from kvmhooks.xmlsafe import UUID_RE
 log = logging.getLogger(__name__)
 
 
-def spawn_detached(args: Sequence[str], config_path: str | None = None) -> int:
-    """Start ``python -m kvmhooks.worker ARGS`` fully detached; returns the intermediate child's status."""
-    argv = [sys.executable, "-I", "-m", "kvmhooks.worker", *args]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
-    if config_path:
-        env[CONFIG_ENV] = config_path
+def spawn_detached(args: Sequence[str], cfg: Config) -> int:
+    """Run the worker job ``args`` (see :func:`run_job`) in a fully detached grandchild of this process;
+    returns the intermediate child's status at once."""
     pid = os.fork()
     if pid == 0:  # first child: new session, fork again so the worker is no session leader, then leave
+        code = 127
         try:
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
+            # Close the hook's log handlers while their descriptors are still theirs: a handler freed after
+            # closerange would close whatever descriptor reused its number (libvirt's socket, the new log).
+            logging.shutdown()
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
             os.chdir("/")
-            os.execve(argv[0], argv, env)
+            os.environ.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", LC_ALL="C.UTF-8")
+            setup_logging(cfg.log, cfg.log_level, "worker")  # the hook's handler wrote to a closed descriptor
+            code = run_job(args, cfg)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                log.exception("worker %s crashed", " ".join(args))
         finally:
-            os._exit(127)
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -154,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmhooks worker: {e}", file=sys.stderr)
         return 1
     setup_logging(cfg.log, cfg.log_level, "worker")
+    return run_job(args, cfg)
+
+
+def run_job(args: Sequence[str], cfg: Config) -> int:
+    """``started UUID`` (tune a just-started VM) or ``repin -`` (after a dedicated VM stopped)."""
     from kvmhooks.apply.libvirt import quiet_libvirt
 
     quiet_libvirt()
