@@ -92,6 +92,9 @@ class Agent:
         self.balloon = Service(cfg)
         self.busy: set[str] = set()  # VMs a tuning thread is working on
         self.metrics: Any = None  # kvmhooks.metrics.Metrics when metrics_listen is set
+        # uuid → guest memory (KiB) from libvirt's BALLOON_CHANGE events: fresher than the ledger's figure,
+        # which is written when kvmhooks sets a target, for the metrics' balloon_actual.
+        self.balloon_actual: dict[str, int] = {}
 
     # --- the hook's socket ------------------------------------------------------------------------------
 
@@ -145,6 +148,11 @@ class Agent:
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             with self.lock:
                 self.pending.pop(uuid, None)
+                self.balloon_actual.pop(uuid, None)
+
+    def _balloon_change(self, conn: Any, dom: Any, actual_kib: int, opaque: object) -> None:
+        with self.lock:
+            self.balloon_actual[dom.UUIDString()] = int(actual_kib)
 
     def _metadata(self, conn: Any, dom: Any, mtype: int, nsuri: str | None, opaque: object) -> None:
         if nsuri == NAMESPACE and dom.isActive():
@@ -153,6 +161,10 @@ class Agent:
     def _tunable(self, conn: Any, dom: Any, params: dict[str, object], opaque: object) -> None:
         if any(str(k).startswith("cputune.") and "pin" in str(k) for k in params):
             self._spawn(self._check_drift, dom.UUIDString())
+
+    def _live_balloon(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.balloon_actual)
 
     def _spawn(self, job: Any, uuid: str) -> None:
         threading.Thread(target=job, args=(uuid,), name=f"agent-{uuid[:8]}", daemon=True).start()
@@ -175,6 +187,7 @@ class Agent:
         from kvmhooks import operations
         from kvmhooks.apply.live import apply_started
         from kvmhooks.domain import parse_domain
+        from kvmhooks.worker import balloon_step
 
         vlog = VMLog("?", uuid)
         with self.lock:
@@ -193,6 +206,10 @@ class Agent:
             applied.problems += [f"pending restart: {p}" for p in done.pending_restart]
             operations.mark(uuid, self.cfg, applied=applied, error=None)
             operations.clear_failure(self.cfg, uuid)
+            t = d.active_tuning
+            if t is not None and t.balloon is not None and t.balloon.policy == "fixed":
+                balloon_step(d, dom, self.cfg, applied, vlog)  # a new target (the automatic policy follows
+                # live edits at its next cycle)
             vlog.info("agent: re-tuned after an annotation change: pins %s%s", applied.pins,
                       f"; pending restart: {'; '.join(done.pending_restart)}" if done.pending_restart else "")
         except Exception as e:  # an invalid edit (KvmhooksError), or the VM went away: the old tuning stays
@@ -203,10 +220,14 @@ class Agent:
                 self.busy.discard(uuid)
 
     def _check_drift(self, uuid: str) -> None:
-        """Pins changed: by kvmhooks (tuning, a shared re-pin) or by hand? Compare, after a moment (kvmhooks
-        records its own changes right after making them), the live pins with the ledger's plan."""
+        """Pins or memtune changed: by kvmhooks (tuning, a shared re-pin) or by hand? Compare, after a moment
+        (kvmhooks records its own changes right after making them), the live pins with the ledger's plan and
+        the live memtune with what kvmhooks read back after setting it (libvirt sends no TUNABLE event for
+        memtune: the periodic check finds those)."""
+        import libvirt
+
         from kvmhooks import operations
-        from kvmhooks.apply.live import apply_pins, read_pins
+        from kvmhooks.apply.live import apply_memtune, apply_pins, read_pins
         from kvmhooks.units import format_cpuset
 
         time.sleep(DRIFT_SETTLE)
@@ -215,26 +236,39 @@ class Agent:
                 return
         try:
             rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
-            if rec is None or rec.pins is None or rec.state != "running":
+            if rec is None or rec.state != "running":
                 return  # not managed, or its tuning is not finished
             dom = self.conn.lookupByUUIDString(uuid)
-            live_vcpus, live_emulator = read_pins(dom)
-            changed = [f"vCPU {v} on {cs} (planned {format_cpuset(rec.pins.vcpus[int(v)])})"
-                       for v, cs in sorted(live_vcpus.items(), key=lambda kv: int(kv[0]))
-                       if int(v) in rec.pins.vcpus and cs != format_cpuset(rec.pins.vcpus[int(v)])]
-            if rec.pins.emulator and live_emulator != format_cpuset(rec.pins.emulator):
-                changed.append(f"emulator on {live_emulator} (planned {format_cpuset(rec.pins.emulator)})")
+            changed: list[str] = []
+            if rec.pins is not None:
+                live_vcpus, live_emulator = read_pins(dom)
+                changed = [f"vCPU {v} on {cs} (planned {format_cpuset(rec.pins.vcpus[int(v)])})"
+                           for v, cs in sorted(live_vcpus.items(), key=lambda kv: int(kv[0]))
+                           if int(v) in rec.pins.vcpus and cs != format_cpuset(rec.pins.vcpus[int(v)])]
+                if rec.pins.emulator and live_emulator != format_cpuset(rec.pins.emulator):
+                    changed.append(f"emulator on {live_emulator} (planned {format_cpuset(rec.pins.emulator)})")
+            pins_changed = bool(changed)
+            memtune = rec.applied.memtune
+            live_mt = dom.memoryParameters(libvirt.VIR_DOMAIN_AFFECT_LIVE) if memtune else {}
+            mt_changed = {k: v for k, v in memtune.items() if abs(int(live_mt.get(k, -1)) - v) >= 4}  # (pages)
+            changed += [f"memtune {k} {live_mt.get(k)} KiB (set {v} KiB)" for k, v in sorted(mt_changed.items())]
             if not changed:
                 return
             vlog = VMLog(rec.name, uuid)
-            what = "pins changed by hand: " + "; ".join(changed)
+            what = "changed by hand: " + "; ".join(changed)
             if self.cfg.drift == "restore":
-                apply_pins(self.conn, dom, rec.pins, False, vlog)
+                if pins_changed and rec.pins is not None:
+                    apply_pins(self.conn, dom, rec.pins, False, vlog)
+                if mt_changed:
+                    apply_memtune(dom, sorted(mt_changed.items()), vlog)
                 what += "; restored"
             vlog.warning("agent: %s", what)
             operations.record_failure(self.cfg, uuid, "drift", what)
             if self.metrics is not None:
-                self.metrics.drift(rec.name, "pins")
+                if pins_changed:
+                    self.metrics.drift(rec.name, "pins")
+                if mt_changed:
+                    self.metrics.drift(rec.name, "memtune")
         except Exception as e:  # it may have stopped meanwhile
             log.info("agent: drift check of %s: %s", uuid, e)
 
@@ -243,7 +277,7 @@ class Agent:
 
         try:
             managed = [u for u, r in operations.ledger_for(self.cfg).read().domains.items()
-                       if r.state == "running" and r.pins is not None]
+                       if r.state == "running" and (r.pins is not None or r.applied.memtune)]
         except KvmhooksError as e:
             log.info("agent: periodic drift check skipped: %s", e)
             return
@@ -293,6 +327,7 @@ class Agent:
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self._tunable, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, self._balloon_change, None)
         return conn
 
     def run(self, once: bool = False) -> int:
@@ -307,7 +342,7 @@ class Agent:
         if self.cfg.metrics_listen:
             from kvmhooks.metrics import registry, serve_http
 
-            reg, self.metrics = registry(self.cfg)
+            reg, self.metrics = registry(self.cfg, live_balloon=self._live_balloon)
             serve_http(reg, self.cfg.metrics_listen)
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)

@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +125,8 @@ STATE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvmhooks_vm_memtune_bytes", "gauge", (*_VM, "param"),
                "memtune limit applied live (hard_limit, soft_limit, swap_hard_limit, min_guarantee), read back"),
     MetricSpec("kvmhooks_vm_balloon_target_bytes", "gauge", _VM, "Balloon target the worker set"),
-    MetricSpec("kvmhooks_vm_balloon_actual_bytes", "gauge", _VM, "Guest memory the balloon reported last"),
+    MetricSpec("kvmhooks_vm_balloon_actual_bytes", "gauge", _VM,
+               "Guest memory the balloon reported last (kvmhooksd: libvirt's BALLOON_CHANGE events)"),
     MetricSpec("kvmhooks_vm_balloon_driver", "gauge", _VM,
                "1: the guest's balloon driver came up; 0: it did not (memory left alone)"),
     MetricSpec("kvmhooks_vm_worker_duration_seconds", "gauge", _VM, "How long the post-start worker took"),
@@ -205,9 +206,13 @@ class StateCollector(Collector):
     and what it last logged between scrapes.
     """
 
-    def __init__(self, cfg: Config, ledger_timeout: float = LEDGER_TIMEOUT):
+    def __init__(self, cfg: Config, ledger_timeout: float = LEDGER_TIMEOUT,
+                 live_balloon: Callable[[], Mapping[str, int]] | None = None):
         self.cfg = cfg
         self.ledger_timeout = ledger_timeout
+        # The agent's newest balloon figures (uuid → KiB, from libvirt's BALLOON_CHANGE events); they win
+        # over the ledger's, which is written only when kvmhooks sets a target.
+        self.live_balloon = live_balloon
         self._lock = threading.Lock()
         self._errors: dict[str, int] = {}
         self._logged: dict[str, str] = {}  # source → the error last logged for it
@@ -307,6 +312,7 @@ class StateCollector(Collector):
         that does not is skipped (and counted) so the others still show: the header and sums are read already."""
         names: dict[str, str] = {}
         bad: Exception | None = None
+        live = self.live_balloon() if self.live_balloon is not None else {}
         for uuid in state.domains:
             try:
                 rec = state.domains[uuid]
@@ -315,8 +321,12 @@ class StateCollector(Collector):
                 bad = e
                 continue
             names[uuid] = rec.name
+            actual = live.get(uuid)
             for name, value, labels in rows:
-                fam.add(name, value, *labels)
+                if name != "kvmhooks_vm_balloon_actual_bytes" or actual is None:
+                    fam.add(name, value, *labels)
+            if actual is not None:
+                fam.add("kvmhooks_vm_balloon_actual_bytes", actual * _KIB, rec.name, uuid)
             for node, kinds in sorted(qemu_memory(self.cfg.proc_root, uuid).items()):
                 for kind, kib in sorted(kinds.items()):
                     fam.add("kvmhooks_vm_memory_bytes", kib * _KIB, rec.name, uuid, str(node), kind)
@@ -430,14 +440,15 @@ class Metrics:
 
 # --- entry points ---------------------------------------------------------------------------------------------
 
-def registry(cfg: Config, ledger_timeout: float = LEDGER_TIMEOUT) -> tuple[CollectorRegistry, Metrics]:
+def registry(cfg: Config, ledger_timeout: float = LEDGER_TIMEOUT,
+             live_balloon: Callable[[], Mapping[str, int]] | None = None) -> tuple[CollectorRegistry, Metrics]:
     """The agent's registry: the state read at scrape time and the process's own counters, together.
 
     A fresh registry rather than prometheus_client's global one, so nothing else that imports the library in
     the same process (or a second instance in a test) mixes its series into ours.
     """
     reg = CollectorRegistry()
-    reg.register(StateCollector(cfg, ledger_timeout))
+    reg.register(StateCollector(cfg, ledger_timeout, live_balloon))
     return reg, Metrics(reg)
 
 

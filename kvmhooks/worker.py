@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvmhooks.config import Config, load_config
-from kvmhooks.domain import parse_domain
+from kvmhooks.domain import Domain, parse_domain
 from kvmhooks.errors import ApplyError, KvmhooksError
+from kvmhooks.ledger import Applied
 from kvmhooks.log import VMLog, setup_logging
 from kvmhooks.xmlsafe import UUID_RE
 
@@ -121,11 +122,7 @@ def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
         # The balloon last: it waits for the guest's driver (the guest must boot first).
         t = d.active_tuning
         if t is not None and t.balloon is not None:
-            from kvmhooks.apply.balloon import apply_balloon
-
-            result = apply_balloon(d, t.balloon, dom, cfg.balloon_timeout, vlog)
-            applied.balloon = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
-            operations.mark(uuid, cfg, applied=applied)
+            balloon_step(d, dom, cfg, applied, vlog)
         return 0
     except Exception as e:
         vlog.error("%s: %s", by, e)
@@ -133,6 +130,18 @@ def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
             operations.mark(uuid, cfg, error=f"{by}: {e}")
         operations.record_failure(cfg, uuid, by, str(e))
         return 1
+
+
+def balloon_step(d: Domain, dom: Any, cfg: Config, applied: Applied, vlog: VMLog) -> None:
+    """The balloon step of a tuning (at start, or after a live edit): apply, and record what landed."""
+    from kvmhooks import operations
+    from kvmhooks.apply.balloon import apply_balloon
+
+    t = d.active_tuning
+    assert t is not None and t.balloon is not None
+    result = apply_balloon(d, t.balloon, dom, cfg.balloon_timeout, vlog)
+    applied.balloon = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
+    operations.mark(d.uuid, cfg, applied=applied)
 
 
 def run_repin(cfg: Config) -> int:

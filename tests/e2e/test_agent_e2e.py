@@ -100,7 +100,7 @@ def test_a_hand_pin_is_restored_and_the_metrics_show_the_pins(env: Env) -> None:
         virsh("vcpupin", vm.name, "0", "0")  # the admin, by hand
         wait_for(lambda: "restored" in run(KVMHOOKS, "status", vm.name).stdout, 5, "the drift report")
         assert vcpupin(vm.name) == {0: "1", 1: "0"}  # the planned pin is back
-        assert "pins changed by hand: vCPU 0 on 0 (planned 1); restored" in run(KVMHOOKS, "status", vm.name).stdout
+        assert "changed by hand: vCPU 0 on 0 (planned 1); restored" in run(KVMHOOKS, "status", vm.name).stdout
         scrape = urllib.request.urlopen("http://127.0.0.1:9765/metrics", timeout=5).read().decode()
         assert f'kvmhooks_vm_vcpu_pin{{cpuset="1",uuid="{vm.uuid}",vcpu="0",vm="{vm.name}"}} 1.0' in scrape
 

@@ -176,7 +176,7 @@ def test_a_hand_pin_is_reported_or_restored(tmp_path: Path, mode: str, monkeypat
     dom.vcpus[0] = frozenset({3})  # the admin: virsh vcpupin vm1 0 3
     a._check_drift(U1)
     said = (host.root / "run/failures" / U1).read_text()
-    assert "pins changed by hand: vCPU 0 on 3 (planned 1)" in said
+    assert "changed by hand: vCPU 0 on 3 (planned 1)" in said
     assert dom.vcpus[0] == ({1} if mode == "restore" else {3}) and ("restored" in said) == (mode == "restore")
 
 
@@ -206,3 +206,62 @@ def test_the_periodic_drift_check_looks_at_every_managed_running_vm(host: FakeHo
     monkeypatch.setattr(a, "_spawn", lambda job, uuid: checked.append(uuid))
     a.check_all_drift()
     assert checked == [U1]
+
+
+@pytest.mark.parametrize("mode", ["report", "restore"])
+def test_a_hand_memtune_is_reported_or_restored(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`virsh memtune VM --hard-limit ...` by hand: libvirt sends no event for it, the periodic check finds it
+    (a VM with memtune but no pins is checked too)."""
+    from kvmhooks import agent as agent_mod
+    from kvmhooks.apply.live import apply_started
+    from kvmhooks.log import VMLog
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    monkeypatch.setattr(agent_mod, "DRIFT_SETTLE", 0.0)
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(drift=mode)
+    xml = domain_xml(uuid=U1, backing="", tuning='<kvm:memtune hard_limit="1G" soft_limit="512M"/>')
+    d = parse_domain(xml)
+    operations.prepare(d, cfg)
+    dom = FakeDom(U1, xml, vcpus=2)
+    conn = FakeConn(dom)
+    applied = apply_started(conn, dom, d, cfg, VMLog("vm1", U1))
+    operations.mark(U1, cfg, state="running", applied=applied)
+    a = Agent(cfg)
+    a.conn = conn
+    seen: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: seen.append(uuid))
+    a.check_all_drift()
+    assert seen == [U1]  # no pins, but memtune: looked at
+    a._check_drift(U1)
+    assert not (host.root / "run/failures" / U1).exists()  # as set
+    dom.memtune["hard_limit"] = 2 * 1024 * 1024  # the admin: virsh memtune vm1 --hard-limit 2G --live
+    a._check_drift(U1)
+    said = (host.root / "run/failures" / U1).read_text()
+    assert "changed by hand: memtune hard_limit 2097152 KiB (set 1048576 KiB)" in said
+    assert dom.memtune["hard_limit"] == (1048576 if mode == "restore" else 2097152)
+    assert ("restored" in said) == (mode == "restore")
+
+
+def test_a_live_edit_of_a_fixed_balloon_target_is_applied(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`virsh metadata --live` moving <kvm:balloon target> re-runs the start's balloon step with the new target
+    (over the libvirt transport here: the fake guest's driver is up and gives back what is asked)."""
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    cfg = host.config()
+    old = domain_xml(uuid=U1, backing="", tuning='<kvm:balloon target="200M" transport="libvirt"/>')
+    operations.prepare(parse_domain(old), cfg)
+    operations.mark(U1, cfg, state="running")
+    new = domain_xml(uuid=U1, backing="", tuning='<kvm:balloon target="150M" transport="libvirt"/>')
+    dom = FakeDom(U1, new, vcpus=2)
+    asked: list[int] = []
+    monkeypatch.setattr(dom, "setMemoryStatsPeriod", lambda period, flags: 0, raising=False)
+    monkeypatch.setattr(dom, "memoryStats", lambda: {"actual": asked[-1] if asked else 262144, "last_update": 1},
+                        raising=False)
+    monkeypatch.setattr(dom, "setMemoryFlags", lambda kib, flags: asked.append(kib) or 0, raising=False)
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    a._retune(U1)
+    assert asked == [150 * 1024]
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert rec.applied.balloon["target"] == rec.applied.balloon["actual"] == 150 * 1024

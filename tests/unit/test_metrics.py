@@ -256,3 +256,25 @@ def test_the_hook_never_imports_prometheus_client() -> None:
     package = Path(__file__).parents[2] / "kvmhooks"
     users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "prometheus_client" in p.read_text())
     assert users == ["metrics.py"]
+
+
+def test_the_agents_balloon_events_win_over_the_ledgers_figure(two_vms: tuple[FakeHost, Config]) -> None:
+    """kvmhooksd keeps the newest BALLOON_CHANGE figure per VM; the scrape shows it instead of what the ledger
+    recorded when kvmhooks last set a target (one series per VM either way)."""
+    from kvmhooks.agent import Agent
+
+    _, cfg = two_vms
+    operations.mark(HUGE, cfg, state="running", applied=Applied(balloon={"target": 196608, "actual": 196612}))
+    agent = Agent(cfg)
+    reg, _ = metrics.registry(cfg, live_balloon=agent._live_balloon)
+    vm = {"vm": "huge", "uuid": HUGE}
+    assert get(scrape(reg), "kvmhooks_vm_balloon_actual_bytes", **vm) == 196612 * 1024
+
+    class Dom:
+        def UUIDString(self) -> str:
+            return HUGE
+
+    agent._balloon_change(None, Dom(), 131072, None)  # the guest gave memory back (by hand, or its policy)
+    s = scrape(reg)
+    assert get(s, "kvmhooks_vm_balloon_actual_bytes", **vm) == 131072 * 1024
+    assert series(s, "kvmhooks_vm_balloon_actual_bytes") == [vm]
