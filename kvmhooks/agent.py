@@ -38,6 +38,7 @@ from kvmhooks.xmlsafe import UUID_RE
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "agent.sock"
+METRICS_SOCKET_NAME = "metrics.sock"  # HTTP, the Prometheus exposition (the agent's counters included)
 # The started hook waits this long for the agent's "ok" before it spawns the worker instead: an agent that
 # answers at all answers in well under a millisecond; a stuck one must not slow VM starts.
 TELL_TIMEOUT = 0.05
@@ -55,6 +56,10 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
 def socket_path(cfg: Config) -> Path:
     return cfg.state_dir / SOCKET_NAME
+
+
+def metrics_socket_path(cfg: Config) -> Path:
+    return cfg.state_dir / METRICS_SOCKET_NAME
 
 
 def tell(cfg: Config, uuid: str) -> bool:
@@ -91,7 +96,7 @@ class Agent:
         self.lock = threading.Lock()
         self.balloon = Service(cfg)
         self.busy: set[str] = set()  # VMs a tuning thread is working on
-        self.metrics: Any = None  # kvmhooks.metrics.Metrics when metrics_listen is set
+        self.metrics: Any = None  # kvmhooks.metrics.Metrics once run() set up the endpoints
         # uuid → guest memory (KiB) from libvirt's BALLOON_CHANGE events: fresher than the ledger's figure,
         # which is written when kvmhooks sets a target, for the metrics' balloon_actual.
         self.balloon_actual: dict[str, int] = {}
@@ -339,10 +344,13 @@ class Agent:
         libvirt.virEventRegisterDefaultImpl()
         threading.Thread(target=self._events, name="libvirt-events", daemon=True).start()
         self.serve()
-        if self.cfg.metrics_listen:
-            from kvmhooks.metrics import registry, serve_http
+        from kvmhooks.metrics import registry, serve_unix
 
-            reg, self.metrics = registry(self.cfg, live_balloon=self._live_balloon)
+        reg, self.metrics = registry(self.cfg, live_balloon=self._live_balloon)
+        serve_unix(reg, metrics_socket_path(self.cfg))  # always (root only); `kvmhooks metrics` reads it
+        if self.cfg.metrics_listen:
+            from kvmhooks.metrics import serve_http
+
             serve_http(reg, self.cfg.metrics_listen)
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)

@@ -491,3 +491,48 @@ def serve_http(reg: CollectorRegistry, listen: str) -> None:
 
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), host, registry=reg)
+
+
+def serve_unix(reg: CollectorRegistry, path: Path) -> None:
+    """Serve ``reg`` over HTTP on the unix socket ``path`` (root only, 0600) from a daemon thread: the
+    agent's always-on endpoint, which ``kvmhooks metrics`` reads (no TCP port is opened by default)."""
+    import socketserver
+
+    from prometheus_client import MetricsHandler
+
+    class Handler(MetricsHandler):
+        registry = reg
+
+        def address_string(self) -> str:  # a unix socket's peer has no host address
+            return "unix"
+
+    class Server(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o177)
+    try:
+        server = Server(str(path), Handler)
+    finally:
+        os.umask(old)
+    threading.Thread(target=server.serve_forever, name="metrics-unix", daemon=True).start()
+
+
+def fetch_unix(path: Path, timeout: float = 2.0) -> bytes | None:
+    """The exposition from the agent's unix socket, or None when no agent answers there (in time)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return body if head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200") else None
+

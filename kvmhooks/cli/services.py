@@ -29,14 +29,19 @@ def cmd_balloond(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
     """The Prometheus exposition of the host's state now (pools, reservations, pins, failures): to stdout,
-    or as a node_exporter textfile written atomically (for cron until the agent serves it)."""
+    or as a node_exporter textfile written atomically (for cron). To stdout it is kvmhooksd's own (its
+    counters and durations too) when the agent answers on its unix socket."""
     from kvmhooks.metrics import render, state_registry, write_textfile
 
     reg = state_registry(cfg)
     if args.textfile:
         write_textfile(reg, args.textfile)
-    else:
-        sys.stdout.write(render(reg).decode())
+        return EXIT_OK
+    from kvmhooks.agent import metrics_socket_path
+    from kvmhooks.metrics import fetch_unix
+
+    served = fetch_unix(metrics_socket_path(cfg))
+    sys.stdout.write(served.decode() if served is not None else render(reg).decode())
     return EXIT_OK
 
 

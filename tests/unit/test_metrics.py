@@ -278,3 +278,30 @@ def test_the_agents_balloon_events_win_over_the_ledgers_figure(two_vms: tuple[Fa
     s = scrape(reg)
     assert get(s, "kvmhooks_vm_balloon_actual_bytes", **vm) == 131072 * 1024
     assert series(s, "kvmhooks_vm_balloon_actual_bytes") == [vm]
+
+
+def test_the_agents_unix_socket_serves_its_counters_root_only(two_vms: tuple[FakeHost, Config]) -> None:
+    """kvmhooksd always serves on state_dir/metrics.sock (no TCP port unless metrics_listen says so);
+    `kvmhooks metrics` prints that (the agent's counters included), and the state alone without an agent."""
+    import stat
+
+    from kvmhooks.agent import metrics_socket_path
+
+    host, cfg = two_vms
+    path = metrics_socket_path(cfg)
+    assert metrics.fetch_unix(path) is None  # no agent
+    reg, m = metrics.registry(cfg)
+    m.drift("huge", "memtune")
+    metrics.serve_unix(reg, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    body = metrics.fetch_unix(path)
+    assert body is not None
+    s = parse(body)
+    assert get(s, "kvmhooks_drift_events_total", vm="huge", kind="memtune") == 1
+    assert get(s, "kvmhooks_vm_hugepages_pages", vm="huge", uuid=HUGE, node="0", page_size_bytes=P2M) == 128
+    cfg_file = host.root / "config.toml"
+    cfg_file.write_text(f'sysfs_root = "{cfg.sysfs_root}"\nproc_root = "{cfg.proc_root}"\n'
+                        f'state_dir = "{cfg.state_dir}"\n')
+    out = subprocess.run([sys.executable, "-m", "kvmhooks.cli", "metrics", "--config", str(cfg_file)],
+                         capture_output=True, check=True, cwd=Path(__file__).parents[2]).stdout
+    assert get(parse(out), "kvmhooks_drift_events_total", vm="huge", kind="memtune") == 1
