@@ -44,6 +44,8 @@ METRICS_SOCKET_NAME = "metrics.sock"  # HTTP, the Prometheus exposition (the age
 TELL_TIMEOUT = 0.05
 # A promised tuning whose STARTED event has not come after this long is looked at anyway (a missed event).
 EVENT_GRACE = 2.0
+# Status line for a running VM whose saved definition carries another annotation than the one it runs with.
+SAVED_DIFFERS = "pending restart: the saved definition's annotation differs from the running one"
 # How long a drift check waits after a TUNABLE event: kvmhooks records its own pin changes (a shared VM's
 # re-pin) right after making them, so a comparison made at once could take kvmhooks for the admin.
 DRIFT_SETTLE = 1.0
@@ -154,6 +156,8 @@ class Agent:
             with self.lock:
                 self.pending.pop(uuid, None)
                 self.balloon_actual.pop(uuid, None)
+        elif event == libvirt.VIR_DOMAIN_EVENT_DEFINED:
+            self._spawn(self._defined, uuid)
 
     def _balloon_change(self, conn: Any, dom: Any, actual_kib: int, opaque: object) -> None:
         with self.lock:
@@ -223,6 +227,37 @@ class Agent:
         finally:
             with self.lock:
                 self.busy.discard(uuid)
+
+    def _defined(self, uuid: str) -> None:
+        """The saved definition changed (``virsh edit``, virt-manager on the persistent config, ``virsh define``).
+        For a running VM that changes nothing now; if its annotation differs from the running one, status says
+        so ("pending restart", or ``kvmhooks annotate --live`` to apply it now) instead of leaving the admin
+        to wonder why the edit did nothing."""
+        import libvirt
+
+        from kvmhooks import operations
+        from kvmhooks.domain import parse_domain
+
+        try:
+            dom = self.conn.lookupByUUIDString(uuid)
+            rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
+            if rec is None or not dom.isActive():
+                return
+            live = parse_domain(dom.XMLDesc(0).encode()).tuning
+            problem = None
+            try:
+                if parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()).tuning != live:
+                    problem = f"{SAVED_DIFFERS}: it applies at the next start, or now with 'kvmhooks annotate --live'"
+            except KvmhooksError as e:  # prepare will refuse the next start: say so now
+                problem = f"{SAVED_DIFFERS} and is invalid (the next start will be refused): {e}"
+            applied = rec.applied
+            applied.problems = [p for p in applied.problems if not p.startswith(SAVED_DIFFERS)]
+            if problem is not None:
+                applied.problems.append(problem)
+                VMLog(rec.name, uuid).info("agent: %s", problem)
+            operations.mark(uuid, self.cfg, applied=applied)
+        except Exception as e:  # it went away meanwhile
+            log.info("agent: definition of %s changed: %s", uuid, e)
 
     def _check_drift(self, uuid: str) -> None:
         """Pins or memtune changed: by kvmhooks (tuning, a shared re-pin) or by hand? Compare, after a moment

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kvmhooks import agent as agent_mod
 from kvmhooks import operations
 from kvmhooks.agent import Agent, socket_path, tell
 from kvmhooks.domain import parse_domain
@@ -156,7 +157,6 @@ def test_after_a_reconnect_an_unfinished_tuning_is_done(host: FakeHost, monkeypa
 
 @pytest.mark.parametrize("mode", ["report", "restore"])
 def test_a_hand_pin_is_reported_or_restored(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvmhooks import agent as agent_mod
     from tests.unit.test_live import FakeConn, FakeDom
 
     monkeypatch.setattr(agent_mod, "DRIFT_SETTLE", 0.0)
@@ -212,7 +212,6 @@ def test_the_periodic_drift_check_looks_at_every_managed_running_vm(host: FakeHo
 def test_a_hand_memtune_is_reported_or_restored(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`virsh memtune VM --hard-limit ...` by hand: libvirt sends no event for it, the periodic check finds it
     (a VM with memtune but no pins is checked too)."""
-    from kvmhooks import agent as agent_mod
     from kvmhooks.apply.live import apply_started
     from kvmhooks.log import VMLog
     from tests.unit.test_live import FakeConn, FakeDom
@@ -265,3 +264,39 @@ def test_a_live_edit_of_a_fixed_balloon_target_is_applied(host: FakeHost, monkey
     assert asked == [150 * 1024]
     rec = operations.ledger_for(cfg).read().domains[U1]
     assert rec.applied.balloon["target"] == rec.applied.balloon["actual"] == 150 * 1024
+
+
+def test_a_saved_definition_with_another_annotation_shows_as_pending_restart(host: FakeHost) -> None:
+    """`virsh edit` on a running VM changes only its saved definition: the DEFINED event makes the agent say
+    so in status (pending restart), say when the saved one is invalid, and drop the line once they agree."""
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    cfg = host.config()
+    live = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="1"/>')
+    operations.prepare(parse_domain(live), cfg)
+    operations.mark(U1, cfg, state="running")
+    saved = {"xml": domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="2"/>')}
+
+    class Dom(FakeDom):
+        def XMLDesc(self, flags: int) -> str:
+            return (saved["xml"] if flags else live).decode()  # VIR_DOMAIN_XML_INACTIVE: the saved one
+
+        def isActive(self) -> bool:
+            return True
+
+    a = Agent(cfg)
+    a.conn = FakeConn(Dom(U1, live, vcpus=2))
+
+    def problems() -> list[str]:
+        return operations.ledger_for(cfg).read().domains[U1].applied.problems
+
+    a._defined(U1)
+    assert problems() == [f"{agent_mod.SAVED_DIFFERS}: it applies at the next start, or now with "
+                          "'kvmhooks annotate --live'"]
+    saved["xml"] = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="x"/>')
+    a._defined(U1)
+    (only,) = problems()
+    assert "is invalid (the next start will be refused)" in only and "<kvm:vcpupin cpuset=...>" in only
+    saved["xml"] = live
+    a._defined(U1)
+    assert problems() == []
