@@ -131,3 +131,23 @@ def test_annotate_live_retunes_a_running_vm(env: Env, agent: subprocess.Popen[by
     out = res.stdout
     assert '<kvm:vcpupin vcpu="0" cpuset="0"/>' in out
     wait_for(lambda: vcpupin(vm.name) == {0: "0", 1: "1"}, 3, "the pins to follow annotate --live")
+
+
+def test_a_live_switch_from_shared_to_dedicated_reserves_and_pins(env: Env, agent: subprocess.Popen[bytes]) -> None:
+    """virsh metadata --live turning a shared VM dedicated: the agent reserves a CPU in the ledger under
+    prepare's rules and pins the vCPU there; back to shared frees it and the vCPU floats again."""
+    vm = env.define('<kvm:cpu policy="shared"/>', backing="", vcpus=1)
+    virsh("start", vm.name)
+    wait_for(lambda: ledger()["domains"][vm.uuid]["state"] == "running", 5, "the agent's tuning")
+    rec = ledger()["domains"][vm.uuid]
+    assert rec["shared"] and rec["cpus"] == []
+    virsh("metadata", vm.name, "--uri", NS, "--key", "kvm", "--live", "--set",
+          '<tuning><cpu policy="dedicated"/></tuning>')
+    held = wait_for(lambda: ledger()["domains"][vm.uuid]["cpus"], 2, "a dedicated CPU in the ledger")
+    assert len(held) == 1 and not ledger()["domains"][vm.uuid]["shared"]
+    wait_for(lambda: vcpupin(vm.name) == {0: str(held[0])}, 2, "the vCPU pinned to its dedicated CPU")
+    virsh("metadata", vm.name, "--uri", NS, "--key", "kvm", "--live", "--set",
+          '<tuning><cpu policy="shared"/></tuning>')
+    wait_for(lambda: ledger()["domains"][vm.uuid]["shared"] and not ledger()["domains"][vm.uuid]["cpus"], 2,
+             "the CPU given back")
+    wait_for(lambda: vcpupin(vm.name) == {0: "0-1"}, 2, "the vCPU floating over the shared pool again")
