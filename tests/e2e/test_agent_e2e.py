@@ -94,7 +94,8 @@ def test_without_the_agent_the_worker_still_tunes(env: Env) -> None:
 
 def test_a_hand_pin_is_restored_and_the_metrics_show_the_pins(env: Env) -> None:
     with config('drift = "restore"\nmetrics_listen = "127.0.0.1:9765"\n'), running_agent():
-        vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>', backing="")
+        vm = env.define('<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>'
+                        '<kvm:vcpupin vcpu="1" cpuset="0"/>')
         virsh("start", vm.name)
         wait_for(lambda: ledger()["domains"][vm.uuid]["state"] == "running", 5, "the agent's tuning")
         virsh("vcpupin", vm.name, "0", "0")  # the admin, by hand
@@ -103,6 +104,13 @@ def test_a_hand_pin_is_restored_and_the_metrics_show_the_pins(env: Env) -> None:
         assert "changed by hand: vCPU 0 on 0 (planned 1); restored" in run(KVMHOOKS, "status", vm.name).stdout
         scrape = urllib.request.urlopen("http://127.0.0.1:9765/metrics", timeout=5).read().decode()
         assert f'kvmhooks_vm_vcpu_pin{{cpuset="1",uuid="{vm.uuid}",vcpu="0",vm="{vm.name}"}} 1.0' in scrape
+        # The pages: what the VM holds (the ledger) and the pool as /sys shows it, in the same scrape.
+        (key, pages), = ledger()["domains"][vm.uuid]["hugepages"].items()
+        node = key.split("/")[0].removeprefix("node")
+        pool = Path(f"/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages")
+        labels = f'node="{node}",page_size_bytes="2097152"'
+        assert f'kvmhooks_vm_hugepages_pages{{{labels},uuid="{vm.uuid}",vm="{vm.name}"}} {float(pages)}' in scrape
+        assert f"kvmhooks_hugepages_nr_pages{{{labels}}} {float(pool.read_text())}" in scrape
 
 
 def test_a_libvirtd_restart_leaves_vms_running_and_the_agent_reconnected(env: Env,
