@@ -212,7 +212,7 @@ class Agent:
                 return
             applied = apply_started(self.conn, dom, d, self.cfg, vlog)
             applied.tuned_by = "agent"
-            applied.problems += [f"pending restart: {p}" for p in done.pending_restart]
+            applied.problems += [f"pending restart: {p}" for p in done.pending_restart] + list(done.warnings)
             operations.mark(uuid, self.cfg, applied=applied, error=None)
             operations.clear_failure(self.cfg, uuid)
             t = d.active_tuning

@@ -54,6 +54,9 @@ class Config:
     balloon_host_target: float = 0.80
     sysfs_root: Path = Path("/sys")
     proc_root: Path = Path("/proc")
+    # Where host isolation (<kvm:host>) finds the cgroup hierarchies and systemd's runtime directory.
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    run_root: Path = Path("/run")
     state_dir: Path = Path("/run/kvmhooks")
     hooks_dir: Path = Path("/etc/libvirt/hooks")
     # Persistent bookkeeping of `kvmhooks annotate` (what it added, so --remove takes exactly that away).
@@ -66,7 +69,8 @@ class Config:
 
 _SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
            "balloon_timeout": float, "balloon_interval": float, "balloon_host_target": float,
-           "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "state_dir": Path, "hooks_dir": Path,
+           "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "cgroup_root": Path, "run_root": Path,
+           "state_dir": Path, "hooks_dir": Path,
            "lib_dir": Path, "drift": str, "metrics_listen": str}
 
 

@@ -197,7 +197,8 @@ def plan(dom: Domain, cfg: Config, persistent_domain: bool) -> list[Action]:
         if dom.qmp_socket is not None:
             actions.append(Action("prepare", f"create {Path(dom.qmp_socket).parent} for the QMP socket (owned like "
                                              "its parent, the QEMU user's directory)"))
-        prepared = operations.prepare(dom, copy, pools, make_socket_dir=False)
+        prepared = operations.prepare(dom, copy, pools, make_socket_dir=False, record_isolation=lambda key, value:
+                                      actions.append(Action("prepare", f"host isolation: set {key} to {value!r}")))
         actions += [Action("prepare", f"warning: {w}") for w in prepared.warnings]
         if prepared.record.cpus:
             actions.append(Action("prepare", f"reserve dedicated CPUs {format_cpuset(prepared.record.cpus)} in the "

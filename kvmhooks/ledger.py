@@ -99,6 +99,20 @@ def _counts(data: object, what: str) -> dict[str, int]:
     return out
 
 
+def _isolation(data: object, what: str) -> dict[str, Any] | None:
+    """A record's isolation request: the governor becomes a sysfs write, so only a known name passes."""
+    from kvmhooks.annotation import GOVERNORS
+
+    if data is None:
+        return None
+    d = _obj(data, what)
+    governor = d.get("governor")
+    if not isinstance(d.get("isolate"), bool) or not isinstance(d.get("irqs"), bool) or (
+            governor is not None and governor not in GOVERNORS):
+        raise LedgerError(f"{what}: expected isolate and irqs (true/false) and a known governor or null")
+    return {"isolate": d["isolate"], "irqs": d["irqs"], "governor": governor}
+
+
 class _Lazy:
     """Decoded on first use: planning reads only a record's counts and CPUs, so a ledger of 1000 VMs need not
     decode 1000 sets of pins and worker results (``lazy`` makes an instance that holds only its raw JSON)."""
@@ -236,6 +250,8 @@ class DomainRecord:
     threads: str | None = None  # the thread policy the CPUs were reserved under
     emulator_cpu: int | None = None  # the extra dedicated emulator CPU (emulator="isolate")
     shared: bool = False  # floats over the shared pool; re-pinned when dedicated CPUs change
+    # <kvm:host>: keep the host off ``cpus`` while the VM runs ({"isolate", "irqs", "governor"}), or None
+    isolation: dict[str, Any] | None = None
     pins: Pins | None = None
     applied: Applied = field(default_factory=Applied)
     error: str | None = None
@@ -244,7 +260,7 @@ class DomainRecord:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "token": self.token, "hugepages": self.hugepages,
                 "borrowed": self.borrowed, "cpus": self.cpus, "threads": self.threads,
-                "emulator_cpu": self.emulator_cpu, "shared": self.shared,
+                "emulator_cpu": self.emulator_cpu, "shared": self.shared, "isolation": self.isolation,
                 "pins": self.pins.to_json() if self.pins else None, "applied": self.applied.to_json(),
                 "error": self.error, "updated": self.updated}
 
@@ -262,6 +278,7 @@ class DomainRecord:
                    borrowed=_counts(d.get("borrowed"), f"{what}.borrowed"), cpus=sorted(cpus),
                    threads=_opt_str(d, "threads", what), emulator_cpu=_opt_int(d, "emulator_cpu", what),
                    shared=bool(d.get("shared", False)),
+                   isolation=_isolation(d.get("isolation"), f"{what}.isolation"),
                    pins=Pins.from_json(pins, f"{what}.pins") if pins else None,
                    applied=Applied.from_json(d.get("applied"), f"{what}.applied"),
                    error=_opt_str(d, "error", what),
@@ -338,11 +355,13 @@ class Summary:
     cpus: Counter[int] = field(default_factory=Counter)  # CPU → how many VMs hold it (1, or a bug)
     shared: int = 0  # VMs floating over the shared pool
     preparing: set[str] = field(default_factory=set)  # VMs whose reservation is not finished
+    isolating: set[str] = field(default_factory=set)  # VMs that ask to keep the host off their CPUs
 
     @classmethod
     def of(cls, uuid: str, r: DomainRecord) -> Summary:
         return cls(Counter(r.hugepages), Counter(r.borrowed if r.state in NOT_MAPPED_YET else {}), Counter(r.cpus),
-                   int(r.shared), {uuid} if r.state == "preparing" else set())
+                   int(r.shared), {uuid} if r.state == "preparing" else set(),
+                   {uuid} if r.isolation and r.cpus else set())
 
     def add(self, other: Summary, sign: int = 1) -> None:
         _merge(self.held, other.held, sign)
@@ -350,15 +369,16 @@ class Summary:
         _merge(self.cpus, other.cpus, sign)
         self.shared += sign * other.shared
         self.preparing = self.preparing | other.preparing if sign > 0 else self.preparing - other.preparing
+        self.isolating = self.isolating | other.isolating if sign > 0 else self.isolating - other.isolating
 
     def copy(self) -> Summary:
         return Summary(Counter(self.held), Counter(self.promised), Counter(self.cpus), self.shared,
-                       set(self.preparing))
+                       set(self.preparing), set(self.isolating))
 
     def to_json(self) -> dict[str, Any]:
         return {"held": dict(sorted(self.held.items())), "promised": dict(sorted(self.promised.items())),
                 "cpus": {str(c): n for c, n in sorted(self.cpus.items())}, "shared": self.shared,
-                "preparing": sorted(self.preparing)}
+                "preparing": sorted(self.preparing), "isolating": sorted(self.isolating)}
 
     @classmethod
     def from_json(cls, data: object) -> Summary:
@@ -366,12 +386,14 @@ class Summary:
         cpus = _counts(d.get("cpus"), "summary.cpus")
         if not all(k.isascii() and k.isdecimal() and len(k) < 6 for k in cpus):
             raise LedgerError("summary.cpus: keys must be CPU numbers")
-        preparing = d.get("preparing") or []
-        if not isinstance(preparing, list) or not all(isinstance(u, str) for u in preparing):
-            raise LedgerError("summary.preparing: expected a list of UUIDs")
+        preparing, isolating = d.get("preparing") or [], d.get("isolating") or []
+        for name, uuids in (("preparing", preparing), ("isolating", isolating)):
+            if not isinstance(uuids, list) or not all(isinstance(u, str) for u in uuids):
+                raise LedgerError(f"summary.{name}: expected a list of UUIDs")
         return cls(Counter(_counts(d.get("held"), "summary.held")), Counter(_counts(d.get("promised"),
                                                                                     "summary.promised")),
-                   Counter({int(k): v for k, v in cpus.items()}), _int(d, "shared", "summary", 0), set(preparing))
+                   Counter({int(k): v for k, v in cpus.items()}), _int(d, "shared", "summary", 0), set(preparing),
+                   set(isolating))
 
 
 class Records(MutableMapping[str, DomainRecord]):
@@ -461,6 +483,9 @@ class LedgerState:
     pools: dict[str, PoolRecord] = field(default_factory=dict)
     intents: list[Intent] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # recent repairs and inconsistencies, newest last
+    # Host isolation (kvmhooks.plan.isolation.IsolationState as JSON): the admin's originals, intents, what
+    # kvmhooks wrote. Kept raw here: only the operations that isolate decode it, the hook's others never.
+    isolation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.domains, Records):  # built from a plain mapping (tests, tools)
@@ -474,7 +499,7 @@ class LedgerState:
         return {"version": LEDGER_VERSION, "domains": {u: r.to_json() for u, r in self.domains.items()},
                 "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
                 "intents": [i.to_json() for i in self.intents], "notes": self.notes,
-                "summary": self.domains.summary().to_json()}
+                "summary": self.domains.summary().to_json(), "isolation": self.isolation}
 
     def _mine(self, uuid: str | None) -> Summary:
         return Summary.of(uuid, self.domains[uuid]) if uuid is not None and uuid in self.domains else Summary()
@@ -508,11 +533,13 @@ class LedgerState:
         Compact, so json's C accelerator encodes it (indent= falls back to pure Python: 136 ms for 1000 VMs
         under the global lock), and line-based, so an untouched record is copied, not re-encoded.
         """
-        header = json.dumps({"version": LEDGER_VERSION,
-                             "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
-                             "intents": [i.to_json() for i in self.intents], "notes": self.notes,
-                             "summary": self.domains.summary().to_json()},
-                            separators=(",", ":"))
+        head: dict[str, Any] = {"version": LEDGER_VERSION,
+                                "pools": {k: p.to_json() for k, p in sorted(self.pools.items())},
+                                "intents": [i.to_json() for i in self.intents], "notes": self.notes,
+                                "summary": self.domains.summary().to_json()}
+        if self.isolation:
+            head["isolation"] = self.isolation
+        header = json.dumps(head, separators=(",", ":"))
         return "\n".join([header, *self.domains.lines()]) + "\n"
 
     @classmethod
@@ -560,7 +587,8 @@ class LedgerState:
         notes = data.get("notes") or []
         return cls(domains, {str(k): PoolRecord.from_json(p, f"pools[{k}]") for k, p in pools.items()},
                    [Intent.from_json(i, f"intents[{n}]") for n, i in enumerate(intents)],
-                   [str(n) for n in notes] if isinstance(notes, list) else [])
+                   [str(n) for n in notes] if isinstance(notes, list) else [],
+                   _obj(_default(data.get("isolation"), {}), "isolation"))
 
 
 HELD_DIR = "held"

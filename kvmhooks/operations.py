@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +46,9 @@ from kvmhooks.topology import HostTopology, qemu_hugepages, read_topology
 from kvmhooks.units import format_cpuset
 
 if TYPE_CHECKING:
+    from kvmhooks.apply.isolation import HostSettings
     from kvmhooks.plan.cpus import CpuPlan
+    from kvmhooks.plan.isolation import IsolationTarget
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,70 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
             log.warning("%s", f)
             s.state.note(f)
         s.commit()
+        if s.state.isolation.get("pending"):  # an isolation change was interrupted: finish it first
+            for w in isolate_host(s, VMLog("-", "-")):
+                s.state.note(f"recovery: {w}")
+            s.commit()
         yield s
+
+
+# --- host isolation (<kvm:host>) -------------------------------------------------------------------------
+
+def isolation_target(st: LedgerState) -> IsolationTarget:
+    """What the VMs holding dedicated CPUs and asking for <kvm:host> want together (an unfinished
+    reservation asks nothing: its start may still fail)."""
+    from kvmhooks.annotation import HostSpec
+    from kvmhooks.plan.isolation import target_for
+
+    holders = []
+    for uuid in sorted(st.domains.summary().isolating):
+        rec = st.domains[uuid]
+        if rec.isolation and rec.cpus and rec.state != "preparing":
+            holders.append((rec.cpus, HostSpec(bool(rec.isolation["isolate"]), bool(rec.isolation["irqs"]),
+                                               rec.isolation.get("governor"))))
+    return target_for(holders)
+
+
+def host_settings(cfg: Config) -> HostSettings:
+    from kvmhooks.apply.isolation import HostSettings
+
+    return HostSettings(cfg.proc_root, cfg.sysfs_root, cfg.cgroup_root, cfg.run_root)
+
+
+def isolate_host(s: Session, vlog: VMLog, record: Callable[[str, str], None] | None = None) -> list[str]:
+    """Bring the host's isolation in line with the ledger's records (crash-safe: see
+    :func:`kvmhooks.apply.isolation.converge`); returns what went wrong, as warnings. Never raises for the
+    host's refusals: isolation is best effort, a VM starts and stops whatever it says. Costs nothing where
+    no VM asks for isolation and nothing is isolated (the hook's common case).
+
+    ``record`` (``kvmhooks plan``): the writes are passed to it instead, the ledger untouched.
+    """
+    st = s.state
+    if not st.isolation and not st.domains.summary().isolating:
+        return []
+    from kvmhooks.apply.isolation import converge
+    from kvmhooks.plan.isolation import IsolationState
+
+    state = IsolationState.from_json(st.isolation)
+
+    def commit() -> None:
+        st.isolation = {} if state.empty else state.to_json()
+        s.commit()
+
+    try:
+        report = converge(state, isolation_target(st), host_settings(s.cfg), commit, record)
+    except KvmhooksError as e:
+        vlog.warning("host isolation: %s (retried at the next operation or kvmhooks reconcile)", e)
+        return [f"host isolation: {e}"]
+    out = [f"host isolation: {key}: {why}" for key, why in sorted(report.failed.items())] + \
+        [f"host isolation: {n}" for n in report.notes]
+    if report.changed and record is None:
+        vlog.info("host isolation: CPUs %s isolated (%s); %d setting(s) changed, %d task(s) moved%s",
+                  format_cpuset(report.isolated) or "none", report.backend, len(report.changed),
+                  report.tasks_moved, f", {len(report.unmovable)} unmovable IRQ(s) left" if report.unmovable else "")
+    for w in out:
+        vlog.warning("%s", w)
+    return out
 
 
 def _ensure_pool_records(s: Session, keys: list[str]) -> None:
@@ -243,10 +308,12 @@ def _ensure_pool_records(s: Session, keys: list[str]) -> None:
 
 # --- prepare / release ------------------------------------------------------------------------------------
 
-def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_socket_dir: bool = True) -> Prepared:
+def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_socket_dir: bool = True,
+            record_isolation: Callable[[str, str], None] | None = None) -> Prepared:
     """Reserve what the VM needs before QEMU starts; raises (host unchanged) when it cannot.
 
-    ``make_socket_dir=False`` (the dry run) leaves the QMP socket directory alone.
+    ``make_socket_dir=False`` and ``record_isolation`` (the dry run) leave the QMP socket directory alone
+    and pass the host isolation writes to ``record_isolation`` instead of making them.
     """
     vlog = VMLog(dom.name, dom.uuid)
     check(dom, cfg)  # validation errors surface before we queue for the lock
@@ -255,12 +322,13 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_sock
 
         ensure_socket_dir(dom.qmp_socket)
     with session(cfg, pools) as s:
-        prepared = _prepare_locked(s, dom, vlog)
+        prepared = _prepare_locked(s, dom, vlog, record_isolation)
     clear_failure(cfg, dom.uuid)
     return prepared
 
 
-def _prepare_locked(s: Session, dom: Domain, vlog: VMLog) -> Prepared:
+def _prepare_locked(s: Session, dom: Domain, vlog: VMLog,
+                    record_isolation: Callable[[str, str], None] | None = None) -> Prepared:
     st, cfg = s.state, s.cfg
     old = st.domains.pop(dom.uuid, None)
     if old is not None:
@@ -311,13 +379,21 @@ def _prepare_locked(s: Session, dom: Domain, vlog: VMLog) -> Prepared:
         vlog.info("CPUs: dedicated %s, pins %s", rec.cpus or "none", rec.pins.to_json() if rec.pins else None)
     rec.state = "prepared"
     stamp(rec)
+    warnings += isolate_host(s, vlog, record_isolation)
     return Prepared(rec, plan, cpu_plan, tuple(warnings))
+
+
+def _isolation_of(dom: Domain) -> dict[str, object] | None:
+    """The record's copy of <kvm:host> (only a VM with dedicated CPUs may carry one: the contract)."""
+    h = dom.active_tuning.host if dom.active_tuning is not None else None
+    return None if h is None else {"isolate": h.isolate, "irqs": h.irqs, "governor": h.governor}
 
 
 def _record_cpus(rec: DomainRecord, dom: Domain, plan: CpuPlan) -> None:
     t = dom.active_tuning
     rec.cpus = sorted(plan.dedicated)
     rec.shared = plan.shared
+    rec.isolation = _isolation_of(dom) if rec.cpus else None
     rec.pins = plan.to_pins()
     if t is not None and t.cpu is not None:
         rec.threads = t.cpu.threads
@@ -355,6 +431,8 @@ def _release_locked(s: Session, uuid: str) -> DomainRecord | None:
     writes = accounting.writes_for(s.state, s.topo, s.cfg, rec.hugepages)
     s.execute(writes, "release", uuid, rec.name)
     s.forget_settled(list(rec.hugepages))
+    if rec.isolation:
+        isolate_host(s, VMLog(rec.name, uuid))  # its CPUs go back to the host (all of it, if it was the last)
     return rec
 
 
@@ -364,6 +442,7 @@ def _release_locked(s: Session, uuid: str) -> DomainRecord | None:
 class Retuned:
     record: DomainRecord
     pending_restart: tuple[str, ...] = ()  # what only a restart can change (huge pages), never half-applied
+    warnings: tuple[str, ...] = ()  # what the host refused (isolation), the VM's tuning applied anyway
 
 
 def retune(dom: Domain, cfg: Config) -> Retuned | None:
@@ -393,11 +472,13 @@ def retune(dom: Domain, cfg: Config) -> Retuned | None:
         cpu_plan = _plan_cpus(dom, s.topo, cfg, s.state, nodes)
         if cpu_plan is None:
             rec.cpus, rec.pins, rec.shared, rec.threads, rec.emulator_cpu = [], None, False, None, None
+            rec.isolation = None
         else:
             rec.emulator_cpu = None
             _record_cpus(rec, dom, cpu_plan)
         stamp(rec)
-        return Retuned(rec, tuple(pending))
+        warnings = isolate_host(s, VMLog(dom.name, dom.uuid))  # its CPUs or its <kvm:host> may have changed
+        return Retuned(rec, tuple(pending), tuple(warnings))
 
 
 # --- adopt (reconnect) ----------------------------------------------------------------------------------
@@ -426,6 +507,7 @@ def _adopt_locked(s: Session, dom: Domain) -> DomainRecord | None:
         return None
     rec = _adopt_into(st, s.topo, s.cfg, dom, vlog)
     vlog.info("reconnect: adopted (pages %s, dedicated CPUs %s)", rec.hugepages or "none", rec.cpus or "none")
+    isolate_host(s, vlog)
     return rec
 
 
@@ -464,6 +546,7 @@ def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, v
                      "as its own (kvmhooks status shows the overlap)", format_cpuset(taken))
         st.note(f"VM {dom.name!r} ({dom.uuid}) runs on CPU(s) {format_cpuset(taken)} dedicated to other VMs")
         rec.cpus = sorted(set(rec.cpus) - taken)
+        rec.isolation = rec.isolation if rec.cpus else None
     stamp(rec)
     st.domains[dom.uuid] = rec
     return rec
@@ -523,6 +606,7 @@ def _adopt_cpus(dom: Domain, rec: DomainRecord, topo: HostTopology) -> None:
         rec.emulator_cpu = min(emu)
         cpus |= emu
     rec.cpus = sorted(cpus)
+    rec.isolation = _isolation_of(dom) if rec.cpus else None
     rec.pins = Pins(vcpus=dict(dom.live_vcpupins), emulator=emu, floating=tuple(floating),
                     emulator_floats=emulator_floats)
 
@@ -558,6 +642,7 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
         topo = topology_for(cfg)
         released = _reconcile_decide(s_state, cfg, topo, running, snapshot, now, out)
         _reconcile_writes(s_state, topo, cfg, released, out)
+        _reconcile_isolation(s_state, cfg, out)
         return out
     with session(cfg, pools, quarantine=True) as s:
         out.set_aside = s.txn.ledger.set_aside
@@ -565,11 +650,30 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
         writes = _reconcile_writes(s.state, s.topo, cfg, released, out)
         s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)
         s.forget_settled(list(released))
+        before = dict(s.state.isolation)
+        problems = isolate_host(s, VMLog("-", "-"))  # restores the host when no isolating VM runs any more
+        if s.state.isolation != before:
+            out.actions.append("host isolation brought in line with the running VMs")
+        out.actions += problems
     for a in out.actions:
         log.info("reconcile: %s", a)
     for uuid, rec in out.released:
         _log_released(uuid, rec)
     return out
+
+
+def _reconcile_isolation(st: LedgerState, cfg: Config, out: ReconcileResult) -> None:
+    """The dry run's view of the isolation converge (on a copy: nothing written, nothing committed)."""
+    if not st.isolation and not st.domains.summary().isolating:
+        return
+    from kvmhooks.apply.isolation import converge
+    from kvmhooks.plan.isolation import IsolationState
+
+    try:
+        converge(IsolationState.from_json(st.isolation), isolation_target(st), host_settings(cfg), lambda: None,
+                 lambda key, value: out.actions.append(f"host isolation: set {key} to {value!r}"))
+    except KvmhooksError as e:
+        out.actions.append(f"host isolation: {e}")
 
 
 def _reconcile_writes(st: LedgerState, topo: HostTopology, cfg: Config, released: set[str],

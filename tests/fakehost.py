@@ -100,7 +100,9 @@ class FakeHost:
         (pd / "free_hugepages").write_text(f"{nr if free is None else free}\n")
 
     def config(self, **kw: object) -> Config:
-        base = Config(sysfs_root=self.sysfs, proc_root=self.proc, state_dir=self.root / "run", log="stderr",
+        # (cgroup_root and run_root inside the tree too: no unit test may ever touch the host's cgroups)
+        base = Config(sysfs_root=self.sysfs, proc_root=self.proc, cgroup_root=self.root / "cgroup",
+                      run_root=self.root / "run-root", state_dir=self.root / "run", log="stderr",
                       lock_timeout=10.0, retry_timeout=0.5)
         return replace(base, **kw)  # type: ignore[arg-type]
 

@@ -20,6 +20,7 @@ U2 = "aaaaaaaa-2222-3333-4444-000000000002"
 
 def write_config(host: FakeHost, **extra: str) -> Path:
     lines = [f'sysfs_root = "{host.sysfs}"', f'proc_root = "{host.proc}"', f'state_dir = "{host.root / "run"}"',
+             f'cgroup_root = "{host.root / "cgroup"}"', f'run_root = "{host.root / "run-root"}"',
              f'log = "{host.root / "kvmhooks.log"}"', "retry_timeout = 0.2"]
     lines += [f"{k} = {v}" for k, v in extra.items()]
     path = host.root / "config.toml"
