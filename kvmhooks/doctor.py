@@ -34,6 +34,9 @@ class HostFacts:
     numa_balancing: int | None
     ksm_run: int | None
     ksm_merge_across_nodes: int | None
+    cmdline: str = ""  # the kernel's command line
+    thp: str | None = None  # transparent huge pages: always | madvise | never (None: no THP)
+    irqbalance: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,78 @@ def _int(path: Path) -> int | None:
         return None
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def read_host_facts(topo: HostTopology, cfg: Config) -> HostFacts:
+    from kvmhooks.apply.isolation import irqbalance_running
+
+    thp = _text(cfg.sysfs_root / "kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never"
+    chosen = thp[thp.find("[") + 1:thp.find("]")] if "[" in thp and "]" in thp else None
     return HostFacts(topo, _int(cfg.proc_root / "sys/kernel/numa_balancing"),
                      _int(cfg.sysfs_root / "kernel/mm/ksm/run"),
-                     _int(cfg.sysfs_root / "kernel/mm/ksm/merge_across_nodes"))
+                     _int(cfg.sysfs_root / "kernel/mm/ksm/merge_across_nodes"),
+                     _text(cfg.proc_root / "cmdline"), chosen, irqbalance_running(cfg.proc_root))
+
+
+def _boot_params(cmdline: str) -> dict[str, str]:
+    return {k: v for k, _, v in (w.partition("=") for w in cmdline.split())}
+
+
+def check_isolation(h: HostFacts, domains: list[DomainFacts], isolated: frozenset[int] = frozenset()
+                    ) -> list[Finding]:
+    """Advice that goes with dedicated and isolated CPUs, 1G pages and huge page backing (issue 11).
+
+    ``isolated``: the CPUs kvmhooks keeps the host off now (the ledger's isolation section)."""
+    out: list[Finding] = []
+    params = _boot_params(h.cmdline)
+    doms = [d.domain for d in domains if d.domain is not None]
+    tunings = [t for dom in doms if (t := dom.active_tuning) is not None]
+    isolating = [t for t in tunings if t.host is not None]
+    dedicated = [t for t in tunings if t.cpu is not None and t.cpu.policy == "dedicated"]
+    if (isolating or dedicated) and not ({"isolcpus", "nohz_full"} & params.keys()):
+        cpus = ",".join(map(str, sorted(isolated))) if isolated else "<the dedicated CPUs>"
+        out.append(Finding(
+            "isolcpus", "host", "dedicated CPUs are not isolated at boot",
+            "<kvm:host> moves tasks, IRQs and work queues off them at run time, but the scheduler tick, RCU "
+            "callbacks and kernel threads bound at boot still run there; a host whose dedicated CPUs never "
+            "change does better to isolate them at boot (what Nova and KubeVirt require)",
+            f"kernel command line: isolcpus=managed_irq,domain,{cpus} nohz_full={cpus} rcu_nocbs={cpus} "
+            "(then reboot)", "info"))
+    gig = [t for t in tunings if t.hugepages is not None and t.hugepages.size_kib == 1024 * 1024]
+    if gig and "hugetlb_cma" not in params:
+        out.append(Finding(
+            "hugetlb-cma", "host", "1G huge pages are reserved at run time without hugetlb_cma",
+            "a 1G page needs 1 GiB of contiguous free memory; after the host has run a while memory is "
+            "fragmented and the reservation fails although enough memory is free",
+            "kernel command line: hugetlb_cma=<GiB of 1G pages you need>G (and hugetlb_cma_only on kernels "
+            "that have it, so nothing else takes that area), then reboot", "info"))
+    backed = [dom for dom in doms if dom.hugepage_backing]
+    if backed and h.thp == "always":
+        out.append(Finding(
+            "thp", "host", "transparent huge pages are 'always' on a host with huge page backed VMs",
+            "khugepaged and direct compaction keep reshuffling the host's memory, which competes with run-time "
+            "huge page reservations and adds latency; QEMU still asks for THP (madvise) for the VMs that are "
+            "not huge page backed",
+            "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled (transparent_hugepage=madvise at boot)",
+            "info"))
+    elif doms and not backed and h.thp == "never":
+        out.append(Finding(
+            "thp", "host", "transparent huge pages are off and no VM is huge page backed",
+            "guest memory then sits on 4K pages: more TLB misses and page walks for every VM",
+            "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled (QEMU asks for THP on guest memory)",
+            "info"))
+    if isolating and h.irqbalance:
+        cpus = ",".join(map(str, sorted(isolated))) if isolated else "<the isolated CPUs>"
+        out.append(Finding(
+            "irqbalance", "host", "irqbalance runs while VMs ask for isolated CPUs",
+            "it moves IRQs back onto the isolated CPUs between kvmhooks' changes",
+            f"IRQBALANCE_BANNED_CPULIST={cpus} in /etc/default/irqbalance, then restart irqbalance"))
+    return out
 
 
 def check_host(h: HostFacts, domains: list[DomainFacts]) -> list[Finding]:

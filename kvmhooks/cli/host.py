@@ -13,9 +13,9 @@ from kvmhooks import operations
 from kvmhooks.apply.libvirt import connect, lookup
 from kvmhooks.cli.common import read_ledger
 from kvmhooks.cli.exit import EXIT_FINDING, EXIT_OK
-from kvmhooks.cli.render import emit, pool_rows, pool_table, table
+from kvmhooks.cli.render import cpu_map, emit, isolation_lines, isolation_view, pool_rows, pool_table, table
 from kvmhooks.config import Config
-from kvmhooks.errors import ConnectError
+from kvmhooks.errors import ConnectError, KvmhooksError
 from kvmhooks.units import format_cpuset, format_kib
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
         "hugetlbfs": {format_kib(s): m for s, m in sorted(topo.hugetlbfs.items())},
         "pools": pool_rows(topo, state),
         "hook": hook_state(cfg),
+        "isolation": isolation_view(cfg, state),
     }
 
     def human() -> str:
@@ -76,6 +77,7 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
         lines.append("hook: " + where + ("" if hook["executable"] else " (NOT EXECUTABLE: chmod +x it)")
                      + (f"; libvirtd pid {hook['libvirtd_pid']} running since {hook['libvirtd_since']} (it loads "
                         "hooks at start and on SIGHUP)" if "libvirtd_pid" in hook else "; libvirtd is not running"))
+        lines += ["", cpu_map(topo, cfg, state), *isolation_lines(data["isolation"])]
         if data["pools"]:
             lines += ["", pool_table(data["pools"])]
         return "\n".join(lines)
@@ -87,7 +89,14 @@ def cmd_host(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
     import libvirt
 
-    from kvmhooks.doctor import DomainFacts, check_domain, check_host, domain_facts, read_host_facts
+    from kvmhooks.doctor import (
+        DomainFacts,
+        check_domain,
+        check_host,
+        check_isolation,
+        domain_facts,
+        read_host_facts,
+    )
 
     topo = operations.topology_for(cfg)
     facts = read_host_facts(topo, cfg)
@@ -115,7 +124,11 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
                 doms.append(facts_d)
             except libvirt.libvirtError as e:  # it vanished while we looked: that VM only
                 log.info("doctor: skipping a domain: %s", e)
-    findings = check_host(facts, doms)
+    try:
+        isolated = frozenset(read_ledger(cfg).isolation.get("isolated", []))
+    except KvmhooksError:
+        isolated = frozenset()
+    findings = check_host(facts, doms) + check_isolation(facts, doms, isolated)
     for d in doms:
         findings += check_domain(facts, d, cfg, running_vcpus)
     warnings = [f for f in findings if f.severity == "warning"]

@@ -10,7 +10,7 @@ from kvmhooks import operations
 from kvmhooks.apply.libvirt import connect, lookup
 from kvmhooks.cli.common import read_ledger
 from kvmhooks.cli.exit import EXIT_OK
-from kvmhooks.cli.render import emit, pool_rows, pool_table, summarize, table
+from kvmhooks.cli.render import emit, isolation_lines, isolation_view, pool_rows, pool_table, summarize, table
 from kvmhooks.config import Config, parse_pool_key
 from kvmhooks.domain import parse_domain
 from kvmhooks.errors import ConnectError, KvmhooksError
@@ -137,9 +137,13 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     agent_line = ("kvmhooksd: running (post-start and live tuning, drift, the automatic balloon)" if agent else
                   "kvmhooksd: not running (VMs are tuned at start by the hook's worker; no live re-tuning)")
 
+    isolation = isolation_view(cfg, state)
+
     def human_with_notes() -> str:
-        return (human() + "\n\n" + agent_line
+        iso = isolation_lines(isolation)
+        return (human() + "\n\n" + agent_line + ("\n" + "\n".join(iso) if iso else "")
                 + ("\n\nledger notes:\n" + "\n".join(f"  {n}" for n in notes) if notes else ""))
 
-    emit(args, {"vms": vms, "pools": pools, "notes": notes, "agent": agent}, human_with_notes)
+    emit(args, {"vms": vms, "pools": pools, "notes": notes, "agent": agent, "isolation": isolation},
+         human_with_notes)
     return EXIT_OK

@@ -205,3 +205,46 @@ def test_a_failing_ledger_write_at_every_commit_is_finished_by_the_next_operatio
         if UA in operations.ledger_for(world.cfg).read().domains:
             operations.release(UA, world.cfg)
         assert world.restored(), (op, k)
+
+
+def test_status_and_host_show_the_isolated_cpus_and_who_holds_them(world: World) -> None:
+    from kvmhooks.cli.render import cpu_map, isolation_lines, isolation_view
+
+    world.prepare(UA, "a")
+    world.prepare(UB, "b", '<kvm:cpu policy="dedicated"/>')  # dedicated, host not kept off
+    state = operations.ledger_for(world.cfg).read()
+    (a,), (b,) = state.domains[UA].cpus, state.domains[UB].cpus
+    view = isolation_view(world.cfg, state)
+    assert view["isolated"] == str(a) and list(view["holders"]) == ["a"] and view["holders"]["a"]["governor"] \
+        == "performance"
+    line, unmovable, skipped = isolation_lines(view)
+    assert line.startswith(f"host isolation: CPUs {a} isolated for a ({a}); tasks via cgroup1")
+    assert unmovable == f"  left where the kernel keeps them: irq:{iso.EIO_IRQ}, irq:{iso.STUCK_IRQ}"
+    assert skipped == "  1 task(s) could not be moved (per-CPU or exiting)"  # the one exiting meanwhile
+    picture = cpu_map(operations.topology_for(world.cfg), world.cfg, state)
+    assert picture.splitlines()[0] == "node0: " + " ".join(
+        f"[{c}{'H' if c == 0 else 'A' if c == a else 'b' if c == b else '.'}]" for c in range(4))
+    assert f"  a = a ({a})" in picture and f"  b = b ({b})" in picture
+    operations.release(UA, world.cfg)
+    operations.release(UB, world.cfg)
+    assert isolation_lines(isolation_view(world.cfg, operations.ledger_for(world.cfg).read())) == []
+
+
+def test_doctor_gives_the_isolation_advice() -> None:
+    from kvmhooks.doctor import HostFacts, check_isolation, domain_facts
+    from kvmhooks.topology import HostTopology
+
+    topo = HostTopology({}, {}, frozenset(), 2048, {})
+    iso_vm = domain_facts("rt", domain_xml(name="rt", tuning=HOST, backing=""))
+    gig = domain_facts("big", domain_xml(name="big", tuning='<kvm:hugepages size="1G"/>',
+                                         backing="<hugepages><page size='1' unit='G'/></hugepages>"))
+    plain = domain_facts("plain", domain_xml(name="plain", tuning=None, backing=""))
+
+    def checks(cmdline: str, thp: str, irqbalance: bool, *doms: object) -> set[str]:
+        facts = HostFacts(topo, 0, 0, 0, cmdline, thp, irqbalance)
+        return {f.check for f in check_isolation(facts, list(doms), frozenset({3}))}  # type: ignore[arg-type]
+
+    assert checks("ro quiet", "always", True, iso_vm, gig) == {"isolcpus", "hugetlb-cma", "thp", "irqbalance"}
+    assert checks("isolcpus=3 hugetlb_cma=4G", "madvise", False, iso_vm, gig) == set()
+    assert checks("ro", "never", False, plain) == {"thp"}  # no huge page backing: THP would help
+    assert checks("ro", "madvise", True, plain) == set()  # irqbalance matters only with isolation
