@@ -113,6 +113,27 @@ def _isolation(data: object, what: str) -> dict[str, Any] | None:
     return {"isolate": d["isolate"], "irqs": d["irqs"], "governor": governor}
 
 
+def _isolation_section(data: object) -> dict[str, Any]:
+    """The header's host isolation section, checked here so a corrupt one is a LedgerError at load (which
+    `kvmhooks reconcile` repairs) rather than a failure later in some operation. Kept raw."""
+    section = _obj(_default(data, {}), "isolation")
+    if section:
+        from kvmhooks.plan.isolation import IsolationState
+
+        IsolationState.from_json(section, "isolation")
+    return section
+
+
+def salvage_isolation(raw: bytes) -> dict[str, Any]:
+    """The isolation section of an unreadable ledger, if its header still reads: the admin's original host
+    settings are in it, and without them a host isolated when the ledger broke would stay so for good."""
+    try:
+        head = json.loads(raw.partition(b"\n")[0])
+        return _isolation_section(head.get("isolation")) if isinstance(head, dict) else {}
+    except (ValueError, RecursionError, LedgerError):
+        return {}
+
+
 class _Lazy:
     """Decoded on first use: planning reads only a record's counts and CPUs, so a ledger of 1000 VMs need not
     decode 1000 sets of pins and worker results (``lazy`` makes an instance that holds only its raw JSON)."""
@@ -588,7 +609,7 @@ class LedgerState:
         return cls(domains, {str(k): PoolRecord.from_json(p, f"pools[{k}]") for k, p in pools.items()},
                    [Intent.from_json(i, f"intents[{n}]") for n, i in enumerate(intents)],
                    [str(n) for n in notes] if isinstance(notes, list) else [],
-                   _obj(_default(data.get("isolation"), {}), "isolation"))
+                   _isolation_section(data.get("isolation")))
 
 
 HELD_DIR = "held"
@@ -685,9 +706,16 @@ class Ledger:
                 if not quarantine:
                     raise
                 aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+                try:
+                    salvaged = salvage_isolation(self.path.read_bytes())
+                except OSError:
+                    salvaged = {}
                 os.replace(self.path, aside)
                 state, text = LedgerState(), ""
                 state.note(f"the unreadable ledger was moved to {aside} and rebuilt")
+                if salvaged:
+                    state.isolation = salvaged
+                    state.note("its host isolation section (the admin's original settings) was kept")
                 self.set_aside = aside
             txn = Transaction(self, state, text)
             yield txn

@@ -219,8 +219,11 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = False) -> Iterator[Session]:
-    """Take the ledger lock, recover, observe; commit what is left when the block ends without error."""
+def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = False,
+            record_isolation: Callable[[str, str], None] | None = None) -> Iterator[Session]:
+    """Take the ledger lock, recover, observe; commit what is left when the block ends without error.
+
+    ``record_isolation`` (a dry run): an isolation change to finish is passed to it, not made."""
     led = ledger_for(cfg)
     with led.hold(quarantine=quarantine) as txn:
         s = Session(txn, cfg, pools or SysfsPools(cfg.sysfs_root, cfg.proc_root))
@@ -231,8 +234,8 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
             log.warning("%s", f)
             s.state.note(f)
         s.commit()
-        if s.state.isolation.get("pending"):  # an isolation change was interrupted: finish it first
-            for w in isolate_host(s, VMLog("-", "-")):
+        if isolation_due(s.state):  # an isolation change was interrupted, or never made: finish it first
+            for w in isolate_host(s, VMLog("-", "-"), record_isolation):
                 s.state.note(f"recovery: {w}")
             s.commit()
         yield s
@@ -248,11 +251,27 @@ def isolation_target(st: LedgerState) -> IsolationTarget:
 
     holders = []
     for uuid in sorted(st.domains.summary().isolating):
-        rec = st.domains[uuid]
-        if rec.isolation and rec.cpus and rec.state != "preparing":
+        rec = st.domains.get(uuid)  # (a stale name in the header's summary: no record, nothing asked)
+        if rec is not None and rec.isolation and rec.cpus and rec.state != "preparing":
             holders.append((rec.cpus, HostSpec(bool(rec.isolation["isolate"]), bool(rec.isolation["irqs"]),
                                                rec.isolation.get("governor"))))
     return target_for(holders)
+
+
+def _fingerprint(target: IsolationTarget) -> str:
+    """What the host was last converged for, kept beside the isolation state: a session that finds the
+    records asking for something else (an operation died between its ledger commit and its converge) knows
+    to converge, without reading the host."""
+    return "" if target.empty else (f"tasks={format_cpuset(target.tasks)};irqs={format_cpuset(target.irqs)};"
+                                    + ",".join(f"{c}:{g}" for c, g in sorted(target.governors.items())))
+
+
+def isolation_due(st: LedgerState) -> bool:
+    """Whether the host's isolation must be brought in line now: an interrupted change, or records that ask
+    for another isolation than the one last applied. Reads the ledger only (nothing where none is asked)."""
+    if not st.isolation and not st.domains.summary().isolating:
+        return False
+    return bool(st.isolation.get("pending")) or st.isolation.get("target", "") != _fingerprint(isolation_target(st))
 
 
 def host_settings(cfg: Config) -> HostSettings:
@@ -275,15 +294,17 @@ def isolate_host(s: Session, vlog: VMLog, record: Callable[[str, str], None] | N
     from kvmhooks.apply.isolation import converge
     from kvmhooks.plan.isolation import IsolationState
 
-    state = IsolationState.from_json(st.isolation)
-
-    def commit() -> None:
-        st.isolation = {} if state.empty else state.to_json()
-        s.commit()
-
     try:
-        report = converge(state, isolation_target(st), host_settings(s.cfg), commit, record)
-    except KvmhooksError as e:
+        state = IsolationState.from_json(st.isolation)
+        target = isolation_target(st)
+        mark = _fingerprint(target)
+
+        def commit() -> None:
+            st.isolation = {} if state.empty else {**state.to_json(), "target": mark}
+            s.commit()
+
+        report = converge(state, target, host_settings(s.cfg), commit, record)
+    except Exception as e:  # best effort, whatever the host (or a bug) throws: the VM starts and stops anyway
         vlog.warning("host isolation: %s (retried at the next operation or kvmhooks reconcile)", e)
         return [f"host isolation: {e}"]
     out = [f"host isolation: {key}: {why}" for key, why in sorted(report.failed.items())] + \
@@ -321,7 +342,7 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_sock
         from kvmhooks.apply.sockets import ensure_socket_dir
 
         ensure_socket_dir(dom.qmp_socket)
-    with session(cfg, pools) as s:
+    with session(cfg, pools, record_isolation=record_isolation) as s:
         prepared = _prepare_locked(s, dom, vlog, record_isolation)
     clear_failure(cfg, dom.uuid)
     return prepared

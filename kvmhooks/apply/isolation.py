@@ -19,12 +19,15 @@ the last committed state finishes the job; an empty target puts every key back t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import errno
 import functools
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +73,14 @@ KTHREADD_PID = 2
 # What the kernel answers for an IRQ whose affinity it manages itself (EIO: managed or per-CPU IRQs, EPERM:
 # chips that cannot set affinity, ENOSPC: no free vector on the new CPUs, x86).
 _UNMOVABLE_ERRNOS = frozenset({errno.EIO, errno.EPERM, errno.ENOSPC})
-# A pid write the kernel refuses for one task only: EINVAL (per-CPU kernel threads, PF_NO_SETAFFINITY) or
-# ESRCH (the task exited between the listing and the write).
-_SKIPPED_ERRNOS = frozenset({errno.EINVAL, errno.ESRCH})
+# A pid write that fails because of the cgroup itself (its file is gone, v1 cpuset without cpus or mems):
+# the move stops. Any other errno is about that one task (EINVAL: per-CPU kernel threads; ESRCH: it exited;
+# EBUSY: a SCHED_DEADLINE task the new cpuset cannot take; EPERM/EACCES: another namespace's): counted and
+# skipped, and the other tasks still move.
+_CGROUP_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENOSPC})
+# The total time systemctl calls may take in one converge: it runs under the ledger lock, whose waiters give
+# up after lock_timeout (30 s by default).
+COMMAND_BUDGET = 10.0
 # systemctl talks to PID 1 over D-Bus: milliseconds normally; a hook must not hang on a stuck manager.
 _COMMAND_TIMEOUT = 5.0
 # Tasks forked while the shield is emptied land in it; a few rounds catch them before the rmdir.
@@ -111,7 +119,7 @@ def irqbalance_running(proc_root: Path = Path("/proc")) -> bool:
         if not entry.name.isdecimal():
             continue
         try:
-            if (entry / "comm").read_text().strip() == "irqbalance":
+            if (entry / "comm").read_text(errors="replace").strip() == "irqbalance":
                 return True
         except OSError:
             continue
@@ -135,6 +143,7 @@ class HostSettings:
         self.runner = runner
         self.moved = 0
         self.skipped = 0
+        self.command_budget = COMMAND_BUDGET  # seconds left for commands (each has its own timeout too)
 
     # --- what the host has ------------------------------------------------------------------------------
 
@@ -156,7 +165,7 @@ class HostSettings:
 
     def _v2_cpuset(self) -> bool:
         try:
-            return "cpuset" in (self.cgroup_root / "cgroup.controllers").read_text().split()
+            return "cpuset" in (self.cgroup_root / "cgroup.controllers").read_text(errors="replace").split()
         except OSError:
             return False
 
@@ -187,11 +196,50 @@ class HostSettings:
             if self._path(IRQ_DEFAULT).is_file():
                 out.append(IRQ_DEFAULT)
             out += [f"irq:{n}" for n in self._irqs()]
-        out += [f"{GOVERNOR_PREFIX}{cpu}" for cpu in sorted(target.governors)
+        out += [f"{GOVERNOR_PREFIX}{cpu}" for cpu in sorted(target.governors)  # (per policy: effective())
                 if self._path(f"{GOVERNOR_PREFIX}{cpu}").is_file()]
         if TASKS not in out and backend in ("cgroup1", "cgroup2") and self._shield().is_dir():
             out.append(TASKS)
         return out
+
+    def effective(self, target: IsolationTarget) -> IsolationTarget:
+        """``target`` with its governors as this host can apply them: one per cpufreq policy, named after the
+        policy's first CPU, and only where every CPU of the policy asks for the same governor.
+
+        CPUs often share a policy (a cluster, or acpi-cpufreq's shared coordination): writing one CPU's
+        governor sets them all, so a policy that also drives a CPU not asking for that governor is left
+        alone (a VM never changes the governor of a CPU that is not its own).
+        """
+        governors: dict[int, str] = {}
+        for cpu in sorted(target.governors):
+            policy = self._policy(cpu)
+            if policy is None:
+                continue  # no cpufreq on that CPU
+            if all(target.governors.get(c) == target.governors[cpu] for c in policy):
+                governors[min(policy)] = target.governors[cpu]
+            else:
+                log.info("isolation: governor of CPU %d left alone: its cpufreq policy also drives CPU(s) %s",
+                         cpu, format_cpuset(policy - set(target.governors)))
+        return dataclasses.replace(target, governors=governors)
+
+    def _policy(self, cpu: int) -> frozenset[int] | None:
+        """The CPUs sharing ``cpu``'s cpufreq policy (``cpuN/cpufreq`` links to one ``policyM`` directory)."""
+        base = self.sysfs_root / "devices/system/cpu"
+        link = base / f"cpu{cpu}" / "cpufreq"
+        if not (link / "scaling_governor").is_file():
+            return None
+        real = os.path.realpath(link)
+        members = {cpu}
+        with contextlib.suppress(ValueError):
+            members |= {int(w) for w in self._read_opt(link / "affected_cpus").split()}
+        for other in self.online():
+            if other != cpu and os.path.realpath(base / f"cpu{other}" / "cpufreq") == real:
+                members.add(other)
+        return frozenset(members)
+
+    def irq_keys(self) -> list[str]:
+        """Every IRQ's key (a restore also looks at IRQs requested while the host was isolated)."""
+        return [f"irq:{n}" for n in self._irqs()]
 
     def _irqs(self) -> list[int]:
         try:
@@ -288,12 +336,18 @@ class HostSettings:
         return unit
 
     def _run(self, argv: list[str]) -> str:
+        if self.command_budget <= 0:
+            raise ApplyError(f"{' '.join(argv)} not run: systemctl already took {COMMAND_BUDGET:g} s in this "
+                             "operation (retried at the next one)")
+        t0 = time.monotonic()
         try:
             return self.runner(argv)
         except KvmhooksError:
             raise
         except (OSError, subprocess.SubprocessError) as e:
             raise ApplyError(f"{' '.join(argv)} failed", e) from e
+        finally:
+            self.command_budget -= time.monotonic() - t0
 
     # --- our cpuset (cgroup v1 and v2) ------------------------------------------------------------------
 
@@ -348,11 +402,11 @@ class HostSettings:
         try:
             self._write_file(procs, str(pid))
         except OSError as e:
-            if e.errno in _SKIPPED_ERRNOS:
-                self.skipped += 1
-                log.debug("task %d not moved to %s: %s", pid, procs, e)
-                return
-            raise ApplyError(f"cannot move task {pid} to {procs}", e) from e
+            if e.errno in _CGROUP_ERRNOS:
+                raise ApplyError(f"cannot move task {pid} to {procs}", e) from e
+            self.skipped += 1
+            log.debug("task %d not moved to %s: %s", pid, procs, e)
+            return
         self.moved += 1
 
     def _pids(self, path: Path) -> list[int]:
@@ -385,7 +439,8 @@ class HostSettings:
 
     def _read_file(self, path: Path) -> str:
         try:
-            return path.read_text().strip()
+            # Any process may name itself with bytes that are not UTF-8 (/proc/PID/comm): never a reason to fail.
+            return path.read_text(errors="surrogateescape").strip()
         except FileNotFoundError as e:
             raise Gone(f"{path} does not exist", e) from e
         except OSError as e:
@@ -447,6 +502,15 @@ def _no_commit() -> None:
     """A dry run commits nothing."""
 
 
+def _gone(state: IsolationState, key: str) -> None:
+    """The setting vanished (an IRQ freed, a CPU unplugged): forget it; an IRQ requested again later is a new
+    one, which got the default mask of that moment."""
+    state.forget(key)
+    n = key_cpu(key)
+    if kind(key) == "irq" and n in state.irqs_before:
+        state.irqs_before.remove(n)
+
+
 def _unmovable(state: IsolationState, key: str, why: str) -> None:
     """The kernel kept the key as it was: nothing of ours there, unless an earlier write of ours landed."""
     log.info("isolation: %s is not movable (%s); left as it is", key, why)
@@ -473,20 +537,30 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
         state = copy.deepcopy(state)
         commit = _no_commit
     before = state.to_json()
+    target = host.effective(target)
     online = host.online()
     backend = host.backend
     failed: dict[str, str] = {}
     notes: list[str] = []
 
     # 1. read every key we hold and every key the target concerns
+    committed = before  # what the ledger holds now (the final commit compares with this)
+
+    def commit_now() -> None:
+        nonlocal committed
+        commit()
+        committed = state.to_json()
+
+    keys = set(state.saved) | set(state.pending) | set(state.wrote) | set(host.keys(target))
+    if IRQ_DEFAULT in state.wrote:  # IRQs requested meanwhile got our default mask: they go back with it
+        keys |= set(host.irq_keys())
     current: dict[str, str] = {}
-    for key in sorted(set(state.saved) | set(state.pending) | set(state.wrote) | set(host.keys(target)),
-                      key=order):
+    for key in sorted(keys, key=order):
         try:
             current[key] = host.read(key)
         except Gone as e:
             log.info("isolation: %s is gone (%s); nothing to restore there", key, e)
-            state.forget(key)
+            _gone(state, key)
         except KvmhooksError as e:
             failed[key] = str(e)
 
@@ -499,11 +573,13 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
 
     # 3. originals and intents, committed before any write
     todo = changes(state, current, target, online)
+    if IRQ_DEFAULT in todo and IRQ_DEFAULT not in state.saved:  # the default mask becomes ours now
+        state.irqs_before = sorted(n for k in current if kind(k) == "irq" and (n := key_cpu(k)) is not None)
     for key, value in todo.items():
-        state.saved.setdefault(key, original_of(key, current[key]))
+        state.saved.setdefault(key, original_of(key, current[key], state))
         state.pending[key] = value
     if todo:
-        commit()
+        commit_now()
 
     # 4. write: changes in order, then restores in reverse order
     moved, skipped = host.moved, host.skipped
@@ -524,7 +600,7 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
                 continue
             except Gone as e:
                 log.info("isolation: %s is gone (%s)", key, e)
-                state.forget(key)
+                _gone(state, key)
                 current.pop(key)
                 continue
             except KvmhooksError as e:
@@ -561,11 +637,13 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
         state.forget(key)
     if target.empty:
         state.unmovable.clear()  # refused for this isolation; the next one tries again
+    if IRQ_DEFAULT not in state.saved:
+        state.irqs_before = []
     if not target.tasks:
         state.skipped_tasks = 0
     state.isolated = sorted(target.cpus)
-    if state.to_json() != before:
-        commit()
+    if state.to_json() != committed:
+        commit_now()
 
     if target.tasks and backend == "none":
         notes.append("no cpuset controller; host tasks not moved")

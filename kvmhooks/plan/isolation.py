@@ -238,12 +238,15 @@ class IsolationState:
     unmovable: list[str] = field(default_factory=list)
     skipped_tasks: int = 0
     isolated: list[int] = field(default_factory=list)
+    # The IRQs there were when the default IRQ mask became ours: one requested later got our mask, and goes
+    # back to the admin's default with it; one that was there keeps whatever it had (it may be the same).
+    irqs_before: list[int] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Nothing changed on the host and nothing to report: the ledger may drop the whole section."""
         return not (self.saved or self.pending or self.wrote or self.unmovable or self.skipped_tasks
-                    or self.isolated)
+                    or self.isolated or self.irqs_before)
 
     def forget(self, key: str) -> None:
         """Drop every trace of ``key`` (restored, or vanished from the host)."""
@@ -256,7 +259,8 @@ class IsolationState:
     def to_json(self) -> dict[str, Any]:
         return {"saved": dict(sorted(self.saved.items())), "pending": dict(sorted(self.pending.items())),
                 "wrote": dict(sorted(self.wrote.items())), "unmovable": list(self.unmovable),
-                "skipped_tasks": self.skipped_tasks, "isolated": sorted(self.isolated)}
+                "skipped_tasks": self.skipped_tasks, "isolated": sorted(self.isolated),
+                "irqs_before": sorted(self.irqs_before)}
 
     @classmethod
     def from_json(cls, data: object, what: str = "isolation") -> IsolationState:
@@ -277,13 +281,29 @@ class IsolationState:
         if not isinstance(isolated, list) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_CPU_ID for c in isolated):
             raise LedgerError(f"{what}.isolated: expected a list of CPU numbers")
+        before = data.get("irqs_before") or []
+        if not isinstance(before, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in before):
+            raise LedgerError(f"{what}.irqs_before: expected a list of IRQ numbers")
         return cls(_str_map(data.get("saved"), f"{what}.saved"), _str_map(data.get("pending"), f"{what}.pending"),
-                   _str_map(data.get("wrote"), f"{what}.wrote"), list(unmovable), skipped, sorted(set(isolated)))
+                   _str_map(data.get("wrote"), f"{what}.wrote"), list(unmovable), skipped, sorted(set(isolated)),
+                   sorted(set(before)))
 
 
-def original_of(key: str, current: str) -> str:
-    """The original to save for a key seen for the first time: what it reads, except for keys we own."""
-    return "" if key in OWNED else current
+def original_of(key: str, current: str, state: IsolationState | None = None) -> str:
+    """The original to save for a key seen for the first time: what it reads, except for keys we own, and
+    except an IRQ requested while the default IRQ mask was ours: it got our mask, its original is the
+    admin's default."""
+    if key in OWNED:
+        return ""
+    if state is not None and kind(key) == "irq" and IRQ_DEFAULT in state.saved and IRQ_DEFAULT in state.wrote \
+            and key_cpu(key) not in state.irqs_before:
+        try:
+            if parse_list(current) == parse_mask(state.wrote[IRQ_DEFAULT]):
+                return format_cpuset(parse_mask(state.saved[IRQ_DEFAULT]))
+        except ValueError:
+            pass
+    return current
 
 
 def admin_changed(state: IsolationState, key: str, current: str) -> bool:
@@ -343,7 +363,7 @@ def changes(state: IsolationState, current: Mapping[str, str], target: Isolation
     for key, value in current.items():
         if key in state.unmovable and key not in state.wrote:
             continue
-        want = desired(key, state.saved.get(key, original_of(key, value)), target, online)
+        want = desired(key, state.saved.get(key, original_of(key, value, state)), target, online)
         if not equivalent(key, value, want):
             out[key] = want
     return out

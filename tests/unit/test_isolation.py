@@ -54,8 +54,9 @@ VM_B = ({3}, HostSpec(isolate=True, irqs=True, governor="performance"))
 BOTH = target_for([VM_A, VM_B])
 
 
-class Crash(Exception):
-    """The process dies here."""
+class Crash(BaseException):
+    """The process dies here (a BaseException, like the kill it stands for: no ``except Exception`` of the
+    code under test may swallow it)."""
 
 
 class FakeSystemd:
@@ -293,15 +294,15 @@ def test_target_is_the_union_and_deterministic() -> None:
 
 
 def test_state_json_round_trip_and_refusals() -> None:
-    s = IsolationState({"irq:24": "0-3"}, {"tasks": "0-1"}, {"irq:24": "0-1"}, ["irq:27"], 1, [2, 3])
+    s = IsolationState({"irq:24": "0-3"}, {"tasks": "0-1"}, {"irq:24": "0-1"}, ["irq:27"], 1, [2, 3], [24, 27])
     data = json.loads(json.dumps(s.to_json()))
     assert data == {"saved": {"irq:24": "0-3"}, "pending": {"tasks": "0-1"}, "wrote": {"irq:24": "0-1"},
-                    "unmovable": ["irq:27"], "skipped_tasks": 1, "isolated": [2, 3]}
+                    "unmovable": ["irq:27"], "skipped_tasks": 1, "isolated": [2, 3], "irqs_before": [24, 27]}
     assert IsolationState.from_json(data) == s
     assert IsolationState.from_json(None).empty and IsolationState.from_json({"future": 1}).empty
     bad: object
     for bad in ([], {"saved": []}, {"saved": {"k": 1}}, {"unmovable": [3]}, {"skipped_tasks": -1},
-                {"isolated": ["2"]}, {"isolated": [True]}):
+                {"isolated": ["2"]}, {"isolated": [True]}, {"irqs_before": [-1]}):
         with pytest.raises(LedgerError):
             IsolationState.from_json(bad, "isolation")
 
