@@ -70,6 +70,29 @@ def pins_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
     return out
 
 
+def live_edit_latency(conn: libvirt.virConnect, runs: int) -> list[float]:
+    """With kvmhooksd: from `virsh metadata --live` returning (a vCPU pin moved in the annotation) until
+    libvirt shows the vCPU on its new CPU. The pin swaps between CPUs 0 and 1 at each run."""
+    out = []
+    ns = NS.split('"')[1]
+    with defined(conn, "kvmhbench-edit", '<kvm:vcpupin vcpu="0" cpuset="1"/>') as dom:
+        dom.create()
+        for i in range(runs):
+            cpu = i % 2
+            subprocess.run(["virsh", "-c", "qemu:///system", "metadata", dom.name(), "--uri", ns, "--key", "kvm",
+                            "--live", "--set", f'<tuning><vcpupin vcpu="0" cpuset="{cpu}"/></tuning>'],
+                           check=True, capture_output=True)
+            t0 = time.perf_counter()
+            want = tuple(c == cpu for c in range(2))
+            while tuple(dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[0][:2]) != want:
+                if time.perf_counter() - t0 > 10:
+                    raise SystemExit("the live edit was never applied: is kvmhooksd running?")
+                time.sleep(0.002)
+            out.append(time.perf_counter() - t0)
+        dom.destroy()
+    return out
+
+
 def balloon_latency(conn: libvirt.virConnect, runs: int, qmp: bool) -> list[float]:
     out = []
     name = f"kvmhbench-balloon-{'qmp' if qmp else 'libvirt'}"
@@ -118,6 +141,7 @@ def main() -> None:
     rows = [("pins visible after `virsh start` returns, detached worker", pins_latency(conn, args.runs))]
     with agent():
         rows.append(("pins visible after `virsh start` returns, kvmhooksd", pins_latency(conn, args.runs)))
+        rows.append(("a vCPU pin moved by `virsh metadata --live`, kvmhooksd", live_edit_latency(conn, args.runs)))
     if not args.pins_only:
         rows += [("balloon 256M → 192M landed after the driver is ready, QMP", balloon_latency(conn, args.runs, True)),
                  ("balloon 256M → 192M landed after the driver is ready, libvirt",
