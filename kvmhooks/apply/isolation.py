@@ -335,6 +335,24 @@ class HostSettings:
             raise ApplyError(f"unknown isolation setting {key[:64]!r}")
         return unit
 
+    def dropin(self, key: str) -> Path:
+        """The runtime drop-in ``systemctl set-property --runtime`` writes for a unit key."""
+        return self.run_root / "systemd/system.control" / f"{self._unit(key)}.d" / "50-AllowedCPUs.conf"
+
+    def remove_dropin(self, key: str) -> None:
+        """Remove our runtime drop-in (the runtime value is already the original; systemd reads its files at
+        the next daemon-reload, when the admin's own configuration applies again, as without kvmhooks)."""
+        path = self.dropin(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ApplyError(f"cannot remove {path}", e) from e
+        with contextlib.suppress(OSError):  # the directories only if empty: other drop-ins (the admin's) stay
+            path.parent.rmdir()
+            path.parent.parent.rmdir()
+
     def _run(self, argv: list[str]) -> str:
         if self.command_budget <= 0:
             raise ApplyError(f"{' '.join(argv)} not run: systemctl already took {COMMAND_BUDGET:g} s in this "
@@ -576,6 +594,9 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
     if IRQ_DEFAULT in todo and IRQ_DEFAULT not in state.saved:  # the default mask becomes ours now
         state.irqs_before = sorted(n for k in current if kind(k) == "irq" and (n := key_cpu(k)) is not None)
     for key, value in todo.items():
+        if kind(key) == "unit" and key not in state.saved and key not in state.dropins \
+                and not host.dropin(key).exists():
+            state.dropins.append(key)  # set-property is about to create it: ours to remove at the end
         state.saved.setdefault(key, original_of(key, current[key], state))
         state.pending[key] = value
     if todo:
@@ -632,9 +653,22 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
     if record is None and (TASKS in changed or (shielded and TASKS not in todo)):
         state.skipped_tasks = host.skipped - skipped
 
-    # 5. forget what is back at its original for good
+    # 5. forget what is back at its original for good (a drop-in of ours goes with it)
     for key in forgettable(state, current, target, online):
+        if key in state.dropins and record is None:
+            try:
+                host.remove_dropin(key)
+            except KvmhooksError as e:
+                failed[key] = str(e)
+                continue  # kept: tried again next time
+        if key in state.dropins:
+            state.dropins.remove(key)
         state.forget(key)
+    for key in [k for k in state.dropins if k not in state.saved]:  # (a crash after the drop-in went)
+        if record is None:
+            with contextlib.suppress(KvmhooksError):
+                host.remove_dropin(key)
+        state.dropins.remove(key)
     if target.empty:
         state.unmovable.clear()  # refused for this isolation; the next one tries again
     if IRQ_DEFAULT not in state.saved:

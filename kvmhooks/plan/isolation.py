@@ -241,12 +241,15 @@ class IsolationState:
     # The IRQs there were when the default IRQ mask became ours: one requested later got our mask, and goes
     # back to the admin's default with it; one that was there keeps whatever it had (it may be the same).
     irqs_before: list[int] = field(default_factory=list)
+    # systemd units whose runtime drop-in (systemctl set-property --runtime) kvmhooks created: removed with
+    # the restore, so it does not outlive the isolation and mask the admin's own settings in /etc.
+    dropins: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Nothing changed on the host and nothing to report: the ledger may drop the whole section."""
         return not (self.saved or self.pending or self.wrote or self.unmovable or self.skipped_tasks
-                    or self.isolated or self.irqs_before)
+                    or self.isolated or self.irqs_before or self.dropins)
 
     def forget(self, key: str) -> None:
         """Drop every trace of ``key`` (restored, or vanished from the host)."""
@@ -260,7 +263,7 @@ class IsolationState:
         return {"saved": dict(sorted(self.saved.items())), "pending": dict(sorted(self.pending.items())),
                 "wrote": dict(sorted(self.wrote.items())), "unmovable": list(self.unmovable),
                 "skipped_tasks": self.skipped_tasks, "isolated": sorted(self.isolated),
-                "irqs_before": sorted(self.irqs_before)}
+                "irqs_before": sorted(self.irqs_before), "dropins": sorted(self.dropins)}
 
     @classmethod
     def from_json(cls, data: object, what: str = "isolation") -> IsolationState:
@@ -285,9 +288,12 @@ class IsolationState:
         if not isinstance(before, list) or not all(
                 isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in before):
             raise LedgerError(f"{what}.irqs_before: expected a list of IRQ numbers")
+        dropins = data.get("dropins") or []
+        if not isinstance(dropins, list) or not all(isinstance(k, str) and kind(k) == "unit" for k in dropins):
+            raise LedgerError(f"{what}.dropins: expected a list of unit keys")
         return cls(_str_map(data.get("saved"), f"{what}.saved"), _str_map(data.get("pending"), f"{what}.pending"),
                    _str_map(data.get("wrote"), f"{what}.wrote"), list(unmovable), skipped, sorted(set(isolated)),
-                   sorted(set(before)))
+                   sorted(set(before)), sorted(set(dropins)))
 
 
 def original_of(key: str, current: str, state: IsolationState | None = None) -> str:

@@ -60,16 +60,25 @@ class Crash(BaseException):
 
 
 class FakeSystemd:
-    """systemctl show / set-property --runtime over a dict of unit → AllowedCPUs."""
+    """systemctl show / set-property --runtime over a dict of unit → AllowedCPUs; like systemd, set-property
+    --runtime also writes its drop-in under /run/systemd/system.control (``run`` is that /run)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: Path | None = None) -> None:
         self.props = {unit: "" for unit in SYSTEMD_UNITS}
+        self.run = run
 
     def __call__(self, argv: list[str]) -> str:
         if argv[:5] == ["systemctl", "show", "-p", "AllowedCPUs", "--value"]:
             return self.props.get(argv[5], "") + "\n"
         assert argv[:3] == ["systemctl", "set-property", "--runtime"] and argv[4].startswith("AllowedCPUs=")
         self.props[argv[3]] = argv[4].partition("=")[2]
+        if self.run is not None:
+            d = self.run / f"systemd/system.control/{argv[3]}.d"
+            d.mkdir(parents=True, exist_ok=True)
+            section = "Scope" if argv[3].endswith(".scope") else "Slice"
+            (d / "50-AllowedCPUs.conf").write_text(f"# This is a drop-in unit file extension, created via "
+                                                   f"\"systemctl set-property\"\n# or an equivalent operation. Do "
+                                                   f"not edit.\n[{section}]\n{argv[4]}\n")
         return ""
 
 
@@ -192,7 +201,7 @@ def build(base: Path, backend: str = "cgroup1") -> FakeSystemd | None:
         (cg / "machine/cgroup.procs").write_text(_pid_text(IN_MACHINE))
     if backend == "systemd":
         (base / "run/systemd/system").mkdir(parents=True)
-        return FakeSystemd()
+        return FakeSystemd(base / "run")
     return None
 
 
@@ -297,12 +306,14 @@ def test_state_json_round_trip_and_refusals() -> None:
     s = IsolationState({"irq:24": "0-3"}, {"tasks": "0-1"}, {"irq:24": "0-1"}, ["irq:27"], 1, [2, 3], [24, 27])
     data = json.loads(json.dumps(s.to_json()))
     assert data == {"saved": {"irq:24": "0-3"}, "pending": {"tasks": "0-1"}, "wrote": {"irq:24": "0-1"},
-                    "unmovable": ["irq:27"], "skipped_tasks": 1, "isolated": [2, 3], "irqs_before": [24, 27]}
+                    "unmovable": ["irq:27"], "skipped_tasks": 1, "isolated": [2, 3], "irqs_before": [24, 27],
+                    "dropins": []}
     assert IsolationState.from_json(data) == s
     assert IsolationState.from_json(None).empty and IsolationState.from_json({"future": 1}).empty
     bad: object
     for bad in ([], {"saved": []}, {"saved": {"k": 1}}, {"unmovable": [3]}, {"skipped_tasks": -1},
-                {"isolated": ["2"]}, {"isolated": [True]}, {"irqs_before": [-1]}):
+                {"isolated": ["2"]}, {"isolated": [True]}, {"irqs_before": [-1]},
+                {"dropins": ["irq:3"]}):
         with pytest.raises(LedgerError):
             IsolationState.from_json(bad, "isolation")
 
@@ -454,6 +465,20 @@ def test_systemd_backend(tmp_path: Path) -> None:
     assert not (tmp_path / "cgroup" / SHIELD).exists() and report.tasks_moved == 0
     run(tmp_path, ledger, target_for([VM_B]), systemd)
     assert systemd.props == {unit: "0-2" for unit in SYSTEMD_UNITS}
+    run(tmp_path, ledger, IsolationTarget(), systemd)
+    # The runtime drop-ins set-property wrote are gone too: an AllowedCPUs= the admin puts in /etc later is
+    # not masked by ours (system.control in /run wins over /etc/systemd/system).
+    assert snapshot(tmp_path, systemd) == original and ledger.disk.empty
+
+
+def test_systemd_keeps_a_runtime_drop_in_the_admin_had(tmp_path: Path) -> None:
+    systemd = build(tmp_path, backend="systemd")
+    assert systemd is not None
+    systemd(["systemctl", "set-property", "--runtime", "user.slice", "AllowedCPUs=0-3"])  # the admin's own
+    original = snapshot(tmp_path, systemd)
+    ledger = Ledger()
+    run(tmp_path, ledger, BOTH, systemd)
+    assert ledger.disk.dropins == ["unit:init.scope", "unit:system.slice"]  # only the ones kvmhooks made
     run(tmp_path, ledger, IsolationTarget(), systemd)
     assert snapshot(tmp_path, systemd) == original and ledger.disk.empty
 
