@@ -15,7 +15,9 @@
      ├── NotFound                 no such domain (CLI)
      ├── ConnectError             libvirtd cannot be reached (CLI, worker)
      └── ApplyError               writing to the host (sysfs, libvirt, QMP) failed; wraps the cause
-          └── QMPTransportError   a VM's QMP socket did not answer, in time or in the expected shape
+          ├── QMPTransportError   a VM's QMP socket did not answer, in time or in the expected shape
+          ├── Unmovable           host isolation: the kernel keeps this IRQ where it is
+          └── Gone                host isolation: the setting no longer exists (IRQ freed, CPU unplugged)
 
 Only the entry points (hook, worker, cli) turn these into exit codes and one-line messages. A wrapper
 keeps its root cause (``ApplyError(msg, cause)``) and prints as "message: cause", as qemu.qmp does.
@@ -100,6 +102,14 @@ class ApplyError(KvmhooksError):
     def __init__(self, message: str, cause: BaseException | None = None):
         self.cause = cause
         super().__init__(message if cause is None else f"{message}: {cause}")
+
+
+class Unmovable(ApplyError):
+    """The kernel refused to move this IRQ (it manages the affinity itself): reported, not retried."""
+
+
+class Gone(ApplyError):
+    """The setting no longer exists (IRQ freed, CPU unplugged): nothing left to change or restore."""
 
 
 # Error messages quote the peer; this much is enough to recognise it, and keeps the log line bounded.

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmhooks.errors import ApplyError, KvmhooksError
+from kvmhooks.errors import ApplyError, Gone, KvmhooksError, Unmovable
 from kvmhooks.plan.isolation import (
     GOVERNOR_PREFIX,
     INCOMPLETE,
@@ -85,14 +85,6 @@ COMMAND_BUDGET = 10.0
 _COMMAND_TIMEOUT = 5.0
 # Tasks forked while the shield is emptied land in it; a few rounds catch them before the rmdir.
 _UNSHIELD_ROUNDS = 5
-
-
-class Unmovable(ApplyError):
-    """The kernel refused to move this IRQ (it manages the affinity itself): reported, not retried."""
-
-
-class Gone(ApplyError):
-    """The setting no longer exists (IRQ freed, CPU unplugged): nothing left to change or restore."""
 
 
 def run_command(argv: list[str]) -> str:
