@@ -26,14 +26,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.log import VMLog
 from kvmhooks.xmlsafe import UUID_RE
+
+if TYPE_CHECKING:
+    from kvmhooks.ledger import DomainRecord
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,9 @@ class Agent:
         self.pending: dict[str, float] = {}  # uuid → when the hook handed it over
         self.lock = threading.Lock()
         self.balloon = Service(cfg)
-        self.busy: set[str] = set()  # VMs a tuning thread is working on
+        # One job of a kind per VM at a time (see _serial): its lock, and the jobs asked for meanwhile.
+        self.job_locks: dict[tuple[str, str], threading.Lock] = {}
+        self.queued: dict[tuple[str, str], dict[str, Callable[[], None]]] = {}
         self.metrics: Any = None  # kvmhooks.metrics.Metrics once run() set up the endpoints
         # uuid → guest memory (KiB) from libvirt's BALLOON_CHANGE events: fresher than the ledger's figure,
         # which is written when kvmhooks sets a target, for the metrics' balloon_actual.
@@ -150,6 +156,8 @@ class Agent:
         if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
             with self.lock:
                 promised = self.pending.pop(uuid, None) is not None
+                if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+                    self.balloon_actual.pop(uuid, None)  # a figure from its previous run
             if promised:
                 self._spawn(self._tune, uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
@@ -183,26 +191,81 @@ class Agent:
     def _timed(self, op: str) -> Any:
         return self.metrics.timed(op) if self.metrics is not None else contextlib.nullcontext()
 
+    def _serial(self, uuid: str, kind: str, name: str, job: Callable[[], None]) -> None:
+        """Run ``job`` for one VM with no other job of that kind running for it (``tuning``: start tuning,
+        re-tune, drift check and restore, which all read the plan and set pins; ``balloon``). A job asked for
+        while another runs is queued and run by that thread right after (one per ``name``: a re-tune asked
+        twice runs once more, with the newest XML), so no edit is lost and none is undone by an older one."""
+        key = (uuid, kind)
+        with self.lock:
+            self.queued.setdefault(key, {})[name] = job
+            lk = self.job_locks.setdefault(key, threading.Lock())
+        while lk.acquire(blocking=False):
+            try:
+                while True:
+                    with self.lock:
+                        jobs = self.queued.pop(key, {})
+                    if not jobs:
+                        break
+                    for j in jobs.values():
+                        try:
+                            j()
+                        except Exception:  # each job records its own failures; the queue goes on
+                            log.exception("agent: %s job for %s failed", kind, uuid)
+            finally:
+                lk.release()
+            with self.lock:
+                if not self.queued.get(key):
+                    return
+            # queued between the last run and the release: run it (unless another thread took the lock)
+
     def _tune(self, uuid: str) -> None:
-        from kvmhooks.worker import tune
+        """A start: the CPU and memory tuning, then (apart: it waits for the guest to boot) the balloon."""
+        self._serial(uuid, "tuning", "tune", lambda: self._tune_once(uuid))
+
+    def _tune_once(self, uuid: str) -> None:
+        from kvmhooks.worker import tune_live
 
         with self._timed("tune"):
-            failed = tune(self.conn, uuid, self.cfg, "agent") != 0  # tune() records its own failure
-        if failed and self.metrics is not None:
-            self.metrics.failed("tune")
+            result = tune_live(self.conn, uuid, self.cfg, "agent")  # records its own failure
+        if result is None:
+            if self.metrics is not None:
+                self.metrics.failed("tune")
+            return
+        t = result[0].active_tuning
+        if t is not None and t.balloon is not None:
+            self._spawn(self._balloon, uuid)
 
-    def _retune(self, uuid: str) -> None:
-        """The annotation of a running VM changed: re-plan and apply, or keep the old tuning and say why."""
-        from kvmhooks import operations
-        from kvmhooks.apply.live import apply_started
+    def _balloon(self, uuid: str) -> None:
+        """The balloon step for the VM's current live XML (at start, or a live edit of a fixed target)."""
         from kvmhooks.domain import parse_domain
         from kvmhooks.worker import balloon_step
 
+        def step() -> None:
+            try:
+                dom = self.conn.lookupByUUIDString(uuid)
+                d = parse_domain(dom.XMLDesc(0).encode())
+            except Exception as e:  # it went away, or its annotation broke (the re-tune says so)
+                log.info("agent: balloon step of %s skipped: %s", uuid, e)
+                return
+            t = d.active_tuning
+            if t is not None and t.balloon is not None:
+                with self._timed("balloon"):
+                    balloon_step(d, dom, self.cfg, VMLog(d.name, uuid))
+
+        self._serial(uuid, "balloon", "balloon", step)
+
+    def _retune(self, uuid: str) -> None:
+        """The annotation of a running VM changed: re-plan and apply, or keep the old tuning and say why."""
+        self._serial(uuid, "tuning", "retune", lambda: self._retune_once(uuid))
+
+    def _retune_once(self, uuid: str) -> None:
+        """One re-plan and apply from the live XML read now."""
+        from kvmhooks import operations
+        from kvmhooks.apply.live import apply_started
+        from kvmhooks.domain import parse_domain
+
         vlog = VMLog("?", uuid)
-        with self.lock:
-            if uuid in self.busy:
-                return  # a re-tune is under way; it reads the newest XML
-            self.busy.add(uuid)
         try:
             dom = self.conn.lookupByUUIDString(uuid)
             vlog = VMLog(dom.name(), uuid)
@@ -213,20 +276,21 @@ class Agent:
             applied = apply_started(self.conn, dom, d, self.cfg, vlog)
             applied.tuned_by = "agent"
             applied.problems += [f"pending restart: {p}" for p in done.pending_restart] + list(done.warnings)
-            operations.mark(uuid, self.cfg, applied=applied, error=None)
+
+            def record(rec: DomainRecord) -> None:
+                applied.balloon = rec.applied.balloon  # the balloon step's own part stays as it landed
+                rec.applied, rec.error = applied, None
+
+            operations.update(uuid, self.cfg, record)
             operations.clear_failure(self.cfg, uuid)
-            t = d.active_tuning
-            if t is not None and t.balloon is not None and t.balloon.policy == "fixed":
-                balloon_step(d, dom, self.cfg, applied, vlog)  # a new target (the automatic policy follows
-                # live edits at its next cycle)
             vlog.info("agent: re-tuned after an annotation change: pins %s%s", applied.pins,
                       f"; pending restart: {'; '.join(done.pending_restart)}" if done.pending_restart else "")
+            t = d.active_tuning
+            if t is not None and t.balloon is not None and t.balloon.policy == "fixed":
+                self._spawn(self._balloon, uuid)  # a new target (the automatic policy follows at its next cycle)
         except Exception as e:  # an invalid edit (KvmhooksError), or the VM went away: the old tuning stays
             vlog.warning("agent: live annotation change not applied (the previous tuning stays): %s", e)
             operations.record_failure(self.cfg, uuid, "retune", f"live annotation change not applied: {e}")
-        finally:
-            with self.lock:
-                self.busy.discard(uuid)
 
     def _defined(self, uuid: str) -> None:
         """The saved definition changed (``virsh edit``, virt-manager on the persistent config, ``virsh define``).
@@ -250,12 +314,15 @@ class Agent:
                     problem = f"{SAVED_DIFFERS}: it applies at the next start, or now with 'kvmhooks annotate --live'"
             except KvmhooksError as e:  # prepare will refuse the next start: say so now
                 problem = f"{SAVED_DIFFERS} and is invalid (the next start will be refused): {e}"
-            applied = rec.applied
-            applied.problems = [p for p in applied.problems if not p.startswith(SAVED_DIFFERS)]
+
+            def note(r: DomainRecord) -> None:  # only this line of the record: a re-tune may run meanwhile
+                r.applied.problems = [p for p in r.applied.problems if not p.startswith(SAVED_DIFFERS)]
+                if problem is not None:
+                    r.applied.problems.append(problem)
+
+            operations.update(uuid, self.cfg, note)
             if problem is not None:
-                applied.problems.append(problem)
                 VMLog(rec.name, uuid).info("agent: %s", problem)
-            operations.mark(uuid, self.cfg, applied=applied)
         except Exception as e:  # it went away meanwhile
             log.info("agent: definition of %s changed: %s", uuid, e)
 
@@ -264,16 +331,17 @@ class Agent:
         (kvmhooks records its own changes right after making them), the live pins with the ledger's plan and
         the live memtune with what kvmhooks read back after setting it (libvirt sends no TUNABLE event for
         memtune: the periodic check finds those)."""
+        time.sleep(DRIFT_SETTLE)
+        self._serial(uuid, "tuning", "drift", lambda: self._drift_once(uuid))
+
+    def _drift_once(self, uuid: str) -> None:
+        """One drift check, run exclusively with the VM's tuning jobs (it reads the plan they change)."""
         import libvirt
 
         from kvmhooks import operations
         from kvmhooks.apply.live import apply_memtune, apply_pins, read_pins
         from kvmhooks.units import format_cpuset
 
-        time.sleep(DRIFT_SETTLE)
-        with self.lock:
-            if uuid in self.busy:
-                return
         try:
             rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
             if rec is None or rec.state != "running":
@@ -299,9 +367,15 @@ class Agent:
             if self.cfg.drift == "restore":
                 if pins_changed and rec.pins is not None:
                     apply_pins(self.conn, dom, rec.pins, False, vlog)
-                if mt_changed:
-                    apply_memtune(dom, sorted(mt_changed.items()), vlog)
-                what += "; restored"
+                # Lowering a hard limit under a running guest can get QEMU OOM-killed: reported, never forced.
+                risky = {k for k, v in mt_changed.items()
+                         if k in ("hard_limit", "swap_hard_limit") and v < int(live_mt.get(k, -1))}
+                if set(mt_changed) - risky:
+                    apply_memtune(dom, sorted((k, v) for k, v in mt_changed.items() if k not in risky), vlog)
+                what += "; restored" if not risky else (
+                    f"; {'restored but ' if len(changed) > len(risky) else ''}not lowered back: memtune "
+                    f"{', '.join(sorted(risky))} (lowering it under a running guest could get QEMU killed; "
+                    "set it by hand if meant)")
             vlog.warning("agent: %s", what)
             operations.record_failure(self.cfg, uuid, "drift", what)
             if self.metrics is not None:
@@ -398,6 +472,8 @@ class Agent:
                     self.conn = self._connect()
                     backoff = BACKOFF_MIN
                     log.info("agent: connected to %s", self.cfg.libvirt_uri)
+                    with self.lock:
+                        self.balloon_actual.clear()  # events may have been missed while disconnected
                     self.catch_up()
                 self._missed_events()
                 if time.monotonic() >= next_drift:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config, load_config
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import KvmhooksError, XMLInputError
+from kvmhooks.errors import HostError, KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
 from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
 
@@ -85,7 +85,10 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
                 from kvmhooks.worker import spawn_detached
 
                 status = spawn_detached(["started", dom.uuid], cfg)
-                vlog.info("started: detached worker spawned (status %d)", status)
+                if status != 0:  # it could not even be started: the VM runs untuned, and status says so
+                    raise HostError(f"not tuned: the detached worker could not be started (status {status}); "
+                                     "the VM runs without its pins, memtune and balloon", vm=dom.name)
+                vlog.info("started: detached worker spawned")
 
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:

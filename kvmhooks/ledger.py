@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -34,6 +35,8 @@ from typing import Any
 
 from kvmhooks.errors import LedgerError, LockTimeout
 from kvmhooks.units import format_cpuset, parse_cpuset
+
+log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 2
 # Versions this code reads: 1 had the same records with untyped pins and no intents.
@@ -152,6 +155,15 @@ class _Lazy:
             raw, what = d.pop("_raw")
             d.update(type(self)._decode(raw, what).__dict__)
         return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A field set before any was read: decode first, or the raw JSON would win (to_json writes it back as
+        # it was read, and the first read would overwrite the new value with the decoded old one).
+        d = object.__getattribute__(self, "__dict__")
+        if "_raw" in d and name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+            raw, what = d.pop("_raw")
+            d.update(type(self)._decode(raw, what).__dict__)
+        object.__setattr__(self, name, value)
 
     @classmethod
     def _decode(cls, raw: dict[str, Any], what: str) -> Any:
@@ -743,10 +755,25 @@ class Ledger:
 
     def _mark_held(self, held: set[str]) -> None:
         d = self.held_dir
-        d.mkdir(mode=0o755, exist_ok=True)
-        for uuid in held - set(os.listdir(d)):
-            if _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
-                os.close(os.open(d / uuid, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        try:
+            d.mkdir(mode=0o755, exist_ok=True)
+        except FileExistsError:  # not a directory: the shell hands every stop to Python, markers or not
+            return
+        try:
+            for uuid in held - set(os.listdir(d)):
+                if _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
+                    os.close(os.open(d / uuid, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        except OSError as e:
+            # A record without its marker would let the shell skip that VM's release: take held/ out of use
+            # instead (every stop then goes to Python) and commit; the next commit that can makes it again.
+            # Only if even that fails does the commit fail (a release then waits for a writable /run).
+            aside = d.with_name(f"{d.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(d, aside)
+            log.warning("ledger: cannot mark VMs in %s (%s); moved it to %s, every stop goes to Python until "
+                        "the next commit marks them again", d, e, aside)
+            import shutil
+
+            shutil.rmtree(aside, ignore_errors=True)
 
     def _unmark_released(self, held: set[str]) -> None:
         d = self.held_dir

@@ -523,13 +523,21 @@ def fetch_unix(path: Path, timeout: float = 2.0) -> bytes | None:
     """The exposition from the agent's unix socket, or None when no agent answers there (in time)."""
     import socket
 
+    deadline = time.monotonic() + timeout  # for the whole exchange, not each read: a slow peer cannot stall us
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
             s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             chunks = []
-            while chunk := s.recv(65536):
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
                 chunks.append(chunk)
     except OSError:
         return None

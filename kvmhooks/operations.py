@@ -751,6 +751,16 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
 
 # --- small updates --------------------------------------------------------------------------------------
 
+def update(uuid: str, cfg: Config, change: Callable[[DomainRecord], None]) -> None:
+    """Read-modify-write one VM's record under the ledger lock (if it has one): for a change to one part of
+    it (a problem line, the balloon's result) that must not put back an older copy of the rest."""
+    with ledger_for(cfg).transaction() as state:
+        rec = state.domains.get(uuid)
+        if rec is not None:
+            change(rec)
+            stamp(rec)
+
+
 def mark(uuid: str, cfg: Config, **changes: object) -> None:
     """Update a VM's ledger record (state, error, applied parts) if it has one; never touches pools."""
     with ledger_for(cfg).transaction() as state:

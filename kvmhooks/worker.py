@@ -26,7 +26,7 @@ from typing import Any
 from kvmhooks.config import Config, load_config
 from kvmhooks.domain import Domain, parse_domain
 from kvmhooks.errors import ApplyError, KvmhooksError
-from kvmhooks.ledger import Applied
+from kvmhooks.ledger import DomainRecord
 from kvmhooks.log import VMLog, setup_logging
 from kvmhooks.xmlsafe import UUID_RE
 
@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 def spawn_detached(args: Sequence[str], cfg: Config) -> int:
     """Run the worker job ``args`` (see :func:`run_job`) in a fully detached grandchild of this process;
     returns the intermediate child's status at once."""
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # out of processes or memory: the caller says what is left undone
+        log.warning("cannot fork the worker for %s: %s", " ".join(args), e)
+        return -1
     if pid == 0:  # first child: new session, fork again so the worker is no session leader, then leave
         code = 127
         try:
@@ -98,9 +102,25 @@ def run_started(uuid: str, cfg: Config) -> int:
 
 
 def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
-    """Apply the live tuning of a just-started VM over ``conn`` (the worker's own, or the agent's).
+    """Apply the live tuning of a just-started VM over ``conn`` (the worker's own), then its balloon.
 
     Everything it did goes to the ledger for status; a failure goes to the failure record. Never raises.
+    """
+    done = tune_live(conn, uuid, cfg, by)
+    if done is None:
+        return 1
+    d, dom, vlog = done
+    if d.active_tuning is not None and d.active_tuning.balloon is not None:
+        return 0 if balloon_step(d, dom, cfg, vlog) else 1
+    return 0
+
+
+def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> tuple[Domain, Any, VMLog] | None:
+    """The CPU and memory part of a start's tuning (pins, memtune, vCPU count), recorded in the ledger;
+    returns what the balloon step needs, or None when it failed (and recorded why). Never raises.
+
+    kvmhooksd runs this and :func:`balloon_step` apart: the balloon waits for the guest to boot, and a live
+    edit in the meantime must not wait behind it.
     """
     from kvmhooks import operations
 
@@ -119,29 +139,38 @@ def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
         applied.tuned_by = by
         operations.mark(uuid, cfg, state="running", applied=applied, error=None)
         vlog.info("%s: CPU and memory tuning done in %.3f s", by, time.monotonic() - started)
-        # The balloon last: it waits for the guest's driver (the guest must boot first).
-        t = d.active_tuning
-        if t is not None and t.balloon is not None:
-            balloon_step(d, dom, cfg, applied, vlog)
-        return 0
+        return d, dom, vlog
     except Exception as e:
         vlog.error("%s: %s", by, e)
         with contextlib.suppress(Exception):
             operations.mark(uuid, cfg, error=f"{by}: {e}")
         operations.record_failure(cfg, uuid, by, str(e))
-        return 1
+        return None
 
 
-def balloon_step(d: Domain, dom: Any, cfg: Config, applied: Applied, vlog: VMLog) -> None:
-    """The balloon step of a tuning (at start, or after a live edit): apply, and record what landed."""
+def balloon_step(d: Domain, dom: Any, cfg: Config, vlog: VMLog) -> bool:
+    """The balloon step of a tuning (at start, or after a live edit): apply, and record what landed in the
+    record's balloon part only (the rest may have been re-tuned meanwhile). A failure is the balloon's own
+    (status: "balloon: ..."), never the tuning's. Returns whether it went through. Never raises."""
     from kvmhooks import operations
     from kvmhooks.apply.balloon import apply_balloon
 
     t = d.active_tuning
     assert t is not None and t.balloon is not None
-    result = apply_balloon(d, t.balloon, dom, cfg.balloon_timeout, vlog)
-    applied.balloon = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
-    operations.mark(d.uuid, cfg, applied=applied)
+    try:
+        result = apply_balloon(d, t.balloon, dom, cfg.balloon_timeout, vlog)
+    except Exception as e:
+        vlog.warning("balloon: %s", e)
+        with contextlib.suppress(Exception):
+            operations.record_failure(cfg, d.uuid, "balloon", str(e))
+        return False
+    landed = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
+
+    def record(rec: DomainRecord) -> None:
+        rec.applied.balloon = landed
+
+    operations.update(d.uuid, cfg, record)
+    return True
 
 
 def run_repin(cfg: Config) -> int:

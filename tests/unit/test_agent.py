@@ -234,12 +234,20 @@ def test_a_hand_memtune_is_reported_or_restored(tmp_path: Path, mode: str, monke
     assert seen == [U1]  # no pins, but memtune: looked at
     a._check_drift(U1)
     assert not (host.root / "run/failures" / U1).exists()  # as set
-    dom.memtune["hard_limit"] = 2 * 1024 * 1024  # the admin: virsh memtune vm1 --hard-limit 2G --live
+    dom.memtune["hard_limit"] = 768 * 1024  # the admin: virsh memtune vm1 --hard-limit 768M --live
+    a._check_drift(U1)
+    said = (host.root / "run/failures" / U1).read_text()
+    assert "changed by hand: memtune hard_limit 786432 KiB (set 1048576 KiB)" in said
+    assert dom.memtune["hard_limit"] == (1048576 if mode == "restore" else 786432)
+    assert ("restored" in said) == (mode == "restore")
+    # Raised by hand: putting the lower planned limit back under a running guest could get QEMU killed, so
+    # it is reported, never forced.
+    dom.memtune["hard_limit"] = 2 * 1024 * 1024
     a._check_drift(U1)
     said = (host.root / "run/failures" / U1).read_text()
     assert "changed by hand: memtune hard_limit 2097152 KiB (set 1048576 KiB)" in said
-    assert dom.memtune["hard_limit"] == (1048576 if mode == "restore" else 2097152)
-    assert ("restored" in said) == (mode == "restore")
+    assert dom.memtune["hard_limit"] == 2097152
+    assert ("not lowered back: memtune hard_limit" in said) == (mode == "restore")
 
 
 def test_a_live_edit_of_a_fixed_balloon_target_is_applied(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,6 +268,7 @@ def test_a_live_edit_of_a_fixed_balloon_target_is_applied(host: FakeHost, monkey
     monkeypatch.setattr(dom, "setMemoryFlags", lambda kib, flags: asked.append(kib) or 0, raising=False)
     a = Agent(cfg)
     a.conn = FakeConn(dom)
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))  # the balloon thread, here at once
     a._retune(U1)
     assert asked == [150 * 1024]
     rec = operations.ledger_for(cfg).read().domains[U1]
