@@ -260,7 +260,8 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
-  systemctl daemon-reload && systemctl enable -q --now kvmhooksd.service
+  # --now starts it; try-restart makes a running one (an upgrade) run the code just installed.
+  systemctl daemon-reload && systemctl enable -q --now kvmhooksd.service && systemctl try-restart kvmhooksd.service
   say "kvmhooksd.service enabled"
 }
 
