@@ -243,6 +243,11 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
 
 # --- host isolation (<kvm:host>) -------------------------------------------------------------------------
 
+def _isolation_idle(st: LedgerState) -> bool:
+    """Nothing isolated and no VM asking: the common case, decided from the header alone."""
+    return not st.isolation and not st.domains.summary().isolating
+
+
 def isolation_target(st: LedgerState) -> IsolationTarget:
     """What the VMs holding dedicated CPUs and asking for <kvm:host> want together (an unfinished
     reservation asks nothing: its start may still fail)."""
@@ -269,7 +274,7 @@ def _fingerprint(target: IsolationTarget) -> str:
 def isolation_due(st: LedgerState) -> bool:
     """Whether the host's isolation must be brought in line now: an interrupted change, or records that ask
     for another isolation than the one last applied. Reads the ledger only (nothing where none is asked)."""
-    if not st.isolation and not st.domains.summary().isolating:
+    if _isolation_idle(st):
         return False
     return bool(st.isolation.get("pending")) or st.isolation.get("target", "") != _fingerprint(isolation_target(st))
 
@@ -289,7 +294,7 @@ def isolate_host(s: Session, vlog: VMLog, record: Callable[[str, str], None] | N
     ``record`` (``kvmhooks plan``): the writes are passed to it instead, the ledger untouched.
     """
     st = s.state
-    if not st.isolation and not st.domains.summary().isolating:
+    if _isolation_idle(st):
         return []
     from kvmhooks.apply.isolation import converge
     from kvmhooks.plan.isolation import IsolationState
@@ -685,7 +690,7 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
 
 def _reconcile_isolation(st: LedgerState, cfg: Config, out: ReconcileResult) -> None:
     """The dry run's view of the isolation converge (on a copy: nothing written, nothing committed)."""
-    if not st.isolation and not st.domains.summary().isolating:
+    if _isolation_idle(st):
         return
     from kvmhooks.apply.isolation import converge
     from kvmhooks.plan.isolation import IsolationState
