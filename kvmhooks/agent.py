@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "agent.sock"
+PID_NAME = "agent.pid"
 METRICS_SOCKET_NAME = "metrics.sock"  # HTTP, the Prometheus exposition (the agent's counters included)
 # The started hook waits this long for the agent's "ok" before it spawns the worker instead: an agent that
 # answers at all answers in well under a millisecond; a stuck one must not slow VM starts.
@@ -462,6 +463,10 @@ class Agent:
 
             serve_http(reg, self.cfg.metrics_listen)
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
+        pid_file = self.cfg.state_dir / PID_NAME  # which process is the agent (start-agent.sh restarts it)
+        tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, pid_file)
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
         next_balloon = 0.0
@@ -499,6 +504,9 @@ class Agent:
             self.stop.wait(0.2)
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.cfg).unlink()
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():  # (a newer agent may have replaced it)
+                pid_file.unlink()
         log.info("agent: stopped")
         return 0
 

@@ -8,15 +8,17 @@ if [ -d /run/systemd/system ]; then
   systemctl restart kvmhooksd.service
   exit 0
 fi
-if [ -S /run/kvmhooks/agent.sock ] && python3 - <<'PY' 2>/dev/null; then
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(0.5)
-s.connect("/run/kvmhooks/agent.sock")
-PY
-  echo "start-agent: kvmhooksd already runs"
-  exit 0
+# A running agent (its own pid file says which process) is restarted, so it runs the code just installed.
+if [ -s /run/kvmhooks/agent.pid ]; then
+  pid=$(cat /run/kvmhooks/agent.pid)
+  case $pid in ''|*[!0-9]*) pid= ;; esac
+  if [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "kvmhooks agent"; then
+    kill "$pid"
+    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+    [ ! -e "/proc/$pid" ] || kill -9 "$pid" 2>/dev/null || true
+  fi
 fi
+rm -f /run/kvmhooks/agent.sock  # (a killed agent leaves it; waiting below must see the new one)
 mkdir -p /var/log/kvmhooks
 setsid kvmhooks agent </dev/null >>/var/log/kvmhooks/agent.log 2>&1 &
 for _ in $(seq 100); do [ -S /run/kvmhooks/agent.sock ] && exit 0; sleep 0.1; done
