@@ -50,8 +50,8 @@ def main() -> None:
         # The hook with its built-in state directory (the default config's) in the temporary tree, so the
         # host's own /run/kvmhooks plays no part.
         hook = str(Path(tmp) / "qemu")
-        Path(hook).write_text((REPO / "hooks/qemu").read_text().replace("STATE=/run/kvmhooks",
-                                                                        f"STATE={host.root}/run", 1))
+        Path(hook).write_bytes((REPO / "hooks/qemu").read_bytes().replace(  # bytes: it holds a literal CR
+            b"STATE=/run/kvmhooks", f"STATE={host.root}/run".encode(), 1))
         os.chmod(hook, 0o755)
         sysfs = Path("/sys") if args.real_pools else host.sysfs
         cfg = Path(tmp) / "config.toml"

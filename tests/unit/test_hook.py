@@ -43,7 +43,8 @@ def hook_with_state(state: Path) -> Path:
     """A copy of hooks/qemu whose built-in state directory (the default config's) is ``state``, not the
     host's /run/kvmhooks."""
     script = state.parent / "qemu-hook"
-    script.write_text(HOOK.read_text().replace("STATE=/run/kvmhooks", f"STATE={state}", 1))
+    # (bytes: the script holds a literal CR, which text mode would turn into a newline)
+    script.write_bytes(HOOK.read_bytes().replace(b"STATE=/run/kvmhooks", f"STATE={state}".encode(), 1))
     script.chmod(0o755)
     return script
 
@@ -310,6 +311,9 @@ def test_the_shell_starts_python_at_stop_only_for_a_vm_the_ledger_holds(host: Fa
     assert stops_start_python(plain)  # holds pages: Python releases them
     assert not stops_start_python(domain_xml(uuid=U2, tuning=None, backing=""))  # holds nothing: no Python
     assert stops_start_python(domain_xml(uuid=U2.upper(), tuning=None, backing=""))  # not canonical: Python
+    crlf = domain_xml(uuid=U2, tuning=None, backing="").replace(f"<uuid>{U2}</uuid>".encode(),
+                                                                f"<uuid>\r\n\t{U2} \r\n</uuid>".encode())
+    assert not stops_start_python(crlf)  # blanks around it (CR included) are trimmed as scan_uuid does
     assert hook(cfg, "vm1", "release", plain, "end").returncode == 0  # the real release drops the marker
     assert not (ledger.held_dir / U1).exists() and not stops_start_python(plain)
     for marker in ledger.held_dir.iterdir():
