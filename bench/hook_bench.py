@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.fakehost import GIB, FakeHost, domain_xml  # noqa: E402
+from tests.unit.test_hook import hook_with_state  # noqa: E402
 
 
 def timed(cmd: list[str], stdin: bytes, env: dict[str, str], runs: int) -> float:
@@ -49,10 +50,7 @@ def main() -> None:
         host = FakeHost(Path(tmp)).build()
         # The hook with its built-in state directory (the default config's) in the temporary tree, so the
         # host's own /run/kvmhooks plays no part.
-        hook = str(Path(tmp) / "qemu")
-        Path(hook).write_bytes((REPO / "hooks/qemu").read_bytes().replace(  # bytes: it holds a literal CR
-            b"STATE=/run/kvmhooks", f"STATE={host.root}/run".encode(), 1))
-        os.chmod(hook, 0o755)
+        hook = str(hook_with_state(host.root / "run"))
         sysfs = Path("/sys") if args.real_pools else host.sysfs
         cfg = Path(tmp) / "config.toml"
         cfg.write_text(f'sysfs_root = "{sysfs}"\nproc_root = "{"/proc" if args.real_pools else host.proc}"\n'

@@ -46,7 +46,7 @@ from kvmhooks.topology import HostTopology, qemu_hugepages, read_topology
 from kvmhooks.units import format_cpuset
 
 if TYPE_CHECKING:
-    from kvmhooks.apply.isolation import HostSettings
+    from kvmhooks.apply.isolation import HostSettings, IsolationReport
     from kvmhooks.plan.cpus import CpuPlan
     from kvmhooks.plan.isolation import IsolationTarget
 
@@ -285,6 +285,24 @@ def host_settings(cfg: Config) -> HostSettings:
     return HostSettings(cfg.proc_root, cfg.sysfs_root, cfg.cgroup_root, cfg.run_root)
 
 
+def _converge_isolation(st: LedgerState, cfg: Config, commit: Callable[[], None],
+                        record: Callable[[str, str], None] | None) -> IsolationReport:
+    """One converge of the host on what ``st``'s records ask; ``commit`` makes the ledger durable (its
+    isolation section, with the fingerprint of the target, is kept in ``st`` first)."""
+    from kvmhooks.apply.isolation import converge
+    from kvmhooks.plan.isolation import IsolationState
+
+    state = IsolationState.from_json(st.isolation)
+    target = isolation_target(st)
+    mark = _fingerprint(target)
+
+    def keep() -> None:
+        st.isolation = {} if state.empty else {**state.to_json(), "target": mark}
+        commit()
+
+    return converge(state, target, host_settings(cfg), keep, record)
+
+
 def isolate_host(s: Session, vlog: VMLog, record: Callable[[str, str], None] | None = None) -> list[str]:
     """Bring the host's isolation in line with the ledger's records (crash-safe: see
     :func:`kvmhooks.apply.isolation.converge`); returns what went wrong, as warnings. Never raises for the
@@ -296,19 +314,8 @@ def isolate_host(s: Session, vlog: VMLog, record: Callable[[str, str], None] | N
     st = s.state
     if _isolation_idle(st):
         return []
-    from kvmhooks.apply.isolation import converge
-    from kvmhooks.plan.isolation import IsolationState
-
     try:
-        state = IsolationState.from_json(st.isolation)
-        target = isolation_target(st)
-        mark = _fingerprint(target)
-
-        def commit() -> None:
-            st.isolation = {} if state.empty else {**state.to_json(), "target": mark}
-            s.commit()
-
-        report = converge(state, target, host_settings(s.cfg), commit, record)
+        report = _converge_isolation(st, s.cfg, s.commit, record)
     except Exception as e:  # best effort, whatever the host (or a bug) throws: the VM starts and stops anyway
         vlog.warning("host isolation: %s (retried at the next operation or kvmhooks reconcile)", e)
         return [f"host isolation: {e}"]
@@ -689,16 +696,13 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
 
 
 def _reconcile_isolation(st: LedgerState, cfg: Config, out: ReconcileResult) -> None:
-    """The dry run's view of the isolation converge (on a copy: nothing written, nothing committed)."""
+    """The dry run's view of the isolation converge (nothing written, nothing committed)."""
     if _isolation_idle(st):
         return
-    from kvmhooks.apply.isolation import converge
-    from kvmhooks.plan.isolation import IsolationState
-
     try:
-        converge(IsolationState.from_json(st.isolation), isolation_target(st), host_settings(cfg), lambda: None,
-                 lambda key, value: out.actions.append(f"host isolation: set {key} to {value!r}"))
-    except KvmhooksError as e:
+        _converge_isolation(st, cfg, lambda: None,
+                            lambda key, value: out.actions.append(f"host isolation: set {key} to {value!r}"))
+    except Exception as e:  # (as isolate_host: whatever the host throws is a line, not a failure)
         out.actions.append(f"host isolation: {e}")
 
 
