@@ -53,12 +53,25 @@ def scan_uuid(data: bytes) -> str | None:
     release leaks the VM's pages and CPUs until a reconcile. So this only looks at the first
     SCAN_UUID_BYTES for the first literal ``<uuid>`` tag. That tag is the real one: libvirt writes <name>
     and <uuid> before <metadata>, and user text before it (name, title, description) is escaped, so it
-    cannot contain a literal tag. Only the canonical 8-4-4-4-12 hex form is accepted (returned lowercased);
-    a malformed first tag is None, never a reason to look further.
+    cannot contain a literal tag; comments and CDATA sections are stepped over. Only the canonical
+    8-4-4-4-12 hex form is accepted (returned lowercased); a malformed first tag is None, never a reason to
+    look further.
     """
     head = data[:SCAN_UUID_BYTES]
-    start = head.find(b"<uuid>")
-    if start < 0:
-        return None
+    pos = 0
+    while True:  # a linear walk: each step moves past a tag or a comment/CDATA section, never back
+        start = head.find(b"<uuid>", pos)
+        if start < 0:
+            return None
+        skip = head.find(b"<!", pos, start)
+        if skip < 0:
+            break
+        # A comment or CDATA section before the tag may hold a literal "<uuid>" that is not the domain's.
+        # libvirt never sends one, but a hand-made XML may, and hooks/qemu makes the same call: it hands any
+        # XML with "<!" before its first <uuid> to Python rather than trust that tag.
+        end = head.find(b"]]>" if head.startswith(b"<![CDATA[", skip) else b"-->", skip + 2)
+        if end < 0:
+            return None
+        pos = end + 3
     m = _SCAN_UUID_RE.match(head, start)
     return None if m is None else m.group(1).decode("ascii").lower()

@@ -374,11 +374,14 @@ def test_uppercase_uuid_is_released(tmp_path: Path) -> None:
     assert host.pool(0) == 40
 
 
-@pytest.mark.xfail(strict=True, reason="not needed: libvirt never formats a comment before <uuid>")
 def test_scan_uuid_ignores_a_uuid_in_a_comment_before_the_real_one() -> None:
-    """Not producible through libvirt (it formats <uuid> before any user comment); hardening only."""
+    """Not producible through libvirt (it formats <uuid> before any user comment), but hooks/qemu and Python
+    must agree on the UUID (tests/unit/test_hook_dispatcher.py checks the shell)."""
     xml = small(UA).replace(b"<name>", f"<!-- <uuid>{UB}</uuid> --><name>".encode())
     assert scan_uuid(xml) == UA
+    cdata = small(UA).replace(b"<name>", f"<description><![CDATA[<uuid>{UB}</uuid>]]></description><name>".encode())
+    assert scan_uuid(cdata) == UA
+    assert scan_uuid(small(UA).replace(b"<name>", b"<!-- never closed <name>")) is None
 
 
 # --- (a)/(b) property: the prepare matrix but killing the recovery at every step too ------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from kvmhooks.ledger import Ledger
 from tests.fakehost import FakeHost, domain_xml
-from tests.unit.test_hook import HOOK, U1, hook, hook_env, write_config
+from tests.unit.test_hook import HOOK, U1, hook, hook_env, hook_with_state, write_config
 
 NS = "http://kvmhooks.org/xmlns/domain/1.0"
 
@@ -274,3 +274,42 @@ def test_plan_says_when_the_start_goes_on_without_reserved_pages(host: FakeHost)
     assert r.returncode == 0 and b"without reserved pages" in r.stderr  # the real start says so
     actions = [a.action for a in dryrun.plan(dom, host.config(), persistent_domain=True)]
     assert any("without reserved pages" in a for a in actions), actions
+
+
+# --- round two: the shell and Python agree on the UUID when a comment holds a <uuid> tag --------------------
+
+HIDDEN_UUID = {"comment": "<!-- <uuid>{}</uuid> -->",
+               "cdata": "<description><![CDATA[<uuid>{}</uuid>]]></description>"}
+OTHER = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+
+
+@pytest.mark.parametrize("hide", HIDDEN_UUID.values(), ids=HIDDEN_UUID.keys())
+def test_a_uuid_tag_in_a_comment_before_the_real_one_does_not_skip_the_release(host: FakeHost, hide: str) -> None:
+    """Python steps over comments and CDATA (scan_uuid) and releases the real UUID's pages."""
+    cfg = write_config(host)
+    assert hook(cfg, "vm1", "prepare", libvirt_xml()).returncode == 0
+    assert host.pool(0) == 128
+    xml = libvirt_xml(ours=False).replace(b"<name>", (hide.format(OTHER) + "<name>").encode(), 1)
+    for op in ("stopped", "release"):
+        r = hook(cfg, "vm1", op, xml, "end")
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    assert host.pool(0) == 0 and not held(host), "release skipped: a <uuid> in a comment was taken"
+
+
+@pytest.mark.parametrize("hide", HIDDEN_UUID.values(), ids=HIDDEN_UUID.keys())
+def test_the_shell_hands_a_uuid_behind_a_comment_to_python(host: FakeHost, tmp_path: Path, hide: str) -> None:
+    """The default-config path (no state_dir: the shell decides alone) took the first literal <uuid> even in
+    a comment: the held VM's stop exited without Python and its pages stayed reserved. Python is a stand-in
+    here that notes it ran."""
+    cfg = write_config(host)
+    assert hook(cfg, "vm1", "prepare", libvirt_xml()).returncode == 0
+    script = hook_with_state(host.root / "run")
+    ran = tmp_path / "python-ran"
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
+    fake_py.chmod(0o755)
+    env = {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+    xml = libvirt_xml(ours=False).replace(b"<name>", (hide.format(OTHER) + "<name>").encode(), 1)
+    r = subprocess.run([str(script), "vm1", "release", "end", "-"], input=xml, env=env, capture_output=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    assert ran.exists(), "the shell trusted a <uuid> inside a comment and skipped the release"
