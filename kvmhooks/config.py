@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from kvmhooks.errors import ConfigError
-from kvmhooks.units import parse_cpuset, parse_size_kib
+from kvmhooks.units import clip, parse_cpuset, parse_size_kib
 
 DEFAULT_CONFIG = Path("/etc/kvmhooks/config.toml")
 # The hook is started by libvirtd with a clean environment; this variable only matters to tests and to
@@ -120,10 +120,10 @@ def config_from_dict(data: dict[str, object], where: str = "config") -> Config:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
     if changes.get("drift", "report") not in ("report", "restore"):
-        raise ConfigError(f"{where}: drift: expected 'report' or 'restore', got {changes['drift']!r}")
+        raise ConfigError(f"{where}: drift: expected 'report' or 'restore', got {clip(str(changes['drift']))}")
     listen = str(changes.get("metrics_listen", ""))
     if listen and not (listen.rpartition(":")[2].isdecimal() and listen.rpartition(":")[0]):
-        raise ConfigError(f"{where}: metrics_listen: expected HOST:PORT like 127.0.0.1:9765, got {listen!r}")
+        raise ConfigError(f"{where}: metrics_listen: expected HOST:PORT like 127.0.0.1:9765, got {clip(listen)}")
     return replace(cfg, **changes)  # type: ignore[arg-type]
 
 

@@ -25,6 +25,12 @@ keeps its root cause (``ApplyError(msg, cause)``) and prints as "message: cause"
 
 from __future__ import annotations
 
+from kvmhooks.units import clip
+
+# How much of a user's value or VM name one error line repeats: enough to recognise it, never a screenful
+# (a rejected 5000-digit number once filled one "line" of virsh start's error).
+SHOWN_CHARS = 64
+
 
 class KvmhooksError(Exception):
     """Root of every error kvmhooks raises on purpose.
@@ -35,7 +41,7 @@ class KvmhooksError(Exception):
 
     def __init__(self, message: str = "", *, vm: str | None = None):
         self.vm = vm
-        super().__init__(message if vm is None else f"VM {vm!r}: {message}")
+        super().__init__(message if vm is None else f"VM {clip(vm, SHOWN_CHARS)}: {message}")
 
 
 class XMLInputError(KvmhooksError):
@@ -55,7 +61,7 @@ class AnnotationError(KvmhooksError):
         self.value = value
         self.reason = reason
         where = f"<kvm:{element}>" if attribute is None else f"<kvm:{element} {attribute}=...>"
-        shown = "" if value is None else f" value {value!r}"
+        shown = "" if value is None else f" value {clip(value, SHOWN_CHARS)}"
         super().__init__(f"{where}{shown}: {reason}", vm=vm)
 
 
