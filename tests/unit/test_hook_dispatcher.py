@@ -313,3 +313,49 @@ def test_the_shell_hands_a_uuid_behind_a_comment_to_python(host: FakeHost, tmp_p
     r = subprocess.run([str(script), "vm1", "release", "end", "-"], input=xml, env=env, capture_output=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
     assert ran.exists(), "the shell trusted a <uuid> inside a comment and skipped the release"
+
+
+# --- issue "A tuned VM starts as fast as a plain one": Python only where there is work ----------------------
+
+def _python_stand_in(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    ran = tmp_path / "python-ran"
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
+    fake_py.chmod(0o755)
+    return ran, {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+
+
+@pytest.mark.parametrize("op", ["start", "attach", "migrate", "restore", "shutdown", "newer-op"])
+def test_operations_kvmhooks_ignores_start_no_python_even_for_an_annotated_vm(host: FakeHost, tmp_path: Path,
+                                                                              op: str) -> None:
+    """An annotated VM started Python for every operation libvirt calls, start included: five interpreter
+    starts per lifecycle where two do the work. migrate/restore print nothing (= XML unchanged)."""
+    ran, env = _python_stand_in(tmp_path)
+    r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=libvirt_xml(), env=env, capture_output=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    assert not ran.exists()
+
+
+def test_an_annotated_vm_stops_through_python_once(host: FakeHost, tmp_path: Path) -> None:
+    """stopped and release both started Python for an annotated VM; now only a VM with a held marker does,
+    so the first of the two releases it and the second costs the shell only."""
+    cfg = write_config(host)
+    assert hook(cfg, "vm1", "prepare", libvirt_xml()).returncode == 0
+    script = hook_with_state(host.root / "run")
+    ran, env = _python_stand_in(tmp_path)
+
+    def starts_python(op: str) -> bool:
+        ran.unlink(missing_ok=True)
+        r = subprocess.run([str(script), "vm1", op, "end", "-"], input=libvirt_xml(), env=env, capture_output=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+        return ran.exists()
+
+    assert starts_python("stopped")  # holds 128 pages: Python releases them
+    assert hook(cfg, "vm1", "stopped", libvirt_xml(), "end").returncode == 0  # (the real release)
+    assert host.pool(0) == 0
+    assert not starts_python("release")  # nothing held any more: the second one is the shell's alone
+    assert not starts_python("stopped")
+    big = libvirt_xml(devices_extra="<!--" + "x" * 70000 + "-->")  # over the shell's 64 KiB: still no Python
+    ran.unlink(missing_ok=True)
+    r = subprocess.run([str(script), "vm1", "release", "end", "-"], input=big, env=env, capture_output=True)
+    assert r.returncode == 0 and not ran.exists()
