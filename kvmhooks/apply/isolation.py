@@ -52,6 +52,7 @@ from kvmhooks.plan.isolation import (
     order,
     original_of,
     parse_list,
+    same_list,
     settle,
 )
 from kvmhooks.units import format_cpuset, parse_cpuset
@@ -380,9 +381,9 @@ class HostSettings:
                 raise ApplyError(f"cannot create {shield}", e) from e
         # v1 refuses tasks in a cpuset without memory nodes; v2 reads empty mems as "the parent's".
         mems = self._read_opt(root / ("cpuset.mems" if self.backend == "cgroup1" else "cpuset.mems.effective"))
-        if mems and self._read_opt(shield / "cpuset.mems") != mems:
+        if mems and not same_list(self._read_opt(shield / "cpuset.mems"), mems):
             self._write_or_raise(shield / "cpuset.mems", mems)
-        if not equivalent(TASKS, self._read_opt(shield / "cpuset.cpus"), value):  # mems first: cpus means done
+        if not same_list(self._read_opt(shield / "cpuset.cpus"), value):  # mems first: cpus means done
             self._write_or_raise(shield / "cpuset.cpus", value)
         self._move_root_tasks()
 

@@ -11,7 +11,7 @@ key                 host setting                                                
 ``irq:default``     /proc/irq/default_smp_affinity                              hex mask ("ff,ffffffff")
 ``workqueue``       /sys/devices/virtual/workqueue/cpumask                      hex mask
 ``governor:N``      /sys/devices/system/cpu/cpuN/cpufreq/scaling_governor       a name
-``unit:U``          systemd's runtime ``AllowedCPUs=`` of system.slice and co.  CPU list, "" = all
+``unit:U``          systemd's runtime ``AllowedCPUs=`` of system.slice and co.  "0-1 3", "" = all
 ``subtree:cpuset``  "+cpuset" in the cgroup v2 root's cgroup.subtree_control    "on" / "off"
 ``tasks``           kvmhooks' own host cpuset (cgroup v1/v2) holding host tasks  CPU list, "" = none
 ==================  ==========================================================  ==========================
@@ -25,6 +25,7 @@ found after a crash or an admin's edit, :func:`changes` and :func:`forgettable` 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ INCOMPLETE = "incomplete"
 # (a shield left by a lost ledger must not become the "original"), and an edit of them is not the admin's.
 OWNED = frozenset({TASKS})
 
+# What separates the ranges of a CPU list: the kernel's comma, or systemd's spaces (ASCII whitespace only).
+_LIST_SEP_RE = re.compile(r"[ \t\r\n,]+")
 # A 32-bit group of a kernel cpumask ("%*pb"), and how many of them NR_CPUS allows.
 _MASK_GROUP_RE = re.compile(r"[0-9a-fA-F]{1,8}")
 _MAX_MASK_GROUPS = (MAX_CPU_ID + 1) // 32
@@ -84,9 +87,15 @@ def format_mask(cpus: Iterable[int], like: str = "") -> str:
 
 
 def parse_list(text: str) -> frozenset[int]:
-    """A kernel or systemd CPU list; "" is the empty set (systemd: "all", kvmhooks' shield: "none")."""
-    t = text.strip(ASCII_WS)
-    return frozenset() if not t else parse_cpuset(t)
+    """A CPU list as the kernel prints it ("0-1,3") or as systemd does: ``systemctl show -p AllowedCPUs``
+    joins ranges with spaces ("0-1 3", cpu_set_to_range_string() in systemd's cpu-set-util.c), and
+    set-property takes spaces and commas alike. "" is the empty set (systemd: "all", kvmhooks' shield:
+    "none"). Values read back are compared as sets through this, never as strings.
+
+    :raise ValueError: on anything else.
+    """
+    words = [w for w in _LIST_SEP_RE.split(text) if w]
+    return parse_cpuset(",".join(words)) if words else frozenset()
 
 
 def kind(key: str) -> str:
@@ -108,16 +117,24 @@ def key_cpu(key: str) -> int | None:
     return int(tail) if tail.isascii() and tail.isdecimal() and len(tail) <= 5 else None
 
 
-def equivalent(key: str, a: str, b: str) -> bool:
-    """Whether two values of a key mean the same (the kernel may print a set otherwise than it was written)."""
-    k = kind(key)
+def same_list(a: str, b: str) -> bool:
+    """Whether two CPU (or node) lists name the same set; two values that are not lists, the same text."""
     try:
-        if k in ("irqmask", "workqueue"):
-            return parse_mask(a) == parse_mask(b)
-        if k in ("irq", "unit", "tasks"):
-            return parse_list(a) == parse_list(b)
+        return parse_list(a) == parse_list(b)
     except ValueError:
-        pass
+        return a.strip(ASCII_WS) == b.strip(ASCII_WS)
+
+
+def equivalent(key: str, a: str, b: str) -> bool:
+    """Whether two values of a key mean the same: CPU sets are compared as sets, since the kernel and systemd
+    print a set otherwise than it was written ("0-1,3" reads back "0-1 3" from systemd); governors and the
+    controller switch as text."""
+    k = kind(key)
+    if k in ("irq", "unit", "tasks"):
+        return same_list(a, b)
+    if k in ("irqmask", "workqueue"):
+        with contextlib.suppress(ValueError):
+            return parse_mask(a) == parse_mask(b)
     return a.strip(ASCII_WS) == b.strip(ASCII_WS)
 
 

@@ -14,6 +14,7 @@ import copy
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from kvmhooks.annotation import HostSpec
 from kvmhooks.apply.isolation import SHIELD, SYSTEMD_UNITS, HostSettings, IsolationReport, converge
-from kvmhooks.errors import LedgerError
+from kvmhooks.errors import ApplyError, LedgerError
 from kvmhooks.plan.isolation import (
     IsolationState,
     IsolationTarget,
@@ -59,26 +60,58 @@ class Crash(BaseException):
     code under test may swallow it)."""
 
 
+def systemd_cpu_set(text: str) -> set[int]:
+    """What systemd's parse_cpu_set() reads (src/shared/cpu-set-util.c): ranges "N" or "N-M" separated by
+    any run of spaces and commas; "" is the empty set (no restriction). Anything else: the command fails."""
+    cpus: set[int] = set()
+    for word in re.split(r"[\s,]+", text.strip()):
+        if not word:
+            continue
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", word)
+        if m is None or int(m.group(2) or m.group(1)) < int(m.group(1)):
+            raise ApplyError(f"Failed to parse CPU set: {text}")
+        cpus.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return cpus
+
+
+def systemd_range_string(cpus: set[int]) -> str:
+    """systemd's cpu_set_to_range_string(): ranges "N-M" (single CPUs "N") joined by SPACES, "" when empty."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and cpu - 1 in cpus:
+            out[-1] = f"{out[-1].partition('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return " ".join(out)
+
+
 class FakeSystemd:
-    """systemctl show / set-property --runtime over a dict of unit → AllowedCPUs; like systemd, set-property
-    --runtime also writes its drop-in under /run/systemd/system.control (``run`` is that /run)."""
+    """systemctl show / set-property --runtime over a dict of unit → AllowedCPUs, printed as the real one
+    prints it: ``show -p AllowedCPUs --value`` prints cpu_set_to_range_string() of the set ("0-1 3"; an unset
+    AllowedCPUs prints an empty line: -p shows empty properties, --value drops the "AllowedCPUs=" —
+    systemctl-show.c and bus-print-properties.c). Like systemd, set-property --runtime also writes its drop-in
+    under /run/systemd/system.control (``run`` is that /run) with the text dbus-cgroup.c and unit.c write.
+    ``set_calls`` counts the set-property calls."""
 
     def __init__(self, run: Path | None = None) -> None:
         self.props = {unit: "" for unit in SYSTEMD_UNITS}
         self.run = run
+        self.set_calls = 0
 
     def __call__(self, argv: list[str]) -> str:
         if argv[:5] == ["systemctl", "show", "-p", "AllowedCPUs", "--value"]:
             return self.props.get(argv[5], "") + "\n"
         assert argv[:3] == ["systemctl", "set-property", "--runtime"] and argv[4].startswith("AllowedCPUs=")
-        self.props[argv[3]] = argv[4].partition("=")[2]
+        value = systemd_range_string(systemd_cpu_set(argv[4].partition("=")[2]))
+        self.set_calls += 1
+        self.props[argv[3]] = value
         if self.run is not None:
             d = self.run / f"systemd/system.control/{argv[3]}.d"
             d.mkdir(parents=True, exist_ok=True)
             section = "Scope" if argv[3].endswith(".scope") else "Slice"
             (d / "50-AllowedCPUs.conf").write_text(f"# This is a drop-in unit file extension, created via "
                                                    f"\"systemctl set-property\"\n# or an equivalent operation. Do "
-                                                   f"not edit.\n[{section}]\n{argv[4]}\n")
+                                                   f"not edit.\n[{section}]\nAllowedCPUs=\nAllowedCPUs={value}\n")
         return ""
 
 
