@@ -19,9 +19,13 @@ for it (``tests/unit/test_metrics.py`` checks). :func:`render` is the one-shot e
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import queue
 import re
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -485,44 +489,201 @@ def write_textfile(reg: CollectorRegistry, path: str | Path) -> None:
         raise
 
 
-def serve_http(reg: CollectorRegistry, listen: str) -> None:
-    """Serve ``reg`` at http://HOST:PORT/metrics from a daemon thread (the agent's ``metrics_listen``)."""
-    from prometheus_client import start_http_server
+# --- the agent's HTTP endpoints ---------------------------------------------------------------------------
+#
+# prometheus_client's own server (start_http_server: wsgiref + ThreadingMixIn) starts a thread per connection
+# and never times a read out, so idle connections pin one agent thread each for as long as they stay open
+# (measured: 300 idle clients, 300 threads). socketserver with a semaphore bounds the threads but not the
+# harm: a few idle clients then hold every slot and the real scrape is refused. So a connection gets no thread
+# until its whole request has arrived: one selector thread reads request heads without blocking, under a
+# deadline and a cap on how many may wait, and a fixed pool answers complete requests with prometheus_client's
+# MetricsHandler (its parsing, content negotiation and exposition), fed the head already read.
 
+# Connections whose request has not arrived yet; one more closes the one that has waited longest (a scraper
+# sends its request within a millisecond of connecting, so an idle client is the one that goes).
+MAX_WAITING = 64
+# To send the request line and headers (Prometheus sends them at once), and to take the answer (a few KiB:
+# it fits the socket buffer, so only a client that stopped reading takes long). Prometheus' own default
+# scrape_timeout is 10 s: an honest scraper is never cut off by these.
+REQUEST_TIMEOUT = 5.0
+WRITE_TIMEOUT = 5.0
+# A scrape's request is a few hundred bytes; http.server's own limit per line is 64 KiB.
+MAX_HEAD = 8192
+# Threads that answer (the collector reads the state one scrape at a time anyway), and complete requests that
+# may wait for one; past that a request is answered 503 at once.
+ANSWER_THREADS = 2
+MAX_QUEUED = 16
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\n\r\ntoo many metrics requests at once\n")
+
+
+@dataclass
+class _Waiting:
+    deadline: float
+    head: bytearray
+    address: object
+
+
+class MetricsServer:
+    """The agent's metrics endpoint on one listening socket (TCP or unix): bounded in threads (one selector
+    plus :data:`ANSWER_THREADS`, whatever the clients do), in waiting connections (:data:`MAX_WAITING`) and
+    in time (:data:`REQUEST_TIMEOUT`, :data:`WRITE_TIMEOUT`)."""
+
+    def __init__(self, reg: CollectorRegistry, listener: socket.socket, name: str):
+        from prometheus_client import MetricsHandler
+
+        class Handler(MetricsHandler):
+            registry = reg
+
+            def setup(self) -> None:  # the head was read by the selector; answer on the socket itself
+                conn, head = self.request
+                self.connection = conn
+                self.rfile = io.BytesIO(head)
+                self.wfile = conn.makefile("wb")
+
+            def address_string(self) -> str:  # a unix socket's peer has no host address
+                return str(self.client_address[0]) if self.client_address else "unix"
+
+        self.handler = Handler
+        self.listener = listener
+        self.name = name
+        self.stopped = threading.Event()
+        self.queue: queue.Queue[tuple[socket.socket, bytes, object] | None] = queue.Queue(MAX_QUEUED)
+        listener.setblocking(False)
+        self.threads = [threading.Thread(target=self._select, name=f"{name}-select", daemon=True)]
+        self.threads += [threading.Thread(target=self._answer, name=f"{name}-{i}", daemon=True)
+                         for i in range(ANSWER_THREADS)]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        """Stop serving (the threads end within a selector round; connections still waiting are closed)."""
+        self.stopped.set()
+        for _ in range(ANSWER_THREADS):
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+
+    def _select(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        waiting: dict[socket.socket, _Waiting] = {}  # in arrival order: the first has waited longest
+
+        def drop(conn: socket.socket) -> None:
+            sel.unregister(conn)
+            del waiting[conn]
+            conn.close()
+
+        try:
+            while not self.stopped.is_set():
+                now = time.monotonic()
+                wait = min([w.deadline - now for w in waiting.values()] + [0.5])
+                for key, _ in sel.select(max(wait, 0.0)):
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if conn is self.listener:
+                        self._accept(sel, waiting, drop)
+                        continue
+                    w = waiting[conn]
+                    try:
+                        data = conn.recv(MAX_HEAD + 1 - len(w.head))
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    w.head += data
+                    if b"\r\n\r\n" in w.head or b"\n\n" in w.head:
+                        sel.unregister(conn)
+                        del waiting[conn]
+                        self._dispatch(conn, bytes(w.head), w.address)
+                    elif not data or len(w.head) > MAX_HEAD:  # gone, or not a scrape
+                        drop(conn)
+                now = time.monotonic()
+                for conn in [c for c, w in waiting.items() if w.deadline <= now]:
+                    log.debug("metrics: %s: no request within %g s; closed", self.name, REQUEST_TIMEOUT)
+                    drop(conn)
+        except Exception:  # a bug: the endpoint stops, the agent's own work goes on
+            log.exception("metrics: %s: the endpoint stopped", self.name)
+        finally:
+            for conn in list(waiting):
+                drop(conn)
+            sel.close()
+            self.listener.close()
+
+    def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting],
+                drop: Callable[[socket.socket], None]) -> None:
+        while True:
+            try:
+                conn, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors (EMFILE): the waiting ones time out and free some
+                log.debug("metrics: %s: accept: %s", self.name, e)
+                return
+            conn.setblocking(False)
+            if len(waiting) >= MAX_WAITING:
+                drop(next(iter(waiting)))
+            waiting[conn] = _Waiting(time.monotonic() + REQUEST_TIMEOUT, bytearray(), address)
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _dispatch(self, conn: socket.socket, head: bytes, address: object) -> None:
+        try:
+            self.queue.put_nowait((conn, head, address))
+        except queue.Full:
+            with contextlib.suppress(OSError):
+                conn.send(_BUSY)  # non-blocking: whatever fits (all of it, into an empty socket buffer)
+            conn.close()
+
+    def _answer(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            conn, head, address = item
+            try:
+                conn.settimeout(WRITE_TIMEOUT)
+                self.handler((conn, head), address, None)  # type: ignore[arg-type]
+            except Exception as e:  # the client went away or stopped reading: its problem, not the agent's
+                log.debug("metrics: %s: answer: %s", self.name, e)
+            finally:
+                conn.close()
+
+
+def serve_http(reg: CollectorRegistry, listen: str) -> MetricsServer:
+    """Serve ``reg`` at http://HOST:PORT/metrics (the agent's ``metrics_listen``; IPv6 as ``[::1]:PORT``)."""
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), host, registry=reg)
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                                         type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    srv = socket.socket(family, kind, proto)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted agent binds at once
+        srv.bind(address)
+        srv.listen(socket.SOMAXCONN)
+    except BaseException:
+        srv.close()
+        raise
+    return MetricsServer(reg, srv, "metrics-http")
 
 
-def serve_unix(reg: CollectorRegistry, path: Path) -> None:
-    """Serve ``reg`` over HTTP on the unix socket ``path`` (root only, 0600) from a daemon thread: the
-    agent's always-on endpoint, which ``kvmhooks metrics`` reads (no TCP port is opened by default)."""
-    import socketserver
-
-    from prometheus_client import MetricsHandler
-
-    class Handler(MetricsHandler):
-        registry = reg
-
-        def address_string(self) -> str:  # a unix socket's peer has no host address
-            return "unix"
-
-    class Server(socketserver.ThreadingUnixStreamServer):
-        daemon_threads = True
-
+def serve_unix(reg: CollectorRegistry, path: Path) -> MetricsServer:
+    """Serve ``reg`` over HTTP on the unix socket ``path`` (root only, 0600): the agent's always-on endpoint,
+    which ``kvmhooks metrics`` reads (no TCP port is opened by default). The same limits as over TCP."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        server = Server(str(path), Handler)
+        srv.bind(str(path))
+        srv.listen(socket.SOMAXCONN)
+    except BaseException:
+        srv.close()
+        raise
     finally:
         os.umask(old)
-    threading.Thread(target=server.serve_forever, name="metrics-unix", daemon=True).start()
+    return MetricsServer(reg, srv, "metrics-unix")
 
 
 def fetch_unix(path: Path, timeout: float = 2.0) -> bytes | None:
     """The exposition from the agent's unix socket, or None when no agent answers there (in time)."""
-    import socket
-
     deadline = time.monotonic() + timeout  # for the whole exchange, not each read: a slow peer cannot stall us
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
