@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import HostError, KvmhooksError
 from kvmhooks.log import VMLog
 from kvmhooks.xmlsafe import UUID_RE
 
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "agent.sock"
 PID_NAME = "agent.pid"
+# One agent per host: held (flock) for the agent's lifetime, taken before its socket or pid file is touched,
+# so a second agent refuses before it can take the socket over, and only the holder removes what it made.
+LOCK_NAME = "agent.lock"
 METRICS_SOCKET_NAME = "metrics.sock"  # HTTP, the Prometheus exposition (the agent's counters included)
 # The started hook waits this long for the agent's "ok" before it spawns the worker instead: an agent that
 # answers at all answers in well under a millisecond; a stuck one must not slow VM starts.
@@ -67,6 +70,29 @@ def socket_path(cfg: Config) -> Path:
 
 def metrics_socket_path(cfg: Config) -> Path:
     return cfg.state_dir / METRICS_SOCKET_NAME
+
+
+def take_lock(cfg: Config) -> int:
+    """The one-agent-per-host lock (an open descriptor; the lock goes with it, at exit or a crash alike).
+
+    :raise HostError: another agent holds it (one line, naming its pid when its pid file says).
+    """
+    import fcntl
+
+    path = cfg.state_dir / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = f" (pid {int((cfg.state_dir / PID_NAME).read_text())})"
+        except (OSError, ValueError):
+            pid = ""
+        raise HostError(f"kvmhooksd already runs on this host{pid}, holding {path}; not starting a second one "
+                        "(scripts/start-agent.sh or 'systemctl restart kvmhooksd' restarts it)") from None
+    return fd
 
 
 def tell(cfg: Config, uuid: str) -> bool:
@@ -446,6 +472,23 @@ class Agent:
         return conn
 
     def run(self, once: bool = False) -> int:
+        """Serve until :attr:`stop` is set. Refuses (HostError) while another agent runs on this host."""
+        lock = take_lock(self.cfg)  # before the socket and the pid file: they are the lock holder's alone
+        pid_file = self.cfg.state_dir / PID_NAME  # which process is the agent (start-agent.sh restarts it)
+        servers: list[Any] = []
+        try:
+            self._run(once, pid_file, servers)
+        finally:
+            for srv in servers:
+                srv.close()
+            for path in (socket_path(self.cfg), metrics_socket_path(self.cfg), pid_file):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            os.close(lock)  # only now may another agent start
+        log.info("agent: stopped")
+        return 0
+
+    def _run(self, once: bool, pid_file: Path, servers: list[Any]) -> None:
         import libvirt
 
         from kvmhooks.apply.libvirt import quiet_libvirt
@@ -457,16 +500,15 @@ class Agent:
         from kvmhooks.metrics import registry, serve_unix
 
         reg, self.metrics = registry(self.cfg, live_balloon=self._live_balloon)
-        serve_unix(reg, metrics_socket_path(self.cfg))  # always (root only); `kvmhooks metrics` reads it
+        servers.append(serve_unix(reg, metrics_socket_path(self.cfg)))  # always (root only): `kvmhooks metrics`
         if self.cfg.metrics_listen:
             from kvmhooks.metrics import serve_http
 
-            serve_http(reg, self.cfg.metrics_listen)
+            servers.append(serve_http(reg, self.cfg.metrics_listen))
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
-        pid_file = self.cfg.state_dir / PID_NAME  # which process is the agent (start-agent.sh restarts it)
         tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")
         tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, pid_file)
+        os.replace(tmp, pid_file)  # last: start-agent.sh takes it as "ready"
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
         next_balloon = 0.0
@@ -502,13 +544,6 @@ class Agent:
             if once:
                 break
             self.stop.wait(0.2)
-        with contextlib.suppress(FileNotFoundError):
-            socket_path(self.cfg).unlink()
-        with contextlib.suppress(OSError, ValueError):
-            if int(pid_file.read_text()) == os.getpid():  # (a newer agent may have replaced it)
-                pid_file.unlink()
-        log.info("agent: stopped")
-        return 0
 
     def _events(self) -> None:
         import libvirt

@@ -2,25 +2,54 @@
 # Start kvmhooksd (the resident agent) the way start-libvirtd.sh starts libvirtd: its systemd unit where
 # systemd runs, else in the background with its log in /var/log/kvmhooks/agent.log. Optional: VMs are tuned
 # without it (the hook's detached worker), only slower and without live re-tuning. As root.
+#
+# One agent per host: a running one holds STATE/agent.lock for its lifetime (a second one refuses). A restart
+# stops it, waits until its lock is free (it removes its socket and pid file before it lets go), then starts
+# the new one, so demo.sh and upgrades run the code just installed.
+# KVMHOOKS_STATE_DIR, KVMHOOKS_AGENT_LOG and KVMHOOKS_BIN stand in for /run/kvmhooks, the log and the
+# command (the tests; the agent itself reads its state_dir from the config named by KVMHOOKS_CONFIG).
 set -euo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
-if [ -d /run/systemd/system ]; then
-  systemctl restart kvmhooksd.service
+state=${KVMHOOKS_STATE_DIR:-/run/kvmhooks}
+log=${KVMHOOKS_AGENT_LOG:-/var/log/kvmhooks/agent.log}
+bin=${KVMHOOKS_BIN:-kvmhooks}
+lock=$state/agent.lock
+if [ -z "${KVMHOOKS_STATE_DIR:-}" ] && [ -d /run/systemd/system ]; then
+  systemctl restart kvmhooksd.service  # (systemd stops the old process before it starts the new one)
   exit 0
 fi
-# A running agent (its own pid file says which process) is restarted, so it runs the code just installed.
-if [ -s /run/kvmhooks/agent.pid ]; then
-  pid=$(cat /run/kvmhooks/agent.pid)
-  case $pid in ''|*[!0-9]*) pid= ;; esac
-  if [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "kvmhooks agent"; then
-    kill "$pid"
-    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
-    [ ! -e "/proc/$pid" ] || kill -9 "$pid" 2>/dev/null || true
-  fi
+mkdir -p "$state" "$(dirname "$log")"
+
+# The running agent's pid: the lock is held and the pid file names a live kvmhooks agent. (Its pid file is
+# written once it serves, so a starting agent may hold the lock a moment before it is named.)
+holder() {
+  local pid
+  flock -n "$lock" true && return 1
+  pid=$(cat "$state/agent.pid" 2>/dev/null) || return 1
+  case $pid in ''|*[!0-9]*) return 1 ;; esac
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -Eq 'kvmhooks(\.cli)? agent' || return 1
+  echo "$pid"
+}
+
+old=$(holder) || old=
+if [ -n "$old" ]; then
+  kill "$old"
+  flock -w 10 "$lock" true || { kill -9 "$old" 2>/dev/null || true; flock -w 5 "$lock" true; } || {
+    echo "start-agent: kvmhooksd (pid $old) still holds $lock" >&2; exit 1; }
+elif ! flock -w 5 "$lock" true; then
+  echo "start-agent: another process holds $lock (an agent still starting?); not starting a second one" >&2
+  exit 1
 fi
-rm -f /run/kvmhooks/agent.sock  # (a killed agent leaves it; waiting below must see the new one)
-mkdir -p /var/log/kvmhooks
-setsid kvmhooks agent </dev/null >>/var/log/kvmhooks/agent.log 2>&1 &
-for _ in $(seq 100); do [ -S /run/kvmhooks/agent.sock ] && exit 0; sleep 0.1; done
-echo "start-agent: kvmhooksd did not come up; see /var/log/kvmhooks/agent.log" >&2
+
+setsid "$bin" agent </dev/null >>"$log" 2>&1 &
+new=$!
+for _ in $(seq 100); do
+  pid=$(cat "$state/agent.pid" 2>/dev/null) || pid=
+  if [ -n "$pid" ] && [ "$pid" != "$old" ] && [ -S "$state/agent.sock" ] && kill -0 "$pid" 2>/dev/null; then
+    exit 0
+  fi
+  kill -0 "$new" 2>/dev/null || break  # it refused or failed: its log says why
+  sleep 0.1
+done
+echo "start-agent: kvmhooksd did not come up: $(tail -n 1 "$log" 2>/dev/null)" >&2
 exit 1

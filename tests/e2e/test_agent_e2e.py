@@ -17,6 +17,7 @@ from tests.e2e.test_cpu_e2e import vcpupin
 
 KVMHOOKS = "/usr/local/bin/kvmhooks"
 SOCKET = Path("/run/kvmhooks/agent.sock")
+PID_FILE = Path("/run/kvmhooks/agent.pid")
 NS = "http://kvmhooks.org/xmlns/domain/1.0"
 
 
@@ -25,8 +26,10 @@ def running_agent() -> Iterator[subprocess.Popen[bytes]]:
     """kvmhooksd as installed, in the foreground, its log in /tmp; stopped with SIGTERM."""
     with open("/tmp/kvmhooks-agent-e2e.log", "ab") as out:
         p = subprocess.Popen([KVMHOOKS, "agent", "--log-stderr"], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for(SOCKET.exists, 10, "the agent's socket")
+        try:  # serving once its pid file names it (one agent per host: another one running makes it refuse)
+            wait_for(lambda: p.poll() is not None or PID_FILE.read_text().strip() == str(p.pid)
+                     if PID_FILE.exists() else p.poll() is not None, 10, "the agent's pid file")
+            assert p.poll() is None, "kvmhooksd refused to start: see /tmp/kvmhooks-agent-e2e.log"
             yield p
         finally:
             p.terminate()

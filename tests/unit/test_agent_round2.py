@@ -6,7 +6,10 @@ job queue, drift judged only after the start's tuning)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from kvmhooks import metrics
+from kvmhooks.config import Config
 from tests.fakehost import FakeHost
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,3 +159,107 @@ def test_requests_beyond_the_queue_are_refused_at_once(tmp_path: Path) -> None:
         for c in clients:
             c.close()
         server.close()
+
+
+# --- item 9: one agent per host --------------------------------------------------------------------------------
+
+def agent_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "kvmhooks.cli", "agent", "--config", str(config), "--log-stderr"]
+
+
+def pid_file(cfg: Config) -> Path:
+    return cfg.state_dir / "agent.pid"
+
+
+def wait_for(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def named_in_pid_file(cfg: Config, pid: int) -> bool:
+    try:
+        return int(pid_file(cfg).read_text()) == pid
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def agent_process(host: FakeHost, config: Path, cfg: Config) -> Iterator[subprocess.Popen[bytes]]:
+    with open(host.root / "agent.out", "ab") as out:
+        p = subprocess.Popen(agent_cmd(config), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: named_in_pid_file(cfg, p.pid) or p.poll() is not None, 20, "the agent to come up")
+        assert p.poll() is None, (host.root / "agent.out").read_text()
+        yield p
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+def agent_config(host: FakeHost) -> tuple[Path, Config]:
+    from kvmhooks.config import load_config
+    from tests.unit.test_hook import write_config
+
+    config = write_config(host, libvirt_uri='"test:///default"')
+    return config, load_config(config)
+
+
+def test_a_second_agent_refuses_and_the_first_keeps_its_socket(host: FakeHost) -> None:
+    """`kvmhooks agent` typed while kvmhooksd runs: it refused nothing, took the socket over and removed the
+    socket and pid file when it exited (the hook then reached neither, status said "not running")."""
+    from kvmhooks.agent import metrics_socket_path, running, socket_path, tell
+
+    config, cfg = agent_config(host)
+    with agent_process(host, config, cfg) as first:
+        second = subprocess.run(agent_cmd(config), capture_output=True, cwd=REPO, timeout=30)
+        lines = second.stderr.decode().splitlines()
+        assert second.returncode == 1 and len(lines) == 1, lines
+        assert "already runs" in lines[0] and f"pid {first.pid}" in lines[0]
+        assert named_in_pid_file(cfg, first.pid) and running(cfg) and tell(cfg, U1)  # the hook still reaches it
+        assert metrics.fetch_unix(metrics_socket_path(cfg)) is not None
+    # The holder, and only it, cleans up when it stops; then the lock is free for the next agent.
+    for path in (socket_path(cfg), metrics_socket_path(cfg), pid_file(cfg)):
+        assert not path.exists()
+    assert (cfg.state_dir / "agent.lock").exists()
+    with agent_process(host, config, cfg) as third:
+        assert named_in_pid_file(cfg, third.pid) and running(cfg)
+
+
+def test_start_agent_restarts_the_running_agent_and_never_runs_two(host: FakeHost) -> None:
+    """scripts/start-agent.sh (demo.sh, upgrades without systemd): the old agent stops, its lock frees, the
+    new one serves; at no point do two run."""
+    config, cfg = agent_config(host)
+    shim = host.root / "kvmhooks"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m kvmhooks.cli "$@"\n')
+    shim.chmod(0o755)
+    env = dict(os.environ, KVMHOOKS_STATE_DIR=str(cfg.state_dir), KVMHOOKS_AGENT_LOG=str(host.root / "agent.log"),
+               KVMHOOKS_BIN=str(shim), KVMHOOKS_CONFIG=str(config), PYTHONPATH=str(REPO))
+
+    def start() -> int:
+        r = subprocess.run(["bash", str(REPO / "scripts/start-agent.sh")], env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode() + (host.root / "agent.log").read_text()
+        return int(pid_file(cfg).read_text())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except OSError:
+            return False
+
+    from kvmhooks.agent import running
+
+    pids = [start()]
+    try:
+        pids.append(start())
+        assert pids[1] != pids[0] and alive(pids[1]) and not alive(pids[0])
+        assert running(cfg)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        wait_for(lambda: not pid_file(cfg).exists(), 20, "the agent to stop")
