@@ -26,6 +26,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -65,9 +66,20 @@ Runner = Callable[[list[str]], str]
 SHIELD = "kvmhooks-host"
 # The systemd units holding every host task (machine.slice, where libvirt puts VMs, is deliberately absent).
 SYSTEMD_UNITS = ("system.slice", "user.slice", "init.scope")
-# libvirt places VMs relative to its daemons' cgroups, and QEMU is libvirt's to place: none of them move.
+# libvirt places VMs relative to its daemons' cgroups, and QEMU is libvirt's to place: none of them move. Who
+# is who is decided from what only root controls (the executable, the real uid, the cgroup), never from the
+# name (/proc/PID/comm, stat's second field), which any process sets for itself (prctl PR_SET_NAME).
 LIBVIRT_DAEMONS = frozenset({"libvirtd", "virtqemud", "virtlogd", "virtlockd"})
-QEMU_PREFIX = "qemu-"
+# QEMU as distributions install it: qemu-system-ARCH, and RHEL's /usr/libexec/qemu-kvm.
+_QEMU_RE = re.compile(r"qemu-system-[a-z0-9_]+|qemu-kvm")
+# Where distributions install those binaries: directories only root can write to.
+SYSTEM_BIN_DIRS = frozenset({"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/libexec", "/usr/local/sbin",
+                             "/usr/local/bin"})
+# What the kernel appends to /proc/PID/exe when the binary was replaced since exec (a package upgrade).
+_DELETED = " (deleted)"
+# libvirt's QEMU state directory: libvirtd chowns it to qemu.conf's user at start (qemuStateInitialize), so its
+# owner is the user QEMU runs as (libvirt-qemu on Debian, qemu on Fedora, or whatever the admin chose).
+QEMU_STATE_DIR = Path("/var/lib/libvirt/qemu")
 # include/linux/sched.h: the task is a kernel thread (stat field 9).
 PF_KTHREAD = 0x00200000
 KTHREADD_PID = 2
@@ -103,7 +115,10 @@ def run_command(argv: list[str]) -> str:
 
 def irqbalance_running(proc_root: Path = Path("/proc")) -> bool:
     """Whether irqbalance runs: it moves IRQs back onto isolated CPUs unless told to keep off them
-    (``IRQBALANCE_BANNED_CPULIST`` in /etc/default/irqbalance), so status and doctor say so."""
+    (``IRQBALANCE_BANNED_CPULIST`` in /etc/default/irqbalance), so status and doctor say so.
+
+    Decided from the name, which any process can take: this only adds advice to a report, never changes
+    what is moved or written."""
     try:
         entries = list(proc_root.iterdir())
     except OSError:
@@ -128,11 +143,12 @@ class HostSettings:
 
     def __init__(self, proc_root: Path = Path("/proc"), sysfs_root: Path = Path("/sys"),
                  cgroup_root: Path = Path("/sys/fs/cgroup"), run_root: Path = Path("/run"),
-                 runner: Runner = run_command):
+                 runner: Runner = run_command, qemu_state_dir: Path = QEMU_STATE_DIR):
         self.proc_root = proc_root
         self.sysfs_root = sysfs_root
         self.cgroup_root = cgroup_root
         self.run_root = run_root
+        self.qemu_state_dir = qemu_state_dir
         self.runner = runner
         self.moved = 0
         self.skipped = 0
@@ -425,26 +441,67 @@ class HostSettings:
 
     def _movable(self, pid: int) -> bool:
         """A user-space task that is not libvirt's: kernel threads stay where the kernel put them, and
-        libvirt places QEMU relative to its own daemons."""
+        libvirt places QEMU relative to its own daemons (:meth:`libvirts`)."""
         stat = self._read_opt(self.proc_root / str(pid) / "stat")
-        head, _, rest = stat.rpartition(")")
-        fields = rest.split()
+        fields = stat.rpartition(")")[2].split()  # (the name may hold ")" and spaces: the last ")" ends it)
         if len(fields) < 7 or not fields[1].isdecimal() or not fields[6].isdecimal():
             return False  # exited, or unreadable: leave it
+        # PF_KTHREAD is the kernel's own flag, and only kernel threads are kthreadd's children
         if pid == KTHREADD_PID or int(fields[1]) == KTHREADD_PID or int(fields[6]) & PF_KTHREAD:
             return False
-        names = {head.partition("(")[2]}
-        tgid = self._tgid(pid)
-        names.add(self._read_opt(self.proc_root / str(tgid) / "comm"))
-        return not any(n in LIBVIRT_DAEMONS or n.startswith(QEMU_PREFIX) for n in names)
+        return not self.libvirts(pid)
 
-    def _tgid(self, pid: int) -> int:
-        """The process a v1 ``tasks`` entry (a thread) belongs to, so a QEMU vCPU thread counts as QEMU."""
+    def libvirts(self, pid: int) -> bool:
+        """Whether task ``pid`` (a process, or a thread's id) is libvirt's, from what no user can forge:
+
+        - it is in a cgroup libvirt made for a VM, in any hierarchy (only root can write a task there);
+        - or its executable is one of libvirt's daemons in a system directory and it runs as root;
+        - or its executable is QEMU in a system directory and it runs as the QEMU user (the owner of libvirt's
+          QEMU state directory) or as root.
+
+        The name (comm) is never looked at. The owner check is what stops a user who runs the real binary
+        (a session libvirtd or QEMU) or shows a binary of their own at that path from a mount namespace.
+        """
+        if any(_libvirt_vm_cgroup(path) for path in self._cgroups(pid)):
+            return True
+        exe, uid = self._exe(pid), self._uid(pid)
+        if exe is None or uid is None:
+            return False
+        directory, _, name = exe.rpartition("/")
+        if directory not in SYSTEM_BIN_DIRS:
+            return False
+        if name in LIBVIRT_DAEMONS:
+            return uid == 0
+        return _QEMU_RE.fullmatch(name) is not None and uid in (0, self._qemu_uid)
+
+    def _exe(self, pid: int) -> str | None:
+        """The task's executable as the kernel names it (None for a kernel thread, or a task that exited)."""
+        try:
+            exe = os.readlink(self.proc_root / str(pid) / "exe")
+        except OSError:
+            return None
+        return exe.removesuffix(_DELETED)  # still the binary libvirt started, before an upgrade replaced it
+
+    def _uid(self, pid: int) -> int | None:
+        """The task's real uid (/proc/PID/status "Uid:" real, effective, saved, fs)."""
         for line in self._read_opt(self.proc_root / str(pid) / "status").splitlines():
             name, _, value = line.partition(":")
-            if name == "Tgid" and value.strip().isdecimal():
-                return int(value.strip())
-        return pid
+            if name == "Uid":
+                real = value.split()[:1]
+                return int(real[0]) if real and real[0].isascii() and real[0].isdecimal() else None
+        return None
+
+    def _cgroups(self, pid: int) -> list[str]:
+        """The task's cgroup in every hierarchy (/proc/PID/cgroup lines "ID:controllers:/path")."""
+        return [line.split(":", 2)[2] for line in self._read_opt(self.proc_root / str(pid) / "cgroup").splitlines()
+                if line.count(":") >= 2]
+
+    @functools.cached_property
+    def _qemu_uid(self) -> int | None:
+        try:
+            return self.qemu_state_dir.stat().st_uid
+        except OSError:
+            return None  # no libvirt QEMU driver here: only root's QEMU is libvirt's
 
     # --- the seams: every host access passes here ---------------------------------------------------------
 
@@ -680,6 +737,18 @@ def converge(state: IsolationState, target: IsolationTarget, host: HostSettings,
                      f"{format_cpuset(target.irqs)} to /etc/default/irqbalance and restart it")
     return IsolationReport(target.cpus, backend, tuple(changed), tuple(state.unmovable), failed,
                            host.moved - moved, host.skipped - skipped, running, tuple(notes))
+
+
+def _libvirt_vm_cgroup(path: str) -> bool:
+    """A cgroup libvirt made for a QEMU VM, from the root of the hierarchy: /machine.slice/machine-qemu\\x2d….scope
+    (with systemd) or /machine/qemu-….libvirt-qemu (without). Only root can create or fill those; the same names
+    deeper down (in a user's delegated subtree) prove nothing."""
+    parts = path.split("/")
+    if len(parts) < 3 or parts[0]:
+        return False
+    top, vm = parts[1], parts[2]
+    return (top == "machine.slice" and vm.startswith("machine-qemu") and vm.endswith(".scope")) or \
+        (top == "machine" and vm.endswith(".libvirt-qemu"))
 
 
 def _cpus_or_empty(text: str) -> frozenset[int]:

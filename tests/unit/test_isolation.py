@@ -47,6 +47,15 @@ TASKS = {1: ("init", 0, 0x400100, 1), 2: ("kthreadd", 0, 0x208040, 2), 10: ("kwo
          300: ("qemu-system-x86", 1, 0x400100, 300), 301: ("CPU 0/KVM", 1, 0x400040, 300),
          500: ("qemu-system-x86", 1, 0x400100, 500)}
 IN_MACHINE = {500}
+# pid → (executable, real uid): what only root controls, and what decides who is libvirt's (never the name).
+# QEMU runs as the owner of libvirt's QEMU state directory (QEMU_UID); kernel threads have no executable.
+QEMU_UID = -1
+IDENTITY = {1: ("/sbin/init", 0), 2: (None, 0), 10: (None, 0), 101: ("/bin/bash", 1000),
+            102: ("/usr/bin/sleep", 1000), 200: ("/usr/sbin/libvirtd", 0),
+            300: ("/usr/bin/qemu-system-x86_64", QEMU_UID), 301: ("/usr/bin/qemu-system-x86_64", QEMU_UID),
+            500: ("/usr/bin/qemu-system-x86_64", QEMU_UID)}
+# Debian's libvirt-qemu: the fake QEMU state directory is given to it when the tests run as root.
+LIBVIRT_QEMU_UID = 64055
 EXITING = 102  # ESRCH when moved
 MOVABLE = {1, 101}
 
@@ -129,7 +138,7 @@ class FakeKernel(HostSettings):
             return systemd(argv)
 
         super().__init__(proc_root=base / "proc", sysfs_root=base / "sys", cgroup_root=base / "cgroup",
-                         run_root=base / "run", runner=runner)
+                         run_root=base / "run", runner=runner, qemu_state_dir=qemu_state_dir(base))
 
     def _tick(self) -> None:
         self.ops += 1
@@ -195,6 +204,25 @@ def _pid_text(pids: Iterable[int]) -> str:
     return "".join(f"{p}\n" for p in sorted(set(pids)))
 
 
+def qemu_state_dir(base: Path) -> Path:
+    return base / "var/lib/libvirt/qemu"
+
+
+def add_task(base: Path, pid: int, comm: str, exe: str | None, uid: int, cgroup: str = "/", *, ppid: int = 1,
+             flags: int = 0x400100, tgid: int | None = None) -> None:
+    """A task in the fake /proc as the kernel shows it: stat, comm, status (tab-separated, "Uid:" real,
+    effective, saved, fs), cgroup (v1 lines and the v2 one) and the exe link (none for a kernel thread)."""
+    d = base / "proc" / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0\n")
+    (d / "comm").write_text(comm + "\n")
+    (d / "status").write_text(f"Name:\t{comm}\nTgid:\t{tgid or pid}\nPid:\t{pid}\nPPid:\t{ppid}\n"
+                              f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "cgroup").write_text(f"9:name=systemd:/\n3:cpuset:{cgroup}\n1:cpu:{cgroup}\n0::{cgroup}\n")
+    if exe is not None:
+        (d / "exe").symlink_to(exe)
+
+
 def build(base: Path, backend: str = "cgroup1") -> FakeSystemd | None:
     """A 4-CPU host: six IRQs, masks, governors, a dozen tasks, and the cgroup layout of ``backend``."""
     proc, sys = base / "proc", base / "sys"
@@ -202,12 +230,15 @@ def build(base: Path, backend: str = "cgroup1") -> FakeSystemd | None:
         (proc / "irq" / str(irq)).mkdir(parents=True)
         (proc / "irq" / str(irq) / "smp_affinity_list").write_text(cpus + "\n")
     (proc / "irq/default_smp_affinity").write_text("f\n")
+    qemu_dir = qemu_state_dir(base)
+    qemu_dir.mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(qemu_dir, LIBVIRT_QEMU_UID, -1)
     for pid, (comm, ppid, flags, tgid) in TASKS.items():
-        (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0\n")
-        (proc / str(pid) / "comm").write_text(comm + "\n")
-        if tgid != pid:  # a thread: the adapter finds its process there (and takes the pid itself without it)
-            (proc / str(pid) / "status").write_text(f"Name:\t{comm}\nTgid:\t{tgid}\nPid:\t{pid}\n")
+        exe, uid = IDENTITY[pid]
+        cgroup = "/machine/qemu-1-b.libvirt-qemu/emulator" if pid in IN_MACHINE else "/"
+        add_task(base, pid, comm, exe, qemu_dir.stat().st_uid if uid == QEMU_UID else uid, cgroup, ppid=ppid,
+                 flags=flags, tgid=tgid)
     (sys / "devices/virtual/workqueue").mkdir(parents=True)
     (sys / "devices/virtual/workqueue/cpumask").write_text("f\n")
     (sys / "devices/system/cpu").mkdir(parents=True)

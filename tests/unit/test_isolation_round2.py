@@ -4,24 +4,33 @@ Item 5: systemd prints AllowedCPUs= with spaces ("0-1 3", cpu_set_to_range_strin
 is compared as a CPU set, so a crash between set-property and its read-back, an admin's non-contiguous value
 and a converge that changes nothing all behave. The fake systemctl (:class:`FakeSystemd`) prints what the
 real one prints.
+
+Item 6: who is never moved into the shield is decided from what a user cannot forge — the executable, the
+real uid, the cgroup — never from the name a process gives itself (/proc/PID/comm, prctl PR_SET_NAME).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from kvmhooks.annotation import HostSpec
-from kvmhooks.apply.isolation import SYSTEMD_UNITS
+from kvmhooks.apply.isolation import SHIELD, SYSTEMD_UNITS
 from kvmhooks.plan.isolation import IsolationTarget, equivalent, parse_list, target_for
 from tests.unit.test_isolation import (
+    BOTH,
+    MOVABLE,
     VM_A,
     VM_B,
     Crash,
     FakeSystemd,
     Ledger,
+    _pids,
+    add_task,
     build,
+    qemu_state_dir,
     run,
     snapshot,
 )
@@ -132,3 +141,69 @@ def test_converging_twice_without_change_runs_set_property_once(tmp_path: Path, 
     again = run(tmp_path, ledger, MIDDLE, systemd)
     assert again is not None and again.changed == () and not again.notes
     assert (systemd.set_calls, ledger.commits) == (calls, commits)
+
+
+# --- item 6: the shield's "never move" ------------------------------------------------------------------
+
+EVIL = "/tmp/evil"
+SCOPE = "/machine.slice/machine-qemu\\x2d1\\x2dvm.scope/libvirt/emulator"  # as /proc/PID/cgroup prints it
+
+
+def forged_and_real(base: Path) -> tuple[set[int], set[int]]:
+    """Tasks in the root cgroup: (those a user can make look like libvirt's, which must move; libvirt's own,
+    which must not)."""
+    qemu_uid = qemu_state_dir(base).stat().st_uid
+    user = max(1000, qemu_uid + 1)  # an ordinary user, neither root nor the QEMU user
+    assert user not in (0, qemu_uid)
+    forged = {
+        700: ("qemu-system-x86", EVIL, user, "/"),  # named like QEMU (prctl PR_SET_NAME)
+        701: ("libvirtd", EVIL, user, "/"),  # named like libvirtd
+        702: ("libvirtd", "/usr/sbin/libvirtd", user, "/"),  # the real binary, run by a user
+        703: ("qemu-system-x86", "/usr/bin/qemu-system-x86_64", user, "/"),  # a user's own (session) QEMU
+        704: ("qemu-system-x86", EVIL, user,  # libvirt's cgroup names, inside the user's own delegated subtree
+              "/user.slice/user-1000.slice/user@1000.service/machine.slice/machine-qemu\\x2d9\\x2dx.scope"),
+        705: ("x) S 2 1 1 0 -1 2097152", EVIL, user, "/"),  # a name that spells a kernel thread's stat
+        706: ("virtlogd", "/home/u/usr/sbin/virtlogd", user, "/"),  # the right name, the wrong directory
+    }
+    real = {
+        710: ("libvirtd", "/usr/sbin/libvirtd", 0, "/"),
+        711: ("virtlogd", "/usr/sbin/virtlogd (deleted)", 0, "/"),  # replaced by an upgrade since it started
+        712: ("qemu-system-x86", "/usr/bin/qemu-system-x86_64", qemu_uid, SCOPE),
+        713: ("qemu-system-x86", "/usr/bin/qemu-system-x86_64", qemu_uid, "/"),  # libvirt without cgroups
+        714: ("virtiofsd", "/usr/libexec/virtiofsd", 0, SCOPE),  # a VM's helper, in the VM's cgroup
+        715: ("anything", EVIL, qemu_uid, "/machine/qemu-2-vm.libvirt-qemu/emulator"),  # libvirt's, v1/v2 path
+    }
+    for pid, (comm, exe, uid, cgroup) in (forged | real).items():
+        add_task(base, pid, comm, exe, uid, cgroup)
+    return set(forged), set(real)
+
+
+@pytest.mark.parametrize("backend", ["cgroup1", "cgroup2"])
+def test_a_process_that_only_looks_like_libvirts_is_moved_into_the_shield(tmp_path: Path, backend: str) -> None:
+    build(tmp_path, backend)
+    forged, real = forged_and_real(tmp_path)
+    procs = tmp_path / ("cgroup/cpuset/tasks" if backend == "cgroup1" else "cgroup/cgroup.procs")
+    procs.write_text("".join(f"{p}\n" for p in sorted({*_pids(procs), *forged, *real})))
+    ledger = Ledger()
+    report = run(tmp_path, ledger, BOTH)
+    assert report is not None and report.ok
+    shield = procs.parent / SHIELD / procs.name
+    assert set(_pids(shield)) == MOVABLE | forged
+    assert real <= set(_pids(procs))
+    run(tmp_path, ledger, IsolationTarget())
+    assert not shield.parent.exists() and {*forged, *real} <= set(_pids(procs)) and ledger.disk.empty
+
+
+def test_without_libvirts_qemu_directory_only_roots_qemu_is_libvirts(tmp_path: Path) -> None:
+    """No /var/lib/libvirt/qemu (no QEMU driver): a QEMU of a user other than root, outside a VM's cgroup,
+    is an ordinary process."""
+    build(tmp_path)
+    add_task(tmp_path, 720, "qemu-system-x86", "/usr/bin/qemu-system-x86_64", 4242)
+    add_task(tmp_path, 721, "qemu-system-x86", "/usr/bin/qemu-system-x86_64", 0)
+    tasks = tmp_path / "cgroup/cpuset/tasks"
+    tasks.write_text(tasks.read_text() + "720\n721\n")
+    os.rmdir(qemu_state_dir(tmp_path))
+    report = run(tmp_path, Ledger(), BOTH)
+    assert report is not None and report.ok
+    # (the fake host's QEMU 300 runs as the QEMU user, in the root cgroup: nothing says it is libvirt's now)
+    assert set(_pids(tmp_path / "cgroup/cpuset" / SHIELD / "tasks")) == MOVABLE | {720, 300, 301}
