@@ -457,7 +457,8 @@ class HostSettings:
         - it is in a cgroup libvirt made for a VM, in any hierarchy (only root can write a task there);
         - or its executable is one of libvirt's daemons in a system directory and it runs as root;
         - or its executable is QEMU in a system directory and it runs as the QEMU user (the owner of libvirt's
-          QEMU state directory) or as root.
+          QEMU state directory: root too, if qemu.conf says so). A QEMU someone runs by hand, as root or
+          not, is not libvirt's and moves like any host task.
 
         The name (comm) is never looked at. The owner check is what stops a user who runs the real binary
         (a session libvirtd or QEMU) or shows a binary of their own at that path from a mount namespace.
@@ -472,7 +473,7 @@ class HostSettings:
             return False
         if name in LIBVIRT_DAEMONS:
             return uid == 0
-        return _QEMU_RE.fullmatch(name) is not None and uid in (0, self._qemu_uid)
+        return _QEMU_RE.fullmatch(name) is not None and uid == self._qemu_uid
 
     def _exe(self, pid: int) -> str | None:
         """The task's executable as the kernel names it (None for a kernel thread, or a task that exited)."""
@@ -501,7 +502,7 @@ class HostSettings:
         try:
             return self.qemu_state_dir.stat().st_uid
         except OSError:
-            return None  # no libvirt QEMU driver here: only root's QEMU is libvirt's
+            return None  # no libvirt QEMU driver here: only a VM cgroup says a QEMU is libvirt's
 
     # --- the seams: every host access passes here ---------------------------------------------------------
 

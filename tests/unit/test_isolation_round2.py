@@ -194,16 +194,25 @@ def test_a_process_that_only_looks_like_libvirts_is_moved_into_the_shield(tmp_pa
     assert not shield.parent.exists() and {*forged, *real} <= set(_pids(procs)) and ledger.disk.empty
 
 
-def test_without_libvirts_qemu_directory_only_roots_qemu_is_libvirts(tmp_path: Path) -> None:
-    """No /var/lib/libvirt/qemu (no QEMU driver): a QEMU of a user other than root, outside a VM's cgroup,
-    is an ordinary process."""
+def test_a_qemu_run_by_hand_is_moved_even_as_root(tmp_path: Path) -> None:
+    """Only the QEMU user's QEMU is libvirt's (the owner of /var/lib/libvirt/qemu): one root or another user
+    runs by hand, outside a VM's cgroup, is a host task like any other."""
     build(tmp_path)
     add_task(tmp_path, 720, "qemu-system-x86", "/usr/bin/qemu-system-x86_64", 4242)
     add_task(tmp_path, 721, "qemu-system-x86", "/usr/bin/qemu-system-x86_64", 0)
     tasks = tmp_path / "cgroup/cpuset/tasks"
     tasks.write_text(tasks.read_text() + "720\n721\n")
+    assert qemu_state_dir(tmp_path).stat().st_uid not in (0, 4242)  # the QEMU user is neither
+    report = run(tmp_path, Ledger(), BOTH)
+    assert report is not None and report.ok
+    assert set(_pids(tmp_path / "cgroup/cpuset" / SHIELD / "tasks")) == MOVABLE | {720, 721}
+
+
+def test_without_libvirts_qemu_directory_only_a_vm_cgroup_makes_a_qemu_libvirts(tmp_path: Path) -> None:
+    """No /var/lib/libvirt/qemu (no QEMU driver there): nothing says a QEMU outside a VM's cgroup is libvirt's."""
+    build(tmp_path)
     os.rmdir(qemu_state_dir(tmp_path))
     report = run(tmp_path, Ledger(), BOTH)
     assert report is not None and report.ok
-    # (the fake host's QEMU 300 runs as the QEMU user, in the root cgroup: nothing says it is libvirt's now)
-    assert set(_pids(tmp_path / "cgroup/cpuset" / SHIELD / "tasks")) == MOVABLE | {720, 300, 301}
+    # (the fake host's QEMU 300 runs as the QEMU user, in the root cgroup)
+    assert set(_pids(tmp_path / "cgroup/cpuset" / SHIELD / "tasks")) == MOVABLE | {300, 301}
