@@ -126,6 +126,9 @@ class Agent:
         self.stop = threading.Event()
         self.conn: Any = None
         self.pending: dict[str, float] = {}  # uuid → when the hook handed it over
+        # uuid → the jobs ("tune", "balloon") that wait for its RESUMED event: the balloon of a VM started
+        # paused, the whole tuning of one migrating in (see _defer).
+        self.at_resume: dict[str, set[str]] = {}
         self.lock = threading.Lock()
         self.balloon = Service(cfg)
         # One job of a kind per VM at a time (see _serial): its lock, and the jobs asked for meanwhile.
@@ -183,13 +186,18 @@ class Agent:
         if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
             with self.lock:
                 promised = self.pending.pop(uuid, None) is not None
+                waiting = self.at_resume.pop(uuid, set())  # (at STARTED: left from its previous run)
                 if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
                     self.balloon_actual.pop(uuid, None)  # a figure from its previous run
-            if promised:
-                self._spawn(self._tune, uuid)
+                    waiting = set()
+            if promised or "tune" in waiting:
+                self._spawn(self._tune, uuid)  # (it starts the balloon step itself)
+            elif "balloon" in waiting:
+                self._spawn(self._balloon, uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             with self.lock:
                 self.pending.pop(uuid, None)
+                self.at_resume.pop(uuid, None)
                 self.balloon_actual.pop(uuid, None)
         elif event == libvirt.VIR_DOMAIN_EVENT_DEFINED:
             self._spawn(self._defined, uuid)
@@ -251,17 +259,53 @@ class Agent:
         self._serial(uuid, "tuning", "tune", lambda: self._tune_once(uuid))
 
     def _tune_once(self, uuid: str) -> None:
-        from kvmhooks.worker import tune_live
+        """Pins, memtune and the vCPU count at once, the domain running or paused (``virsh start --paused``,
+        OpenStack's way); the balloon when the guest runs (now, or at its RESUMED event)."""
+        from kvmhooks.worker import RUNNING, SETTLED, tune_live
 
+        try:
+            dom = self.conn.lookupByUUIDString(uuid)
+            if self._defer(uuid, dom, "tune", SETTLED):
+                VMLog(dom.name(), uuid).info("agent: it is migrating in; tuned when it resumes")
+                return
+        except Exception as e:  # (gone, or libvirt away: tune_live looks again and records why)
+            log.debug("agent: state of %s: %s", uuid, e)
         with self._timed("tune"):
             result = tune_live(self.conn, uuid, self.cfg, "agent")  # records its own failure
         if result is None:
             if self.metrics is not None:
                 self.metrics.failed("tune")
             return
-        t = result[0].active_tuning
-        if t is not None and t.balloon is not None:
-            self._spawn(self._balloon, uuid)
+        d, dom, vlog = result
+        t = d.active_tuning
+        if t is None or t.balloon is None:
+            return
+        try:
+            if self._defer(uuid, dom, "balloon", RUNNING):
+                vlog.info("agent: the domain is paused; its balloon is set when it runs")
+                return
+        except Exception as e:  # it stopped meanwhile: the balloon step finds out and says so
+            log.debug("agent: state of %s: %s", uuid, e)
+        self._spawn(self._balloon, uuid)
+
+    def _defer(self, uuid: str, dom: Any, job: str, ready: frozenset[str]) -> bool:
+        """True when ``job`` must wait for the domain's RESUMED event (its :func:`~kvmhooks.worker.phase` is
+        not in ``ready``): then the event runs it. The job is put down before the state is read, so an event
+        that comes in between finds it (and runs it) rather than being missed."""
+        from kvmhooks.worker import phase
+
+        with self.lock:
+            self.at_resume.setdefault(uuid, set()).add(job)
+        if phase(dom) not in ready:
+            return True
+        with self.lock:
+            jobs = self.at_resume.get(uuid, set())
+            if job not in jobs:
+                return True  # the event came meanwhile and started it
+            jobs.discard(job)
+            if not jobs:
+                del self.at_resume[uuid]
+        return False
 
     def _balloon(self, uuid: str) -> None:
         """The balloon step for the VM's current live XML (at start, or a live edit of a fixed target)."""

@@ -770,15 +770,20 @@ def update(uuid: str, cfg: Config, change: Callable[[DomainRecord], None]) -> No
             stamp(rec)
 
 
-def mark(uuid: str, cfg: Config, **changes: object) -> None:
-    """Update a VM's ledger record (state, error, applied parts) if it has one; never touches pools."""
+def mark(uuid: str, cfg: Config, token: str | None = None, **changes: object) -> bool:
+    """Update a VM's ledger record (state, error, applied parts) if it has one; never touches pools.
+
+    ``token``: only if the record is still that reservation (a worker that read the record of an earlier run
+    must not write "running" and that run's pins over a newer run of the same VM). Returns whether it wrote.
+    """
     with ledger_for(cfg).transaction() as state:
         rec = state.domains.get(uuid)
-        if rec is None:
-            return
+        if rec is None or (token is not None and rec.token != token):
+            return False
         for k, v in changes.items():
             setattr(rec, k, v)
         stamp(rec)
+        return True
 
 
 def has_running_shared(cfg: Config) -> bool:

@@ -67,20 +67,49 @@ def spawn_detached(args: Sequence[str], cfg: Config) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def wait_running(dom: object, timeout: float) -> None:
-    """Wait until libvirt reports the domain running (its start job then ends and pins can be taken)."""
+def phase(dom: Any) -> str:
+    """Where a domain's start is: ``running``; ``paused`` when it was started paused (``virsh start --paused``,
+    what OpenStack does while it waits for its network) or paused since — pins, memtune and the vCPU count
+    apply now, only the balloon needs a running guest; ``busy`` while its start or an incoming migration still
+    holds the domain's job (libvirt would make every tuning call wait for it, then time out).
+
+    :raise ApplyError: the domain stopped.
+    """
     import libvirt
 
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+        raise ApplyError("the domain stopped before it could be tuned")
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason in _busy_reasons():
+        return "busy"
+    return "paused"
+
+
+def _busy_reasons() -> frozenset[int]:
+    """Paused reasons that mean a job still holds the domain: its start has not finished, or it is migrating
+    in (the started hook runs on the destination before the memory arrives; a RESUMED event ends it)."""
+    import libvirt
+
+    return frozenset({libvirt.VIR_DOMAIN_PAUSED_STARTING_UP, libvirt.VIR_DOMAIN_PAUSED_MIGRATION})
+
+
+def wait_phase(dom: Any, timeout: float, ready: frozenset[str]) -> str:
+    """Wait (bounded) until :func:`phase` is one of ``ready``; returns it."""
     deadline = time.monotonic() + timeout
     while True:
-        state, _ = dom.state()  # type: ignore[attr-defined]
-        if state == libvirt.VIR_DOMAIN_RUNNING:
-            return
-        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
-            raise ApplyError("the domain stopped before it could be tuned")
+        now = phase(dom)
+        if now in ready:
+            return now
         if time.monotonic() >= deadline:
-            raise ApplyError(f"the domain was not running after {timeout:g} s")
+            what = "running" if ready == RUNNING else "done starting (or migrating in)"
+            raise ApplyError(f"the domain was not {what} after {timeout:g} s")
         time.sleep(0.05)
+
+
+RUNNING = frozenset({"running"})
+SETTLED = frozenset({"running", "paused"})
 
 
 def run_started(uuid: str, cfg: Config) -> int:
@@ -104,32 +133,48 @@ def run_started(uuid: str, cfg: Config) -> int:
 def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
     """Apply the live tuning of a just-started VM over ``conn`` (the worker's own), then its balloon.
 
+    A VM started paused is tuned at once; only its balloon waits (bounded) for the guest to run.
     Everything it did goes to the ledger for status; a failure goes to the failure record. Never raises.
     """
+    from kvmhooks import operations
+
     done = tune_live(conn, uuid, cfg, by)
     if done is None:
         return 1
     d, dom, vlog = done
-    if d.active_tuning is not None and d.active_tuning.balloon is not None:
-        return 0 if balloon_step(d, dom, cfg, vlog) else 1
-    return 0
+    if d.active_tuning is None or d.active_tuning.balloon is None:
+        return 0
+    try:
+        wait_phase(dom, cfg.worker_timeout, RUNNING)
+    except Exception as e:
+        vlog.warning("balloon: not set: %s", e)
+        operations.record_failure(cfg, uuid, "balloon", f"not set: {e} (started paused and not resumed in time?)")
+        return 1
+    return 0 if balloon_step(d, dom, cfg, vlog) else 1
 
 
 def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> tuple[Domain, Any, VMLog] | None:
     """The CPU and memory part of a start's tuning (pins, memtune, vCPU count), recorded in the ledger;
     returns what the balloon step needs, or None when it failed (and recorded why). Never raises.
 
-    kvmhooksd runs this and :func:`balloon_step` apart: the balloon waits for the guest to boot, and a live
-    edit in the meantime must not wait behind it.
+    A domain started paused is tuned at once (libvirt takes pins, memtune and the vCPU count on a paused
+    domain); one still starting or migrating in is waited for (bounded). kvmhooksd runs this and
+    :func:`balloon_step` apart: the balloon waits for the guest to run and boot, and a live edit in the
+    meantime must not wait behind it.
     """
     from kvmhooks import operations
 
     started = time.monotonic()
     vlog = VMLog("?", uuid)
+    # The run this tuning is for: a newer run of the VM (stopped and started meanwhile) has another token,
+    # and its record is not ours to write.
+    token: str | None = None
     try:
+        rec = operations.ledger_for(cfg).read().domains.get(uuid)
+        token = rec.token if rec is not None else None
         dom = conn.lookupByUUIDString(uuid)
         vlog = VMLog(dom.name(), uuid)
-        wait_running(dom, cfg.worker_timeout)
+        now = wait_phase(dom, cfg.worker_timeout, SETTLED)
         from kvmhooks.apply.live import apply_started
 
         d = parse_domain(dom.XMLDesc(0).encode())  # the live XML: what this start runs with
@@ -137,13 +182,18 @@ def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> tuple[Domain, Any, 
         applied.worker_pid, applied.worker_sid = os.getpid(), os.getsid(0)
         applied.worker_seconds = round(time.monotonic() - started, 3)
         applied.tuned_by = by
-        operations.mark(uuid, cfg, state="running", applied=applied, error=None)
-        vlog.info("%s: CPU and memory tuning done in %.3f s", by, time.monotonic() - started)
+        if token is not None and not operations.mark(uuid, cfg, token=token, state="running", applied=applied,
+                                                     error=None):
+            vlog.info("%s: the VM was restarted meanwhile; its new run is tuned on its own", by)
+            return None
+        vlog.info("%s: CPU and memory tuning done in %.3f s%s", by, time.monotonic() - started,
+                  " (the domain is paused)" if now == "paused" else "")
         return d, dom, vlog
     except Exception as e:
         vlog.error("%s: %s", by, e)
-        with contextlib.suppress(Exception):
-            operations.mark(uuid, cfg, error=f"{by}: {e}")
+        if token is not None:
+            with contextlib.suppress(Exception):
+                operations.mark(uuid, cfg, token=token, error=f"{by}: {e}")
         operations.record_failure(cfg, uuid, by, str(e))
         return None
 

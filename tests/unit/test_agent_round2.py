@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -263,3 +264,321 @@ def test_start_agent_restarts_the_running_agent_and_never_runs_two(host: FakeHos
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 15)
         wait_for(lambda: not pid_file(cfg).exists(), 20, "the agent to stop")
+
+
+# --- item 10: a VM started paused ------------------------------------------------------------------------------
+
+BALLOON = '<kvm:balloon target="200M" transport="libvirt"/>'
+
+
+def paused_vm(tmp_path: Path, reason: str = "VIR_DOMAIN_PAUSED_USER") -> tuple[Config, Any, list[str]]:
+    """A pinned VM with a fixed balloon target, prepared and handed over by its started hook, its domain
+    paused (``virsh start --paused``: reason "user"; an incoming migration: "migration"). The balloon step
+    records the domain's state when it is called."""
+    import libvirt
+
+    from kvmhooks import operations
+    from kvmhooks.domain import parse_domain
+    from tests.fakehost import domain_xml
+    from tests.unit.test_live import FakeDom
+
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(worker_timeout=0.5)
+    xml = domain_xml(uuid=U1, backing="", tuning=f'<kvm:vcpupin vcpu="0" cpuset="1"/>{BALLOON}', vcpus=1)
+    operations.prepare(parse_domain(xml), cfg)
+    operations.mark(U1, cfg, state="starting")
+
+    class Paused(FakeDom):
+        now = (libvirt.VIR_DOMAIN_PAUSED, getattr(libvirt, reason))
+
+        def state(self) -> tuple[int, int]:
+            return self.now
+
+        def resume(self) -> None:
+            self.now = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
+
+    return cfg, Paused(U1, xml, vcpus=1), []
+
+
+def record_balloon(monkeypatch: pytest.MonkeyPatch, dom: Any, calls: list[str]) -> None:
+    import libvirt
+
+    from kvmhooks import worker
+
+    def step(d: Any, libvirt_dom: Any, cfg: Config, vlog: Any) -> bool:
+        calls.append("running" if libvirt_dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING else "paused")
+        return True
+
+    monkeypatch.setattr(worker, "balloon_step", step)
+
+
+def test_the_agent_pins_a_vm_started_paused_at_once_and_balloons_it_when_it_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start's tuning waited for RUNNING, gave up after worker_timeout, and the RESUMED event no longer
+    triggered it: a VM started paused was never pinned."""
+    import libvirt
+
+    from kvmhooks import operations
+    from kvmhooks.agent import Agent
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path)
+    record_balloon(monkeypatch, dom, balloons)
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))
+    a.pending[U1] = time.monotonic()  # the started hook's "started UUID"
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert dom.vcpus[0] == {1} and rec.state == "running" and rec.error is None  # pinned while paused
+    assert balloons == []  # a paused guest cannot move its balloon: it waits
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 0, None)  # (what libvirt sends next)
+    dom.resume()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)  # virsh resume
+    assert balloons == ["running"] and dom.vcpus[0] == {1}
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 0, None)
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)  # a later pause and resume: nothing more
+    assert balloons == ["running"] and not a.at_resume
+
+
+def test_the_agent_tunes_a_vm_migrating_in_when_the_migration_ends(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a migration's destination the started hook runs while the migration still holds the domain (every
+    tuning call would wait for it): tuned at the RESUMED event that ends it, not failed before."""
+    import libvirt
+
+    from kvmhooks import operations
+    from kvmhooks.agent import Agent
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path, "VIR_DOMAIN_PAUSED_MIGRATION")
+    record_balloon(monkeypatch, dom, balloons)
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))
+    a.pending[U1] = time.monotonic()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    time.sleep(0.6)  # longer than worker_timeout: nothing waits, nothing fails
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert dom.calls == [] and rec.state == "starting" and rec.error is None
+    dom.resume()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)
+    assert dom.vcpus[0] == {1} and balloons == ["running"]
+    assert operations.ledger_for(cfg).read().domains[U1].state == "running"
+
+
+def test_the_worker_pins_a_vm_started_paused_at_once_and_waits_only_with_the_balloon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmhooks import operations, worker
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path)
+    cfg = cfg.__class__(**{**cfg.__dict__, "worker_timeout": 10.0})
+    record_balloon(monkeypatch, dom, balloons)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(worker.tune(FakeConn(dom), U1, cfg, "worker")))
+    t.start()
+    try:
+        wait_for(lambda: operations.ledger_for(cfg).read().domains[U1].state == "running", 5, "the tuning")
+        assert dom.vcpus[0] == {1} and balloons == []  # pinned while still paused; the balloon waits
+    finally:
+        dom.resume()  # virsh resume
+        t.join(10)
+    assert result == [0] and balloons == ["running"]
+
+
+def test_the_worker_gives_up_on_the_balloon_of_a_vm_never_resumed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmhooks import operations, worker
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path)
+    record_balloon(monkeypatch, dom, balloons)
+    assert worker.tune(FakeConn(dom), U1, cfg, "worker") == 1
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert rec.state == "running" and dom.vcpus[0] == {1} and balloons == []
+    failure = (cfg.state_dir / "failures" / U1).read_text()
+    assert "balloon: not set: the domain was not running after 0.5 s" in failure
+
+
+# --- item 11d and the re-pin: a decision taken for one run of a VM never lands on the next -------------------
+
+def restarted_meanwhile(cfg: Config, xml: bytes) -> dict[str, object]:
+    """The VM stopped and started again (release, then a new prepare: a new token); its new record, as left."""
+    from kvmhooks import operations
+    from kvmhooks.domain import parse_domain
+
+    old = operations.ledger_for(cfg).read().domains[U1].token
+    operations.release(U1, cfg)
+    operations.prepare(parse_domain(xml), cfg)
+    rec = operations.ledger_for(cfg).read().domains[U1]
+    assert rec.token != old
+    time.sleep(0.01)  # (a record touched later would carry a later stamp)
+    return rec.to_json()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_stale_workers_mark_never_writes_the_newer_runs_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 fails: bool) -> None:
+    """A worker tuning one run of the VM while it is stopped and started again: neither its "running" (with
+    that run's pins) nor its error lands on the newer run's record (which would then look tuned, or failed)."""
+    from kvmhooks import operations, worker
+    from kvmhooks.apply import live
+    from kvmhooks.domain import parse_domain
+    from kvmhooks.errors import ApplyError
+    from tests.fakehost import domain_xml
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config()
+    xml = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="1"/>', vcpus=1)
+    operations.prepare(parse_domain(xml), cfg)
+    operations.mark(U1, cfg, state="starting")
+    real = live.apply_started
+    newer: dict[str, object] = {}
+
+    def apply_then_restart(*args: Any) -> Any:
+        applied = real(*args)
+        newer.update(restarted_meanwhile(cfg, xml))
+        if fails:
+            raise ApplyError("vcpupin 0 1: the domain went away")
+        return applied
+
+    monkeypatch.setattr(live, "apply_started", apply_then_restart)
+    assert worker.tune_live(FakeConn(FakeDom(U1, xml, vcpus=1)), U1, cfg, "worker") is None
+    assert operations.ledger_for(cfg).read().domains[U1].to_json() == newer  # untouched
+    assert operations.mark(U1, cfg, token="0" * 16, state="running") is False  # the check itself
+    assert operations.mark(U1, cfg, token=str(newer["token"]), state="running") is True
+
+
+def test_a_repin_carrying_an_old_token_leaves_the_newer_runs_pins_alone(tmp_path: Path) -> None:
+    """repin_shared read the ledger, then the shared VM was restarted before its new pins were recorded: the
+    re-pin's record update (for the old run) must not land on the new one."""
+    from kvmhooks import operations
+    from kvmhooks.apply.live import repin_shared
+    from kvmhooks.domain import parse_domain
+    from kvmhooks.log import VMLog
+    from tests.fakehost import domain_xml
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(cpu_housekeeping=frozenset({0}))
+    shared = domain_xml(uuid=U1, tuning='<kvm:cpu policy="shared"/>', backing="")
+    operations.prepare(parse_domain(shared), cfg)
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning='<kvm:cpu policy="dedicated"/>', backing="")), cfg)
+    newer: dict[str, object] = {}
+
+    class Restarting(FakeDom):
+        def pinVcpuFlags(self, v: int, cpumap: tuple[bool, ...], flags: int) -> None:
+            super().pinVcpuFlags(v, cpumap, flags)
+            if not newer:  # the VM is stopped and started again while the re-pin runs
+                newer.update(restarted_meanwhile(cfg, shared))
+
+    dom = Restarting(U1, shared)
+    repin_shared(FakeConn(dom), cfg, VMLog("-", "-"))
+    assert newer and dom.calls  # the re-pin ran against the old run
+    assert operations.ledger_for(cfg).read().domains[U1].to_json() == newer
+
+
+# --- the agent's job queue, and drift judged only after the start's tuning -----------------------------------
+
+def queue_agent(tmp_path: Path) -> Any:
+    from kvmhooks.agent import Agent
+
+    return Agent(FakeHost(tmp_path).build().config())
+
+
+def test_jobs_of_two_kinds_queued_while_one_runs_all_run_in_order(tmp_path: Path) -> None:
+    a = queue_agent(tmp_path)
+    ran: list[str] = []
+    running = threading.Event()
+    go = threading.Event()
+
+    def tune() -> None:
+        running.set()
+        go.wait(5)
+        ran.append("tune")
+
+    t = threading.Thread(target=a._serial, args=(U1, "tuning", "tune", tune))
+    t.start()
+    assert running.wait(5)
+    for name in ("retune", "drift"):  # asked for (by their events, on other threads) while the tune runs
+        other = threading.Thread(target=a._serial, args=(U1, "tuning", name, lambda n=name: ran.append(n)))
+        other.start()
+        other.join(5)
+        assert not other.is_alive()  # queued, not waited for
+    a._serial(U1, "balloon", "balloon", lambda: ran.append("balloon"))  # another kind: not held up
+    assert ran == ["balloon"]
+    go.set()
+    t.join(5)
+    assert ran == ["balloon", "tune", "retune", "drift"] and not a.queued.get((U1, "tuning"))
+
+
+def test_an_edit_queued_right_after_the_last_empty_check_is_not_lost(tmp_path: Path) -> None:
+    """The running thread found the queue empty and is about to let the VM's lock go when the next edit is
+    queued (its own thread could not take the lock, so it left the job to this one): it still runs."""
+    a = queue_agent(tmp_path)
+    ran: list[str] = []
+    key = (U1, "tuning")
+
+    class Queue(dict):  # type: ignore[type-arg]
+        injected = False
+
+        def pop(self, k: object, default: object = None) -> object:
+            got = super().pop(k, default)
+            if k == key and not got and not self.injected:  # the last empty check: the edit lands right after
+                self.injected = True
+                self[key] = {"retune": lambda: ran.append("retune")}
+            return got
+
+    a.queued = Queue()
+    a._serial(U1, "tuning", "tune", lambda: ran.append("tune"))
+    assert ran == ["tune", "retune"]
+
+
+def test_drift_is_judged_only_after_the_starts_tuning_has_finished(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the start's tuning is done the live pins are not the plan's yet: that is no hand change (with
+    drift = "restore" it would be "restored" under the tuning). A TUNABLE event of the tuning's own pins
+    queues its check behind the tuning, which then finds the plan in place."""
+    from kvmhooks import agent as agent_mod
+    from kvmhooks import operations
+    from kvmhooks.agent import Agent
+    from kvmhooks.domain import parse_domain
+    from tests.fakehost import domain_xml
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    monkeypatch.setattr(agent_mod, "DRIFT_SETTLE", 0.0)
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(drift="restore")
+    xml = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="1"/>', vcpus=1)
+    operations.prepare(parse_domain(xml), cfg)
+    operations.mark(U1, cfg, state="starting")
+    a = Agent(cfg)
+    judged: list[str] = []
+    real_drift = a._drift_once
+
+    def drift_once(uuid: str) -> None:  # the real check, noting the record's state when it runs
+        judged.append(operations.ledger_for(cfg).read().domains[uuid].state)
+        real_drift(uuid)
+
+    monkeypatch.setattr(a, "_drift_once", drift_once)
+
+    class Dom(FakeDom):
+        def pinVcpuFlags(self, v: int, cpumap: tuple[bool, ...], flags: int) -> None:
+            t = threading.Thread(target=a._check_drift, args=(U1,))  # libvirt's TUNABLE event of this pin
+            t.start()
+            t.join(5)
+            super().pinVcpuFlags(v, cpumap, flags)
+
+    dom = Dom(U1, xml, vcpus=1)
+    a.conn = FakeConn(dom)
+    a._check_drift(U1)  # not tuned yet: the pins are libvirt's defaults, not the plan's — not judged
+    assert dom.vcpus[0] == {0, 1, 2, 3} and not (cfg.state_dir / "failures" / U1).exists()
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))
+    a._tune(U1)
+    assert judged[-1] == "running" and dom.vcpus[0] == {1}
+    assert not (cfg.state_dir / "failures" / U1).exists()  # the tuning's own pin is no hand change
+    dom.vcpus[0] = frozenset({3})  # now a hand change is one
+    a._check_drift(U1)
+    assert "changed by hand: vCPU 0 on 3 (planned 1); restored" in (cfg.state_dir / "failures" / U1).read_text()

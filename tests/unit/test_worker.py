@@ -25,7 +25,7 @@ def node_xml(host: FakeHost, runstate: int = 1, tuning: str = "") -> str:
     node.write_text(f"""<node>
   <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
     <name>vm1</name><uuid>{U1}</uuid>{meta}<memory>262144</memory><vcpu>2</vcpu>
-    <os><type>hvm</type></os><test:runstate>{runstate}</test:runstate>
+    <os><type>hvm</type></os><devices><memballoon model='virtio'/></devices><test:runstate>{runstate}</test:runstate>
   </domain>
 </node>""")
     return f"test://{node}"
@@ -78,18 +78,26 @@ def test_the_worker_pins_what_the_ledger_planned(host: FakeHost) -> None:
 
 
 def test_worker_is_detached_from_the_hooks_pipes(host: FakeHost) -> None:
-    """A worker waiting on a domain that never runs must not keep the hook (and so virsh start) waiting."""
+    """A worker waiting on a domain that never runs must not keep the hook (and so virsh start) waiting. The
+    domain started paused is tuned at once (memtune, read back from libvirt's test driver); only its balloon
+    waits for it to run, bounded by worker_timeout."""
     pytest.importorskip("libvirt")
-    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, runstate=3)}"', worker_timeout="2")
-    xml = domain_xml(uuid=U1, tuning=LIVE)
+    tuning = MEMTUNE + '<kvm:balloon target="200M" transport="libvirt"/>'
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, runstate=3, tuning=tuning)}"', worker_timeout="2")
+    xml = domain_xml(uuid=U1, tuning=tuning)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     t0 = time.monotonic()
     r = hook(cfg, "vm1", "started", xml)  # capture_output: returns only when every pipe holder is gone
     hook_seconds = time.monotonic() - t0
     assert r.returncode == 0 and r.stdout == b""
     assert hook_seconds < 1.5  # the worker itself takes its full 2 s deadline (below)
-    rec = wait_ledger(host, lambda r: r.get("error"))
-    assert "not running after 2 s" in rec["error"]
+    rec = wait_ledger(host, lambda r: r.get("state") == "running" or r.get("error"))
+    assert rec["error"] is None and rec["applied"]["memtune"] == {"hard_limit": 1048576}  # while paused
+    failures = host.root / "run/failures" / U1
+    deadline = time.monotonic() + 20
+    while not failures.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "balloon: not set: the domain was not running after 2 s" in failures.read_text()
 
 
 def test_no_worker_when_there_is_nothing_to_apply_live(host: FakeHost) -> None:
