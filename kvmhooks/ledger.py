@@ -127,16 +127,6 @@ def _isolation_section(data: object) -> dict[str, Any]:
     return section
 
 
-def salvage_isolation(raw: bytes) -> dict[str, Any]:
-    """The isolation section of an unreadable ledger, if its header still reads: the admin's original host
-    settings are in it, and without them a host isolated when the ledger broke would stay so for good."""
-    try:
-        head = json.loads(raw.partition(b"\n")[0])
-        return _isolation_section(head.get("isolation")) if isinstance(head, dict) else {}
-    except (ValueError, RecursionError, LedgerError):
-        return {}
-
-
 class _Lazy:
     """Decoded on first use: planning reads only a record's counts and CPUs, so a ledger of 1000 VMs need not
     decode 1000 sets of pins and worker results (``lazy`` makes an instance that holds only its raw JSON)."""
@@ -150,20 +140,24 @@ class _Lazy:
     def __getattribute__(self, name: str) -> Any:
         # Every field read goes through here (a field with a default is also a class attribute, so
         # __getattr__ alone would return the default of an undecoded instance).
-        d = object.__getattribute__(self, "__dict__")
-        if "_raw" in d and name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
-            raw, what = d.pop("_raw")
-            d.update(type(self)._decode(raw, what).__dict__)
+        pending = "_raw" in object.__getattribute__(self, "__dict__")
+        if pending and name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+            object.__getattribute__(self, "decode")()
         return object.__getattribute__(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A field set before any was read: decode first, or the raw JSON would win (to_json writes it back as
         # it was read, and the first read would overwrite the new value with the decoded old one).
+        if name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+            self.decode()
+        object.__setattr__(self, name, value)
+
+    def decode(self) -> None:
+        """Decode now (a no-op once decoded); raises LedgerError for a part that does not decode."""
         d = object.__getattribute__(self, "__dict__")
-        if "_raw" in d and name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+        if "_raw" in d:
             raw, what = d.pop("_raw")
             d.update(type(self)._decode(raw, what).__dict__)
-        object.__setattr__(self, name, value)
 
     @classmethod
     def _decode(cls, raw: dict[str, Any], what: str) -> Any:
@@ -215,6 +209,13 @@ class Pins(_Lazy):
                    by_number("iothreads"), tuple(floating), bool(d.get("emulator_floats", False)))
 
 
+def _v1_applied(raw: dict[str, Any]) -> bool:
+    """Version 1 kept the worker's live pins as {"vcpus": {...}, "emulator": ...} and the worker as one object:
+    such a raw copy is re-encoded, not passed on (``kvmhooks status`` would print the dict)."""
+    pins = raw.get("pins")
+    return "worker" in raw or (isinstance(pins, dict) and "vcpus" in pins)
+
+
 @dataclass
 class Applied(_Lazy):
     """What the worker applied after start, as read back from libvirt (shown by ``kvmhooks status``)."""
@@ -232,8 +233,9 @@ class Applied(_Lazy):
 
     def to_json(self) -> dict[str, Any]:
         raw = self._undecoded()
-        if raw is not None:
+        if raw is not None and not _v1_applied(raw):
             return raw
+        self.decode()
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
 
     @classmethod
@@ -289,13 +291,16 @@ class DomainRecord:
     applied: Applied = field(default_factory=Applied)
     error: str | None = None
     updated: float = 0.0
+    # Adopted from facts that could not say where its huge pages are (page size "2048kB" → pages): counted in
+    # no pool, so no pool is written for them; `kvmhooks reconcile` places them once the facts can be read.
+    unplaced: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "token": self.token, "hugepages": self.hugepages,
                 "borrowed": self.borrowed, "cpus": self.cpus, "threads": self.threads,
                 "emulator_cpu": self.emulator_cpu, "shared": self.shared, "isolation": self.isolation,
                 "pins": self.pins.to_json() if self.pins else None, "applied": self.applied.to_json(),
-                "error": self.error, "updated": self.updated}
+                "error": self.error, "updated": self.updated, **({"unplaced": self.unplaced} if self.unplaced else {})}
 
     @classmethod
     def from_json(cls, data: object, what: str) -> DomainRecord:
@@ -315,7 +320,8 @@ class DomainRecord:
                    pins=Pins.from_json(pins, f"{what}.pins") if pins else None,
                    applied=Applied.from_json(d.get("applied"), f"{what}.applied"),
                    error=_opt_str(d, "error", what),
-                   updated=float(updated) if isinstance(updated, (int, float)) else 0.0)
+                   updated=float(updated) if isinstance(updated, (int, float)) else 0.0,
+                   unplaced=_counts(d.get("unplaced"), f"{what}.unplaced"))
 
 
 @dataclass
@@ -624,6 +630,95 @@ class LedgerState:
                    _isolation_section(data.get("isolation")))
 
 
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _decoded_record(uuid: str, data: object) -> DomainRecord:
+    """A record decoded entirely (its pins and the worker's results too), or LedgerError."""
+    if not _MARKER_RE.fullmatch(uuid):
+        raise LedgerError(f"{uuid[:40]!r}: not a UUID")
+    rec = DomainRecord.from_json(data, f"domains[{uuid}]")
+    if rec.pins is not None:
+        rec.pins.decode()
+    rec.applied.decode()
+    return rec
+
+
+def check_records(state: LedgerState) -> None:
+    """Decode every record entirely (the repair path): raises LedgerError at the first that does not."""
+    for uuid in state.domains:
+        rec = state.domains[uuid]
+        if rec.pins is not None:
+            rec.pins.decode()
+        rec.applied.decode()
+
+
+def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
+    """Every part of an unreadable ledger that still decodes on its own, and one line per part that does not.
+
+    The ledger is one header and one line per VM, so a broken VM line, pool or intent costs only itself: the
+    other VMs' reservations and the admin's baselines (without them adoption would take whatever the pools
+    hold now for the admin's value) are kept, and only the broken part is rebuilt from facts by
+    ``kvmhooks reconcile``. A version 1 file is one document: if it is not JSON, nothing of it can be read.
+    """
+    text = raw.decode("utf-8", errors="replace")
+    first, _, rest = text.partition("\n")
+    head = _json_object(first)
+    records: list[tuple[str, object]] = []
+    lost: list[str] = []
+    if head is not None and "domains" not in head:  # version 2: a header line, then a line per VM
+        for n, line in enumerate(rest.splitlines(), 2):
+            if not line.strip():
+                continue
+            data = _json_object(line)
+            uuid = data.get("uuid") if data is not None else None
+            if not isinstance(uuid, str):
+                lost.append(f"line {n} (not a VM record)")
+                continue
+            records.append((uuid, data))
+    else:
+        head = _json_object(text)
+        if head is None:
+            return LedgerState(), ["everything (neither a header line nor a document that is JSON)"]
+        domains = head.get("domains")
+        if isinstance(domains, dict):
+            records = [(str(u), r) for u, r in domains.items()]
+        elif domains is not None:
+            lost.append("the VM records (not an object)")
+    state = LedgerState()
+    for uuid, item in records:
+        try:
+            state.domains[uuid] = _decoded_record(uuid, item)
+        except LedgerError as e:
+            name = item.get("name") if isinstance(item, dict) else None
+            lost.append(f"the record of VM {name!r} ({uuid[:40]}): {e}" if isinstance(name, str)
+                        else f"the record of {uuid[:40]}: {e}")
+    pools = head.get("pools")
+    for key, p in (pools.items() if isinstance(pools, dict) else ()):
+        try:
+            state.pools[str(key)] = PoolRecord.from_json(p, f"pools[{key}]")
+        except LedgerError as e:
+            lost.append(f"the record of pool {str(key)[:40]} ({e})")
+    intents = head.get("intents")
+    for n, i in enumerate(intents if isinstance(intents, list) else ()):
+        try:
+            state.intents.append(Intent.from_json(i, f"intents[{n}]"))
+        except LedgerError as e:
+            lost.append(f"an interrupted pool write ({e})")
+    notes = head.get("notes")
+    state.notes = [str(n) for n in notes][-MAX_NOTES:] if isinstance(notes, list) else []
+    try:
+        state.isolation = _isolation_section(head.get("isolation"))
+    except LedgerError as e:
+        lost.append(f"the host isolation section ({e})")
+    return state, lost
+
+
 HELD_DIR = "held"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -652,6 +747,7 @@ class Ledger:
         self.path = path
         self.timeout = timeout
         self.set_aside: Path | None = None  # where hold(quarantine=True) moved an unreadable ledger
+        self.lost: list[str] = []  # the parts of it that did not decode (the rest was kept)
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
@@ -704,34 +800,43 @@ class Ledger:
     @contextlib.contextmanager
     def hold(self, quarantine: bool = False) -> Iterator[Transaction]:
         """Exclusive hold with explicit commits; what is left uncommitted is written when the block ends
-        without error. ``quarantine``: an unreadable ledger is moved aside (kept, timestamped) and an empty
-        one begins, for the repair path (``kvmhooks reconcile``) to rebuild."""
+        without error. ``quarantine`` (the repair path, ``kvmhooks reconcile``): every record is decoded
+        entirely and the sums recounted; an unreadable ledger is moved aside (kept, timestamped) and what of it
+        still decodes (:func:`salvage`) begins the new one; ``lost`` lists the rest, for the caller to rebuild."""
         with self._locked(fcntl.LOCK_EX):
             try:
                 state, text = self._load()
                 if quarantine:  # the repair path finds a bad record here, not half-way, and checks the sums
+                    check_records(state)
                     exact = state.domains.recount()
                     if exact.to_json() != state.domains.summary().to_json():
                         state.note("the ledger's summary disagreed with its records; recounted")
                         state.domains.rebase(exact)
-            except LedgerError:
+            except LedgerError as e:
                 if not quarantine:
                     raise
-                aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-                try:
-                    salvaged = salvage_isolation(self.path.read_bytes())
-                except OSError:
-                    salvaged = {}
-                os.replace(self.path, aside)
-                state, text = LedgerState(), ""
-                state.note(f"the unreadable ledger was moved to {aside} and rebuilt")
-                if salvaged:
-                    state.isolation = salvaged
-                    state.note("its host isolation section (the admin's original settings) was kept")
-                self.set_aside = aside
+                state, text = self._set_aside(e)
             txn = Transaction(self, state, text)
             yield txn
             txn.commit()
+
+    def _set_aside(self, error: LedgerError) -> tuple[LedgerState, str]:
+        """Keep the unreadable file aside as it is, and begin again from what of it still decodes."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            raw = b""
+        aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(self.path, aside)
+        state, self.lost = salvage(raw)
+        self.set_aside = aside
+        why = str(error).partition(" (")[2].rpartition("); run")[0] or str(error)
+        state.note(f"the unreadable ledger ({why}) was moved to {aside}; kept {len(state.domains)} VM record(s), "
+                   f"{len(state.pools)} pool record(s)" + (" and the host isolation section" if state.isolation
+                                                            else ""))
+        for part in self.lost:
+            state.note(f"could not read {part}: rebuilt from the running VMs and the pools")
+        return state, ""
 
     @property
     def held_dir(self) -> Path:
@@ -783,6 +888,11 @@ class Ledger:
                     os.unlink(d / name)
 
     def _write(self, text: str) -> None:
+        """Replace the file atomically: temp file, fsync, rename, fsync of the directory. Called with the
+        exclusive lock held, so no other process is writing: any other temp file of this ledger was left by a
+        writer that died between its open and its rename, and goes now. (Judged by the lock, not by its PID:
+        after a reboot or a wrap-around that PID may be another live process, and the file is stale anyway.)"""
+        self._remove_stale_temps()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "w") as f:
@@ -799,6 +909,14 @@ class Ledger:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def _remove_stale_temps(self) -> None:
+        prefix = f".{self.path.name}."
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.path.parent):
+                if name.startswith(prefix) and name.endswith(".tmp") and name[len(prefix):-4].isdecimal():
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path.parent / name)
 
 
 def stamp(record: DomainRecord) -> None:
