@@ -6,10 +6,13 @@ The invariant kvmhooks keeps for every pool it writes::
 
 Every operation — prepare, release, adopt, recovery of an interrupted write, reconcile, and the previews in
 ``kvmhooks status``/``plan`` — computes pool targets here, and nowhere else. One rule tells an admin's change
-from kvmhooks' own: the ledger remembers what kvmhooks last left each pool at (read back from the kernel);
-a pool found *above* that, with no kvmhooks write in flight, was raised by the admin, and the raise becomes
-part of the baseline. A pool found *below* it is an inconsistency to report and repair — never a reason to
-lower the baseline (that is how a failed release once shrank an admin's 40 pages to 8).
+from kvmhooks' own: the ledger remembers what kvmhooks last left each pool at (read back from the kernel).
+A pool that no kvmhooks write is in flight on (no intent) and that differs from that was resized by someone
+with root, and the admin's size is what it is now: a raise joins the baseline; a pool lowered by hand makes
+the baseline ``now - held`` (never below 0). Only a pool lowered below what running VMs hold (baseline 0)
+is brought back up to their pages, by the next write of that pool (reconcile writes every pool), and noted.
+While an intent names a pool its size says nothing about the admin: recovery settles it first (that is how
+a failed release once shrank an admin's 40 pages to 8).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def target(state: LedgerState, key: str, now: int) -> int:
 def observe(state: LedgerState, topo: HostTopology, cfg: Config) -> list[str]:
     """Apply the drift rule to every recorded pool with no write in flight; returns what it found.
 
-    Updates ``baseline`` (admin raise) and ``expected`` (what the pool is now) in ``state``.
+    Updates ``baseline`` (the admin's resize) and ``expected`` (what the pool is now) in ``state``.
     """
     in_flight = {i.pool for i in state.intents}
     found = []
@@ -74,9 +77,15 @@ def observe(state: LedgerState, topo: HostTopology, cfg: Config) -> list[str]:
             rec.baseline += now - expected
             found.append(f"pool {key} was raised by hand from {expected} to {now} pages: the admin's baseline is "
                          f"now {rec.baseline}")
+        elif now < expected and now >= held:
+            rec.baseline = now - held
+            found.append(f"pool {key} was lowered by hand from {expected} to {now} pages: the admin's baseline is "
+                         f"now {rec.baseline}")
         elif now < expected:
-            found.append(f"pool {key} is at {now} pages, below the {expected} kvmhooks left it at (baseline "
-                         f"{rec.baseline} + held {held}): it will be restored, the baseline stays")
+            rec.baseline = 0
+            found.append(f"pool {key} was lowered by hand from {expected} to {now} pages, below the {held} pages "
+                         "running VMs hold: the admin's baseline is now 0; the VMs' pages are put back by the next "
+                         "write of this pool (kvmhooks reconcile makes it)")
         rec.expected = now
     return found
 
