@@ -48,7 +48,7 @@ from kvmhooks import operations
 from kvmhooks.config import Config, parse_pool_key, pool_key
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.ledger import DomainRecord, LedgerState
-from kvmhooks.topology import HostTopology, qemu_memory
+from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ class StateCollector(Collector):
                     fam.add(name, value, *labels)
             if actual is not None:
                 fam.add("kvmhooks_vm_balloon_actual_bytes", actual * _KIB, rec.name, uuid)
-            for node, kinds in sorted(qemu_memory(self.cfg.proc_root, uuid).items()):
+            for node, kinds in sorted(operations.vm_memory(self.cfg, rec.name, uuid).items()):
                 for kind, kib in sorted(kinds.items()):
                     fam.add("kvmhooks_vm_memory_bytes", kib * _KIB, rec.name, uuid, str(node), kind)
         if bad is not None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
-from kvmhooks.errors import CapacityError, KvmhooksError, LedgerError
+from kvmhooks.errors import CapacityError, HostError, KvmhooksError, LedgerError
 from kvmhooks.ledger import (
     NOT_MAPPED_YET,
     DomainRecord,
@@ -36,13 +36,24 @@ from kvmhooks.ledger import (
     Pins,
     PoolRecord,
     Transaction,
+    check_records,
     new_token,
+    salvage,
     stamp,
 )
 from kvmhooks.log import VMLog
 from kvmhooks.plan import pools as accounting
 from kvmhooks.plan.hugepages import HugepagePlan, plan_hugepages
-from kvmhooks.topology import HostTopology, qemu_hugepages, read_topology
+from kvmhooks.topology import (
+    HostTopology,
+    QemuProcess,
+    numa_maps,
+    qemu_hugepages,
+    qemu_memory,
+    qemu_process,
+    qemu_uids,
+    read_topology,
+)
 from kvmhooks.units import format_cpuset
 
 if TYPE_CHECKING:
@@ -114,6 +125,9 @@ class Session:
         self.cfg = cfg
         self.pools = pools
         self._topo: HostTopology | None = None
+        # What this session repaired before its own work (a ledger set aside, recovery, an admin's resize, an
+        # interrupted isolation change): kvmhooks reconcile reports it.
+        self.repairs: list[str] = []
 
     @property
     def state(self) -> LedgerState:
@@ -228,17 +242,30 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
     with led.hold(quarantine=quarantine) as txn:
         s = Session(txn, cfg, pools or SysfsPools(cfg.sysfs_root, cfg.proc_root))
         if led.set_aside is not None:
-            log.warning("ledger was unreadable: moved to %s; rebuilding", led.set_aside)
-        s.recover()
+            log.warning("ledger was unreadable: moved to %s; kept what still reads, rebuilding the rest",
+                        led.set_aside)
+            s.repairs.append(set_aside_line(led.set_aside, s.state, led.lost))
+            s.repairs += [f"could not read {part}: rebuilt from the running VMs and the pools" for part in led.lost]
+        s.repairs += s.recover()
         for f in accounting.observe(s.state, s.topo, cfg):
             log.warning("%s", f)
             s.state.note(f)
+            s.repairs.append(f)
         s.commit()
         if isolation_due(s.state):  # an isolation change was interrupted, or never made: finish it first
+            s.repairs.append("brought the host's isolation in line with the ledger (an operation stopped first)")
             for w in isolate_host(s, VMLog("-", "-"), record_isolation):
                 s.state.note(f"recovery: {w}")
+                s.repairs.append(f"recovery: {w}")
             s.commit()
         yield s
+
+
+def set_aside_line(aside: Path | None, kept: LedgerState, lost: list[str]) -> str:
+    where = f" to {aside}" if aside is not None else ""
+    return (f"set the unreadable ledger aside{where}, keeping what still reads: {len(kept.domains)} VM record(s), "
+            f"{len(kept.pools)} pool record(s)" + (", the host isolation section" if kept.isolation else "")
+            + (f"; {len(lost)} part(s) could not be read" if lost else ""))
 
 
 # --- host isolation (<kvm:host>) -------------------------------------------------------------------------
@@ -533,6 +560,8 @@ def _adopt_locked(s: Session, dom: Domain) -> DomainRecord | None:
     rec = st.domains.get(dom.uuid)
     if rec is not None:
         rec.state = "running" if rec.state in ("prepared", "starting", "running") else rec.state
+        if rec.unplaced:
+            place_unplaced(st, s.topo, s.cfg, dom, rec, vlog)
         stamp(rec)
         vlog.info("reconnect: already in the ledger")
         return rec
@@ -547,15 +576,38 @@ def _adopt_locked(s: Session, dom: Domain) -> DomainRecord | None:
 def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, vlog: VMLog) -> DomainRecord:
     """Record a running VM from facts. Its pages are already inside the pools, so it can hold no more of a
     pool than what is there beyond the admin's baseline and the other reservations: adoption never raises
-    a pool and never lowers a baseline."""
+    a pool and never lowers a baseline. Pages whose node the facts do not give are recorded as unplaced and
+    touch no pool."""
     rec = DomainRecord(name=dom.name, state="adopted", token=new_token())
-    pages: dict[str, int] = {}
+    found = AdoptedPages({}, {})
     try:
-        pages = adopted_pages(dom, topo, cfg, vlog)
+        found = adopted_pages(dom, topo, cfg)
     except KvmhooksError as e:  # the VM runs already: record what we can, never fail
         vlog.warning("reconnect: cannot work out its huge pages (%s); adopting without them", e)
-    rec.borrowed = {k: p for k, p in pages.items() if k in cfg.leave_alone}
-    for key, want in pages.items():
+    _count_adopted(st, topo, cfg, rec, found, vlog)
+    _adopt_cpus(dom, rec, topo)
+    taken = rec.cpus and set(rec.cpus) & st.dedicated_cpus(excluding=dom.uuid)
+    if taken:
+        vlog.warning("reconnect: it is pinned to CPU(s) %s that the ledger gives to other VMs; not counting them "
+                     "as its own (kvmhooks status shows the overlap)", format_cpuset(taken))
+        st.note(f"VM {dom.name!r} ({dom.uuid}) runs on CPU(s) {format_cpuset(taken)} dedicated to other VMs")
+        rec.cpus = sorted(set(rec.cpus) - taken)
+        rec.isolation = rec.isolation if rec.cpus else None
+    stamp(rec)
+    st.domains[dom.uuid] = rec
+    return rec
+
+
+def _count_adopted(st: LedgerState, topo: HostTopology, cfg: Config, rec: DomainRecord, found: AdoptedPages,
+                   vlog: VMLog) -> None:
+    rec.unplaced = dict(found.unplaced)
+    if found.unplaced:
+        what = ", ".join(f"{n} x {k}" for k, n in sorted(found.unplaced.items()))
+        vlog.warning("reconnect: where its huge pages are is not known (%s); %s recorded as unplaced, no pool "
+                     "changed (kvmhooks reconcile places them once its QEMU can be read)", found.why, what)
+        st.note(f"VM {rec.name!r}: huge pages {what} not placed ({found.why}); pools left alone")
+    rec.borrowed = {k: p for k, p in found.pages.items() if k in cfg.leave_alone}
+    for key, want in found.pages.items():
         ps = accounting.pool_state(topo, key)
         if key in cfg.leave_alone or ps is None:
             continue
@@ -572,44 +624,79 @@ def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, v
             st.pools[key] = PoolRecord(now - others - take, now)
         else:
             prec.expected = now
-    _adopt_cpus(dom, rec, topo)
-    taken = rec.cpus and set(rec.cpus) & st.dedicated_cpus(excluding=dom.uuid)
-    if taken:
-        vlog.warning("reconnect: it is pinned to CPU(s) %s that the ledger gives to other VMs; not counting them "
-                     "as its own (kvmhooks status shows the overlap)", format_cpuset(taken))
-        st.note(f"VM {dom.name!r} ({dom.uuid}) runs on CPU(s) {format_cpuset(taken)} dedicated to other VMs")
-        rec.cpus = sorted(set(rec.cpus) - taken)
-        rec.isolation = rec.isolation if rec.cpus else None
+
+
+def place_unplaced(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, rec: DomainRecord,
+                   vlog: VMLog) -> str | None:
+    """Count an adopted VM's unplaced pages where its QEMU now shows them; returns what it did (None: still
+    unknown, the record unchanged)."""
+    try:
+        found = adopted_pages(dom, topo, cfg)
+    except KvmhooksError:
+        return None
+    if found.unplaced:
+        return None
+    _count_adopted(st, topo, cfg, rec, found, vlog)
     stamp(rec)
-    st.domains[dom.uuid] = rec
-    return rec
+    return (f"placed the huge pages of {rec.name} ({dom.uuid}): "
+            + (", ".join(f"{k} {n}" for k, n in sorted(rec.hugepages.items())) or "none beyond the admin's"))
 
 
-def adopted_pages(dom: Domain, topo: HostTopology, cfg: Config, vlog: VMLog) -> dict[str, int]:
-    """Pages per pool of a running VM: its size from the domain, where they are from its QEMU process.
+@dataclass(frozen=True)
+class AdoptedPages:
+    pages: dict[str, int]  # pool → pages, where the facts put them
+    unplaced: dict[str, int]  # page size ("2048kB") → pages whose node the facts do not give
+    why: str = ""  # why they are unplaced
 
-    The count is the domain's (``<memory>`` or the annotation's count). Where they sit comes from the QEMU
-    process's ``numa_maps`` (faulted pages); pages not faulted in yet go with the bulk. Without that, the
-    domain's strict ``<numatune>``/cells decide, and on a one-node host there is no question.
+
+def qemu_of(cfg: Config, name: str, uuid: str) -> QemuProcess:
+    """The domain's QEMU process, as only libvirt could have made it (see topology.qemu_process); the
+    pid file is under ``run_root``, qemu.conf beside ``hooks_dir``. Raises HostError."""
+    return qemu_process(cfg.proc_root, cfg.run_root, qemu_uids(cfg.hooks_dir.parent), name, uuid)
+
+
+def vm_memory(cfg: Config, name: str, uuid: str) -> dict[int, dict[str, int]]:
+    """Where a running VM's memory is per host node (numastat -p's data); empty when its QEMU cannot be
+    identified or read (status and the metrics show nothing rather than another process's memory)."""
+    try:
+        return qemu_memory(numa_maps(cfg.proc_root, qemu_of(cfg, name, uuid)))
+    except HostError as e:
+        log.debug("VM %r (%s): memory per node unknown: %s", name, uuid, e)
+        return {}
+
+
+def adopted_pages(dom: Domain, topo: HostTopology, cfg: Config) -> AdoptedPages:
+    """Pages per pool of a running VM: its size from the domain, where they are from facts.
+
+    The count is the domain's (``<memory>`` or the annotation's count). Where they sit comes from its QEMU
+    process's ``numa_maps`` (faulted pages; pages not faulted in yet go with the bulk). Without that, only
+    what decides placement is a fact: a one-node host, the domain's strict ``<numatune>``/cells, the
+    annotation's nodes. Anything else would be a guess (a wrong node leaks pages on one node and lowers the
+    admin's pool on another), so the pages are returned unplaced instead.
     """
     plan = plan_hugepages(dom, topo, cfg)
     if plan is None:
-        return {}
-    observed = {node: n for (node, size), n in qemu_hugepages(cfg.proc_root, dom.uuid).items()
-                if size == plan.size_kib and n > 0}
+        return AdoptedPages({}, {})
+    why = ""
+    observed: dict[int, int] = {}
+    try:
+        rows = numa_maps(cfg.proc_root, qemu_of(cfg, dom.name, dom.uuid))
+        observed = {node: n for (node, size), n in qemu_hugepages(rows).items() if size == plan.size_kib and n > 0}
+        why = "its QEMU process has no huge pages faulted in yet"
+    except HostError as e:
+        why = str(e)
     if observed:
         pages = dict(observed)
         rest = plan.total - sum(observed.values())
         bulk = max(sorted(pages), key=lambda n: pages[n])
         pages[bulk] += max(0, rest)  # faulted pages are facts; the rest is not placed yet
     else:
+        placed_by_domain = (dom.numatune_nodes and dom.numatune_mode != "preferred") or dom.memnodes or (
+            dom.tuning and dom.tuning.hugepages and dom.tuning.hugepages.nodes)
+        if len(topo.nodes) > 1 and not placed_by_domain:
+            return AdoptedPages({}, {f"{plan.size_kib}kB": plan.total}, why)
         pages = dict(plan.pages)
-        placed_by_domain = (dom.numatune_nodes and dom.numatune_mode != "preferred") or dom.memnodes
-        if len(topo.nodes) > 1 and not placed_by_domain and not (dom.tuning and dom.tuning.hugepages
-                                                                 and dom.tuning.hugepages.nodes):
-            vlog.warning("reconnect: its QEMU process shows no huge pages yet; assuming node(s) %s",
-                         ",".join(map(str, sorted(pages))))
-    return {pool_key(n, plan.size_kib): p for n, p in sorted(pages.items()) if p}
+    return AdoptedPages({pool_key(n, plan.size_kib): p for n, p in sorted(pages.items()) if p}, {})
 
 
 def _adopt_cpus(dom: Domain, rec: DomainRecord, topo: HostTopology) -> None:
@@ -648,9 +735,10 @@ def _adopt_cpus(dom: Domain, rec: DomainRecord, topo: HostTopology) -> None:
 
 @dataclass
 class ReconcileResult:
-    actions: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)  # every repair and change, in the order made
     released: list[tuple[str, DomainRecord]] = field(default_factory=list)
     set_aside: Path | None = None
+    lost: list[str] = field(default_factory=list)  # parts of an unreadable ledger that could not be kept
 
 
 def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, str], dry_run: bool = False,
@@ -659,26 +747,18 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
 
     ``snapshot`` maps uuid → reservation token as read *before* libvirt was asked what runs: a reservation
     that changed since (the VM restarted) is left alone. Every decision is taken again under the lock, and
-    pools go through the same capacity check and writer as prepare. An unreadable ledger is set aside and
-    rebuilt from the running VMs (not in a dry run).
+    pools go through the same capacity check and writer as prepare. An unreadable ledger is set aside; what
+    of it still decodes is kept and the rest rebuilt from the running VMs (not in a dry run). Every repair is
+    in ``actions``, those the session made before reconcile's own work (recovery, an admin's resize) first.
     """
     out = ReconcileResult()
     now = time.time() if now is None else now
     if dry_run:
-        try:
-            s_state = ledger_for(cfg).read()
-        except LedgerError as e:
-            out.actions.append(f"set aside the unreadable ledger and rebuild it ({e})")
-            s_state = LedgerState()
-        if s_state.intents:
-            out.actions.append("recover interrupted writes on " + ", ".join(sorted({i.pool for i in s_state.intents})))
-        topo = topology_for(cfg)
-        released = _reconcile_decide(s_state, cfg, topo, running, snapshot, now, out)
-        _reconcile_writes(s_state, topo, cfg, released, out)
-        _reconcile_isolation(s_state, cfg, out)
+        _reconcile_preview(cfg, running, snapshot, now, out)
         return out
     with session(cfg, pools, quarantine=True) as s:
-        out.set_aside = s.txn.ledger.set_aside
+        out.set_aside, out.lost = s.txn.ledger.set_aside, list(s.txn.ledger.lost)
+        out.actions += s.repairs
         released = _reconcile_decide(s.state, cfg, s.topo, running, snapshot, now, out)
         writes = _reconcile_writes(s.state, s.topo, cfg, released, out)
         s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)
@@ -693,6 +773,32 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
     for uuid, rec in out.released:
         _log_released(uuid, rec)
     return out
+
+
+def _reconcile_preview(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, str], now: float,
+                       out: ReconcileResult) -> None:
+    """The dry run: what reconcile would repair and change, on a snapshot (nothing written, nothing held)."""
+    led = ledger_for(cfg)
+    try:
+        st = led.read()
+        check_records(st)
+    except LedgerError:
+        try:
+            raw = cfg.ledger_path.read_bytes()
+        except OSError:
+            raw = b""
+        st, out.lost = salvage(raw)
+        out.actions.append(set_aside_line(None, st, out.lost))
+        out.actions += [f"could not read {part}: rebuild it from the running VMs and the pools" for part in out.lost]
+    out.actions += [f"roll back the unfinished reservation of VM {st.domains[u].name!r} ({u})"
+                    for u in sorted(st.preparing())]
+    out.actions += [f"recover an interrupted {i.op} write on pool {i.pool} ({i.before} → {i.target} pages, process "
+                    f"{i.pid})" for i in st.intents]
+    topo = topology_for(cfg)
+    out.actions += accounting.observe(st, topo, cfg)
+    released = _reconcile_decide(st, cfg, topo, running, snapshot, now, out)
+    _reconcile_writes(st, topo, cfg, released, out)
+    _reconcile_isolation(st, cfg, out)
 
 
 def _reconcile_isolation(st: LedgerState, cfg: Config, out: ReconcileResult) -> None:
@@ -741,7 +847,13 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
         released |= set(rec.hugepages)
         out.released.append((uuid, rec))
     for uuid, xml in sorted(running.items()):
-        if uuid in st.domains:
+        mine = st.domains.get(uuid)
+        if mine is not None and mine.unplaced:  # adopted without knowing where its pages are: try the facts again
+            with contextlib.suppress(KvmhooksError):
+                done = place_unplaced(st, topo, cfg, parse_domain(xml), mine, VMLog(mine.name, uuid))
+                out.actions.append(done or f"the huge pages of {mine.name} ({uuid}) are still unplaced: where they "
+                                           "are is not known (no pool changed for them)")
+        if mine is not None:
             continue
         if uuid in snapshot:  # it had a reservation when reconcile looked, and has none now: it stopped
             out.actions.append(f"leave {uuid} alone: its reservation changed while reconcile looked")
@@ -753,8 +865,13 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
             continue
         if dom.active_tuning is None:
             continue
-        out.actions.append(f"adopt {dom.name} ({uuid}): running and annotated but missing from the ledger")
-        _adopt_into(st, topo, cfg, dom, VMLog(dom.name, dom.uuid))
+        adopted = _adopt_into(st, topo, cfg, dom, VMLog(dom.name, dom.uuid))
+        out.actions.append(f"adopt {dom.name} ({uuid}): running and annotated but missing from the ledger; holds "
+                           + (", ".join(f"{k} {n} pages" for k, n in sorted(adopted.hugepages.items())) or "no pages")
+                           + (f", CPUs {format_cpuset(adopted.cpus)}" if adopted.cpus else "")
+                           + ("; huge pages " + ", ".join(f"{n} x {k}" for k, n in sorted(adopted.unplaced.items()))
+                              + " unplaced: where they are is not known, no pool changed for them"
+                              if adopted.unplaced else ""))
     return released
 
 

@@ -118,9 +118,7 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
                 if facts_d.active:
                     from dataclasses import replace
 
-                    from kvmhooks.topology import qemu_memory
-
-                    facts_d = replace(facts_d, memory=qemu_memory(cfg.proc_root, d.UUIDString()))
+                    facts_d = replace(facts_d, memory=operations.vm_memory(cfg, d.name(), d.UUIDString()))
                 doms.append(facts_d)
             except libvirt.libvirtError as e:  # it vanished while we looked: that VM only
                 log.info("doctor: skipping a domain: %s", e)

@@ -64,14 +64,14 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if rec is not None:
             row.update(hugepages=rec.hugepages, cpus=format_cpuset(rec.cpus) if rec.cpus else "",
                        shared=rec.shared, pins=rec.pins.to_json() if rec.pins else None,
-                       applied=rec.applied.to_json(), error=rec.error, ledger_state=rec.state)
+                       applied=rec.applied.to_json(), error=rec.error, ledger_state=rec.state,
+                       unplaced=rec.unplaced)
         if uuid in failures:
             row["failure"] = failures[uuid]
         if d.isActive():
-            from kvmhooks.topology import qemu_memory
-
-            # Where its memory really is (numastat -p's data), huge pages and normal pages apart.
-            row["memory_nodes"] = {str(n): v for n, v in sorted(qemu_memory(cfg.proc_root, uuid).items())}
+            # Where its memory really is (numastat -p's data), huge pages and normal pages apart; nothing when
+            # its QEMU cannot be identified as libvirt's (never another process's memory).
+            row["memory_nodes"] = {str(n): v for n, v in sorted(operations.vm_memory(cfg, d.name(), uuid).items())}
             # memoryStats asks QEMU; info()[2] is libvirt's copy, updated by throttled BALLOON_CHANGE events.
             actual = int(d.memoryStats().get("actual", info[2]))
             row["memory_kib"] = {"max": info[1], "actual": actual}
@@ -102,8 +102,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             out.append(note)
         rows = []
         for v in vms:
-            hp = ", ".join(f"node{node} {n}x{format_kib(size)}"
-                           for (node, size), n in ((parse_pool_key(k), n) for k, n in v.get("hugepages", {}).items()))
+            hp = ", ".join([f"node{node} {n}x{format_kib(size)}" for (node, size), n in
+                            ((parse_pool_key(k), n) for k, n in v.get("hugepages", {}).items())]
+                           + [f"{n}x{format_kib(int(k.removesuffix('kB')))} node unknown"
+                              for k, n in v.get("unplaced", {}).items()])
             applied = v.get("applied") or {}
             pin_s = " ".join(f"{k}:{c}" for k, c in applied.get("pins", {}).items())
             if applied.get("emulator"):

@@ -6,21 +6,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kvmhooks import operations
 from kvmhooks.domain import parse_domain
-from kvmhooks.topology import qemu_hugepages
+from kvmhooks.errors import HostError
+from kvmhooks.topology import numa_maps, qemu_hugepages
 from tests.fakehost import FakeHost, domain_xml
 
 U1 = "11111111-2222-3333-4444-000000000001"
 U2 = "11111111-2222-3333-4444-000000000002"
 
 
-def fake_qemu(host: FakeHost, pid: int, uuid: str, numa_maps: str) -> None:
+def fake_qemu(host: FakeHost, pid: int, uuid: str, numa_maps: str | None, name: str = "vm1", uid: int = 0,
+              cgroup: str | None = None, pidfile: bool = True, dom_id: int = 1) -> None:
+    """A QEMU as libvirt 9.0 starts it on a cgroup v1 host without systemd (this machine's layout): its pid
+    file /run/libvirt/qemu/NAME.pid, the process owned by the QEMU user (or root), in the domain's machine
+    cgroup, started with -uuid. ``numa_maps`` None: not readable."""
     d = host.proc / str(pid)
     d.mkdir(parents=True)
-    (d / "cmdline").write_bytes(b"\0".join([b"/usr/bin/qemu-system-x86_64", b"-name", b"guest=vm1", b"-uuid",
-                                            uuid.encode(), b"-m", b"256"]) + b"\0")
-    (d / "numa_maps").write_text(numa_maps)
+    (d / "cmdline").write_bytes(b"\0".join([b"/usr/bin/qemu-system-x86_64", b"-name", f"guest={name}".encode(),
+                                            b"-uuid", uuid.encode(), b"-m", b"256"]) + b"\0")
+    (d / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {pid} {pid} 0 -1 4194624 9311 0 0 0 37 21 0 0 20 0 4 0 "
+                            "8723 1234567 3456 18446744073709551615 1 1 0 0 0 0 0 4096 17003 0 0 0 17 1 0 0 0 0 0 "
+                            "0 0 0 0 0 0 0\n")
+    (d / "status").write_text(f"Name:\tqemu-system-x86\nState:\tS (sleeping)\nTgid:\t{pid}\nPid:\t{pid}\n"
+                              f"PPid:\t1\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t107\t107\t107\t107\n")
+    grp = f"/machine/qemu-{dom_id}-{name}.libvirt-qemu"
+    (d / "cgroup").write_text(cgroup if cgroup is not None else
+                              f"12:cpuset:{grp}/emulator\n11:memory:{grp}\n4:cpu,cpuacct:{grp}/emulator\n"
+                              f"1:name=systemd:/\n")
+    if numa_maps is not None:
+        (d / "numa_maps").write_text(numa_maps)
+    if pidfile:
+        run = host.root / "run-root/libvirt/qemu"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / f"{name}.pid").write_text(str(pid))
+
+
+def hugepages_of(host: FakeHost, name: str, uuid: str) -> dict[tuple[int, int], int]:
+    return qemu_hugepages(numa_maps(host.proc, operations.qemu_of(host.config(), name, uuid)))
 
 
 MAPS = """7f0000000000 default
@@ -32,10 +57,11 @@ N1=100 kernelpagesize_kB=2048
 
 def test_numa_maps_are_read_for_the_right_process(numa_host: FakeHost) -> None:
     fake_qemu(numa_host, 4242, U1, MAPS)
-    fake_qemu(numa_host, 4343, U2, "")
-    assert qemu_hugepages(numa_host.proc, U1) == {(1, 2048): 100}
-    assert qemu_hugepages(numa_host.proc, U2) == {}
-    assert qemu_hugepages(numa_host.proc, "99999999-2222-3333-4444-000000000001") == {}
+    fake_qemu(numa_host, 4343, U2, "", name="vm2", dom_id=2)
+    assert hugepages_of(numa_host, "vm1", U1) == {(1, 2048): 100}
+    assert hugepages_of(numa_host, "vm2", U2) == {}
+    with pytest.raises(HostError, match="not the QEMU of"):
+        hugepages_of(numa_host, "vm1", "99999999-2222-3333-4444-000000000001")
 
 
 def test_an_auto_node_vm_is_adopted_where_its_pages_are(numa_host: FakeHost) -> None:
@@ -84,11 +110,11 @@ def test_memory_per_node_doctor_and_metrics(numa_host: FakeHost) -> None:
 
     from kvmhooks.doctor import DomainFacts, check_memory_locality, read_host_facts
     from kvmhooks.metrics import render, state_registry
-    from kvmhooks.topology import qemu_memory, read_topology
+    from kvmhooks.topology import read_topology
 
     fake_qemu(numa_host, 4242, U1, MAPS + "7f3000000000 default anon=5000 dirty=5000 N1=3000 N0=2000 "
                                           "kernelpagesize_kB=4\n")
-    mem = qemu_memory(numa_host.proc, U1)
+    mem = operations.vm_memory(numa_host.config(), "vm1", U1)
     assert mem == {1: {"huge": 100 * 2048, "normal": 3000 * 4}, 0: {"huge": 0, "normal": 10 * 4 + 2000 * 4}}
     cfg = numa_host.config(cpu_housekeeping=frozenset())
     # vCPUs pinned to node 0 (CPUs 0-3, 8-11), memory mostly on node 1: a finding

@@ -173,11 +173,11 @@ def test_reconcile_frees_leftovers_but_not_a_vm_that_is_starting(env, capsys) ->
     assert "99999999-0000-0000-0000-000000000001" not in left and "99999999-0000-0000-0000-000000000002" in left
     log = (host.root / "kvmhooks.log").read_text()  # what reconcile did is in the kvmhooks log too
     assert "VM 'gone' (99999999-0000-0000-0000-000000000001): released node0/2048kB 20 pages" in log
-    # The test driver's running, annotated "web" was missing from the ledger: adopted, its pages counted as far
-    # as the pool holds them beyond the admin's 10 (adoption never raises a pool nor lowers a baseline).
-    assert "adopt web" in out and left[U_WEB].hugepages == {"node0/2048kB": 20}
-    st = Ledger(c.ledger_path).read()
-    assert host.pool(0) == st.pools["node0/2048kB"].baseline + st.reserved("node0/2048kB")
+    # The test driver's running, annotated "web" was missing from the ledger: adopted. It has no QEMU process on
+    # this two-node host, so where its pages are is not known: they are recorded unplaced, not guessed onto node 0
+    # (that counted the 20 pages "gone" left as web's), and the pool goes back to the admin's 10.
+    assert "adopt web" in out and left[U_WEB].hugepages == {} and left[U_WEB].unplaced == {"2048kB": 128}
+    assert host.pool(0) == 10 and "node0/2048kB" not in Ledger(c.ledger_path).read().pools  # settled
     assert run(capsys, "reconcile", "--config", str(cfg), "--uri", uri)[1].startswith("leave booting")  # only that
 
 
