@@ -163,16 +163,19 @@ class Service:
         b = open_balloon(d, t.balloon, dom, vlog, announce=uuid not in self.announced)
         self.announced.add(uuid)
         balloons[uuid] = (b, vlog)
+        # Stats first, then the size: the policy trusts only stats taken after it last saw that size at rest.
         stats = b.guest_stats()
         actual = b.actual_kib()
         spec = t.balloon
+        period = spec.stats_period or 2
         if stats.get("last_update", 0) <= 0:
-            b.enable_stats(spec.stats_period or 2)
-            g = GuestMem(uuid, actual, d.memory_kib, spec.min_kib, reclaim=spec.reclaim, shares=spec.shares)
+            b.enable_stats(period)
+            g = GuestMem(uuid, actual, d.memory_kib, spec.min_kib, reclaim=spec.reclaim, shares=spec.shares,
+                         stats_period=period)
         else:
             g = GuestMem(uuid, actual, d.memory_kib, spec.min_kib, stats.get("total"), stats.get("available"),
                          stats.get("major_faults"), stats.get("swap_in"), float(stats["last_update"]),
-                         reclaim=spec.reclaim, shares=spec.shares)
+                         reclaim=spec.reclaim, shares=spec.shares, stats_period=period)
         if not d.virtio_mem:
             return g
         # virtio-mem: the balloon device gives the stats, the device the memory (base = the balloon's actual).

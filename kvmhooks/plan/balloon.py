@@ -2,32 +2,43 @@
 
 ``decide(host, guests, states, now, params)`` returns new targets, new states and one reason per guest;
 the caller (``kvmhooks balloond``) reads, logs and sets, and hands the states back next cycle. The
-policy never touches the host, so every rule below is tested over recorded sequences without one.
+policy never touches the host, so every rule below is tested over simulated guests without one.
 
-Why it looks like this (issue 9): a memoryless "shrink the idle, grow the starving" rule squeezed an idle
-512 MiB guest to 128 MiB on a host with 20 GiB free, then shrank it back the cycle after it grew it, and
-the guest's OOM killer panicked it. A dead guest frees nothing useful, so:
+Why it looks like this. Issue 9: a memoryless "shrink the idle, grow the starving" rule squeezed an idle
+guest and starved it. Issue 17: a 512 MiB guest under a 1 % host target went 421 → 278 → 421 → 197 → 335
+→ 131 MiB in 26 s, because a guest's stats and its balloon size are read at different moments: a reading
+taken while the balloon moves mixes two sizes (measured: "used" = actual − MemAvailable read −30 MiB right
+after a squeeze and 168 MiB right after a growth, when it was 68 throughout), and the policy took that as
+used memory rising fast, i.e. pressure. The rule now, in one paragraph each:
 
-- **Host-driven by default** (Proxmox's autoballoon): guests are squeezed only while the host's used
-  fraction is above ``host_target``, those with the most spare memory (weighted by ``shares``) first, and
-  only down to what they use plus a cushion. When the host is comfortably below its target, squeezed
-  guests grow back toward their ``<memory>``.
-- **reclaim="idle"** (opt-in): an idle guest returns memory even without host pressure, in small steps,
-  keeping a generous cushion.
-- **A guest under pressure always grows**, host target or not: too little available, used memory rising
-  fast enough to run out within the look-ahead, major page faults or swap-in. It grows fast (to what it
-  uses, plus what it will use over the look-ahead, plus a cushion, in one step) and shrinks slowly.
-- **No shrink** for a cooldown after any growth, while its used memory is rising, or before the guest
-  has reported stats taken after the last change (stale stats would misjudge what it uses).
-- Never below ``min``, never above ``<memory>``, never a change inside the deadband (except to lift a
-  guest that someone else put below ``min`` back to it).
-
-The cushions are nested so a decision never undoes the previous one: pressure below 10 % available,
-host squeeze leaves 20 %, growth leaves 30 %, idle reclaim leaves 40 %.
+- **What the guest uses** is actual − MemAvailable, *only from exact readings*: stats QEMU stamped at least
+  ``STATS_LAG_S`` after the cycle that first saw the balloon at its present size (measured on the real
+  guest: 68 MiB at every size from 512 to 132 MiB, with and without deflate-on-oom, once it has landed). A
+  reading taken while the balloon moved gives only a lower bound (the smallest size the balloon can have
+  had then, minus the guest's MemAvailable): it can show a real rise, never a false one. The trend is the
+  steepest rise between two readings of the window (rises under ``RISE_NOISE_KIB`` are noise); what the
+  guest uses now is the latest figure plus that trend over the time since (late stats, late cycles).
+- **Pressure** (the guest grows, in this very cycle, whatever the host wants): less than
+  ``max(10 % of its memory, 16 MiB)`` available now, or the trend running it below that within the
+  look-ahead, or major faults or swap-in. It grows in one step to what it uses, plus the trend over the
+  look-ahead, plus the growth cushion (``max(30 %, 96 MiB)`` available).
+- **Squeeze** (host above ``host_target``) and **idle reclaim** (``reclaim="idle"``) shrink by at most one
+  step per cycle, never below ``min``, and never below the squeeze cushion: ``max(20 % of the new size,
+  64 MiB)`` left available (idle reclaim: ``max(40 %, 64 MiB)``). The cushion is at least twice the pressure
+  threshold, so a squeeze can never by itself put a guest under pressure (no limit cycle); 64 MiB is what a
+  10 MiB/s writer fills before a late cycle (stats period 2 s + interval 1 s + 3 s late) sees it.
+- **A shrink needs a fresh exact reading** (less than a stats period + ``STATS_SLACK_S`` old), no rise in
+  the trend, and no growth within the cooldown. So after each change the policy waits for the balloon to
+  land and for stats taken after that (a shrink every other cycle at best): shrinks are monotone while the
+  guest is steady, and a late cycle, late stats or a slow balloon only make it wait longer. A guest seen
+  for the first time is not shrunk before that either (at rest since when?).
+- When the host is ``HOST_HYSTERESIS`` below its target squeezed guests grow back (hysteresis band: no
+  squeeze and no give-back in between). No change inside the 10 MiB deadband (except a lift to ``min``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -51,8 +62,9 @@ LOOKAHEAD_S = 10.0
 LOOKAHEAD_CYCLES = 3
 
 # --- Cushions (fraction available after the change, and at least that many PRESSURE_MIN_KIB) -------------
-SQUEEZE_FREE, SQUEEZE_MIN = 0.20, 2  # host above target: squeeze down to this
-GROW_FREE, GROW_MIN = 0.30, 3  # under pressure: grow up to this (above the squeeze floor: no ping-pong)
+# Nested: pressure (10 %, 16 MiB) < squeeze (20 %, 64 MiB) < growth (30 %, 96 MiB); idle reclaim keeps 40 %.
+SQUEEZE_FREE, SQUEEZE_MIN = 0.20, 4  # host above target: squeeze down to this (2x the pressure threshold)
+GROW_FREE, GROW_MIN = 0.30, 6  # under pressure: grow up to this (above the squeeze floor: no ping-pong)
 RECLAIM_FREE, RECLAIM_MIN = 0.40, 4  # reclaim="idle" without host pressure: generous
 
 # --- Pace ---------------------------------------------------------------------------------------------------
@@ -62,13 +74,20 @@ RECLAIM_STEP_DIVISOR = 4
 # No shrink this long after any growth. The same idea as Kubernetes' HPA scale-down stabilisation window
 # (300 s there, for whole pods); a minute covers a burst's pauses at balloond's 10 s default interval.
 COOLDOWN_S = 60.0
-# Used-memory samples kept for the trend (the rate over the last few fresh stats).
+# Exact readings kept for the trend.
 TREND_SAMPLES = 4
-# Used memory that rose by more than this over the trend window counts as rising (noise is < 1 MiB idle).
-TREND_RISE_KIB = 4 * MIB
-# Guest stats taken less than this after the last change may not show it yet (the balloon lands in ~1 s,
-# measured; QEMU's last-update has one-second resolution).
-SETTLE_S = 1.0
+# A rise of used memory between two exact readings smaller than this is noise (idle: < 1 MiB, measured).
+RISE_NOISE_KIB = 4 * MIB
+# The balloon counts as at rest while successive reads of its size differ by less than this (it moves in
+# 4 KiB pages and a guest may hold a few back; measured: 411/412 MiB on one size).
+REST_TOLERANCE_KIB = 1 * MIB
+# Stats count as taken at rest only when QEMU stamped them at least this long after the cycle that first
+# saw the balloon at its size: QEMU stamps stats in whole seconds when they arrive, and a busy guest
+# answers late, so a stamp a second later is the first that cannot hold a reading from before the landing.
+STATS_LAG_S = 1.0
+# Stats older than their period plus this are not fresh enough to shrink on: QEMU's last-update has a
+# one-second resolution, and the cycle or the guest may be a couple of seconds late on a loaded host.
+STATS_SLACK_S = 3.0
 # Proxmox's ±10 MiB: smaller changes cost the guest more in page churn than they give anyone.
 DEADBAND_KIB = 10 * MIB
 # Squeezed guests grow back only once the host is this far below its target (hysteresis: otherwise giving
@@ -93,7 +112,8 @@ class HostMem:
 
 @dataclass(frozen=True)
 class GuestMem:
-    """One guest as read this cycle. Stats are ``None`` when the guest's driver reports none."""
+    """One guest as read this cycle (stats first, then the balloon's size). Stats are ``None`` when the
+    guest's driver reports none."""
 
     uuid: str
     actual_kib: int  # current balloon size (memory the guest has)
@@ -106,6 +126,7 @@ class GuestMem:
     stats_time: float | None = None  # when the guest took its stats (QEMU's last-update, epoch seconds)
     reclaim: Literal["none", "idle"] = "none"
     shares: int = DEFAULT_SHARES
+    stats_period: float = 2.0  # the annotation's stats-period (how often fresh stats can be expected)
 
 
 @dataclass(frozen=True)
@@ -120,9 +141,13 @@ class Sample:
 class GuestState:
     """What the policy remembers about a guest between cycles (the caller stores it, opaque)."""
 
-    samples: tuple[Sample, ...] = ()  # fresh stats only, oldest first, at most TREND_SAMPLES
+    samples: tuple[Sample, ...] = ()  # exact readings only, oldest first, at most TREND_SAMPLES
     last_growth: float | None = None  # when the policy last grew it
     last_change: float | None = None  # when the policy last changed its target (either way)
+    rest_kib: int | None = None  # the balloon's size as last read ...
+    rest_since: float | None = None  # ... and the first cycle that read it (at rest since then)
+    low_kib: int | None = None  # the smallest size the balloon can have had since the last exact reading
+    counters: Sample | None = None  # the last fresh stats (for the fault and swap-in rates)
 
 
 @dataclass(frozen=True)
@@ -153,54 +178,83 @@ def size_with(used_kib: int, free: float, min_avail_kib: int) -> int:
     return max(math.ceil(used_kib / (1.0 - free)), used_kib + min_avail_kib)
 
 
+def pressure_threshold(actual_kib: int) -> float:
+    """Available memory below which a guest of this size is under pressure: 10 % of it, at least 16 MiB
+    (the absolute bound rules guests under 160 MiB)."""
+    return max(PRESSURE_FREE * actual_kib, PRESSURE_MIN_KIB)
+
+
 def _mib(kib: float) -> str:
     return f"{kib / MIB:.0f} MiB"
 
 
 @dataclass(frozen=True)
 class _Reading:
-    used: int
-    avail: int
-    rate: float  # KiB/s the used memory rose over the trend window (negative: fell)
-    rising: bool
+    used: int  # what the guest uses now (estimated: latest figure + trend since)
+    avail: int  # what it has available now (actual − used)
+    rate: float  # KiB/s: the steepest rise of used memory in the trend window (0: not rising)
     fault_rate: float | None
     swap_rate: float | None
-    settled: bool  # these stats were taken after the last change landed
+    exact: bool  # the stats were taken with the balloon at rest at its present size
+    fresh: bool  # ... and recently enough to shrink on
+
+
+def _rate(points: list[tuple[float, int]]) -> float:
+    """The steepest rise between any two points of the window (time, used KiB), counting only rises of at
+    least the noise: a burst shows at once between neighbours, a slow steady rise across the window."""
+    best = 0.0
+    for (t0, u0), (t1, u1) in itertools.combinations(points, 2):
+        if t1 > t0 and u1 - u0 >= RISE_NOISE_KIB:
+            best = max(best, (u1 - u0) / (t1 - t0))
+    return best
 
 
 def _read(g: GuestMem, st: GuestState, now: float) -> tuple[_Reading, GuestState]:
     assert g.available_kib is not None
-    avail = max(0, g.available_kib)
-    # actual − MemAvailable: what the guest uses, whether or not the balloon counts in its MemTotal (with
-    # deflate-on-oom it does, and its pages are not available either). It includes the kernel's reserved
-    # memory, which only makes the estimate err on the safe side.
-    used = max(0, g.actual_kib - avail)
-    t = g.stats_time if g.stats_time is not None else now
-    settled = st.last_change is None or g.stats_time is None or g.stats_time >= st.last_change + SETTLE_S
+    avail_s = max(0, g.available_kib)
+    s = g.stats_time if g.stats_time is not None else now
+    # The balloon is at rest at this size since the first cycle that read it; a changed size starts anew.
+    if st.rest_kib is None or st.rest_since is None or abs(g.actual_kib - st.rest_kib) > REST_TOLERANCE_KIB:
+        st = replace(st, rest_kib=g.actual_kib, rest_since=now)
+    assert st.rest_since is not None
+    exact = s >= st.rest_since + STATS_LAG_S
+    low = g.actual_kib if st.low_kib is None else min(st.low_kib, g.actual_kib)
+    # Exact: actual − MemAvailable. Otherwise a lower bound at the moment the stats were taken: the balloon
+    # then was at least the smallest size it has had since the last exact reading.
+    used_s = max(0, (g.actual_kib if exact else low) - avail_s)
     samples = st.samples
-    fresh = not samples or t > samples[-1].t
-    if fresh and settled:
-        samples = (*samples, Sample(t, used, g.major_faults, g.swap_in_kib))[-TREND_SAMPLES:]
-    rate, rising, fault_rate, swap_rate = 0.0, False, None, None
-    if len(samples) >= 2:
-        first, last = samples[0], samples[-1]
-        dt = last.t - first.t
-        if dt > 0:
-            rate = (last.used_kib - first.used_kib) / dt
-        rising = last.used_kib - first.used_kib > TREND_RISE_KIB
-        prev = samples[-2]
-        dt1 = last.t - prev.t
-        if dt1 > 0 and last.major_faults is not None and prev.major_faults is not None:
-            fault_rate = max(0, last.major_faults - prev.major_faults) / dt1
-        if dt1 > 0 and last.swap_in_kib is not None and prev.swap_in_kib is not None:
-            swap_rate = max(0, last.swap_in_kib - prev.swap_in_kib) / dt1
-    return _Reading(used, avail, rate, rising, fault_rate, swap_rate, settled), replace(st, samples=samples)
+    newer = not samples or s > samples[-1].t
+    if exact and newer:
+        samples = (*samples, Sample(s, used_s))[-TREND_SAMPLES:]
+        low = g.actual_kib
+    points = [(x.t, x.used_kib) for x in samples]
+    if not exact and newer:
+        points.append((s, used_s))  # a lower bound: a rise it shows is real
+    rate = _rate(points)
+    used = used_s + rate * max(0.0, now - s)
+    if samples and not exact:
+        used = max(used, samples[-1].used_kib + rate * max(0.0, now - samples[-1].t))
+    # Fault and swap-in counters do not depend on the balloon: their rates come from any two fresh stats.
+    fault_rate = swap_rate = None
+    prev, counters = st.counters, st.counters
+    if prev is None or s > prev.t:
+        counters = Sample(s, used_s, g.major_faults, g.swap_in_kib)
+    if prev is not None and counters is not None and counters.t > prev.t:
+        dt = counters.t - prev.t
+        if counters.major_faults is not None and prev.major_faults is not None:
+            fault_rate = max(0, counters.major_faults - prev.major_faults) / dt
+        if counters.swap_in_kib is not None and prev.swap_in_kib is not None:
+            swap_rate = max(0, counters.swap_in_kib - prev.swap_in_kib) / dt
+    fresh = exact and now - s <= g.stats_period + STATS_SLACK_S
+    used_i = math.ceil(used)
+    reading = _Reading(used_i, g.actual_kib - used_i, rate, fault_rate, swap_rate, exact, fresh)
+    return reading, replace(st, samples=samples, low_kib=low, counters=counters)
 
 
 def _pressure(g: GuestMem, r: _Reading, lookahead: float) -> list[str]:
     """Why the guest is short of memory (empty: it is not)."""
     why = []
-    threshold = max(PRESSURE_FREE * g.actual_kib, PRESSURE_MIN_KIB)
+    threshold = pressure_threshold(g.actual_kib)
     if r.avail < threshold:
         why.append(f"only {_mib(r.avail)} of {_mib(g.actual_kib)} available")
     elif r.rate > 0 and r.avail - r.rate * lookahead < threshold:
@@ -227,7 +281,9 @@ def decide(host: HostMem, guests: list[GuestMem], states: dict[str, GuestState],
     def move(g: GuestMem, target: int, reason: str) -> None:
         st = new_states[g.uuid]
         grew = target > g.actual_kib
-        new_states[g.uuid] = replace(st, last_change=now, last_growth=now if grew else st.last_growth)
+        low = target if st.low_kib is None else min(st.low_kib, target)
+        new_states[g.uuid] = replace(st, last_change=now, last_growth=now if grew else st.last_growth,
+                                     low_kib=low)
         targets[g.uuid] = target
         reasons[g.uuid] = f"{_mib(g.actual_kib)} → {_mib(target)}: {reason}"
 
@@ -245,8 +301,8 @@ def decide(host: HostMem, guests: list[GuestMem], states: dict[str, GuestState],
             continue
         why = _pressure(g, r, params.lookahead_s)
         if why:
-            ahead = max(0.0, r.rate) * params.lookahead_s
-            want = min(hi, max(g.actual_kib + params.step_kib, size_with(int(r.used + ahead), GROW_FREE,
+            ahead = r.rate * params.lookahead_s
+            want = min(hi, max(g.actual_kib + params.step_kib, size_with(math.ceil(r.used + ahead), GROW_FREE,
                                                                           GROW_MIN * PRESSURE_MIN_KIB)))
             if want - g.actual_kib >= DEADBAND_KIB:
                 move(g, want, "pressure (" + ", ".join(why) + f"; uses {_mib(r.used)}): grow")
@@ -256,10 +312,12 @@ def decide(host: HostMem, guests: list[GuestMem], states: dict[str, GuestState],
         protected = ""
         if st.last_growth is not None and now - st.last_growth < params.cooldown_s:
             protected = f"cooldown, grown {now - st.last_growth:.0f} s ago"
-        elif r.rising:
+        elif r.rate > 0:
             protected = f"used rising ({_mib(r.rate)}/s)"
-        elif not r.settled:
-            protected = "waiting for guest stats taken after the last change"
+        elif not r.exact:
+            protected = "waiting for guest stats taken with the balloon at rest"
+        elif not r.fresh:
+            protected = f"stats {now - (g.stats_time or now):.0f} s old"
         reclaim_to: int | None = None
         if not protected and g.reclaim == "idle":
             floor = min(hi, max(lo, size_with(r.used, RECLAIM_FREE, RECLAIM_MIN * PRESSURE_MIN_KIB)))

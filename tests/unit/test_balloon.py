@@ -240,12 +240,13 @@ class FakeConn:
 
 
 class FakeGuestBalloon:
-    """A guest using ``used`` KiB whose balloon lands at once; ``stats`` may be replaced by a bad reply."""
+    """A guest using ``used`` KiB whose balloon lands at once; ``stats`` may be replaced by a bad reply.
+    Its stats are stamped ``clock`` in whole seconds, as QEMU's last-update (the test moves the clock)."""
 
     transport = "fake"
 
     def __init__(self, actual: int, used: int):
-        self.actual, self.used, self.clock = actual, used, 1_000
+        self.actual, self.used, self.clock = actual, used, 1_000.0
         self.bad: Exception | None = None
 
     def actual_kib(self) -> int:
@@ -260,8 +261,7 @@ class FakeGuestBalloon:
     def guest_stats(self) -> dict[str, int]:
         if self.bad is not None:
             raise self.bad
-        self.clock += 2
-        return {"last_update": self.clock, "total": self.actual, "available": self.actual - self.used}
+        return {"last_update": int(self.clock), "total": self.actual, "available": self.actual - self.used}
 
     def close(self) -> None:
         pass
@@ -286,12 +286,19 @@ def test_balloond_carries_state_catches_per_vm_and_forgets_stopped_vms(tmp_path:
     fakes = {u: FakeGuestBalloon(512 * MIB, 40 * MIB) for u in uuids}
     monkeypatch.setattr(balloond, "open_balloon", lambda d, spec, dom, vlog, announce: fakes[d.uuid])
     svc = balloond.Service(cfg)
+
+    def cycle(now: float) -> dict[str, int]:
+        for f in fakes.values():
+            f.clock = now - 0.5  # the guests' latest stats, half a second before the cycle
+        return svc.cycle(FakeConn(doms), now=now)
+
     fakes[uuids[0]].bad = TypeError("'list' object has no attribute 'get'")  # a wrong-shaped reply, say
-    set1 = svc.cycle(FakeConn(doms), now=1000.0)
+    assert cycle(998.0) == {}  # first sight: at rest since when? no shrink on it
+    set1 = cycle(1000.0)
     assert uuids[0] not in set1 and set1[uuids[1]] == 487 * MIB  # the other VM still had its cycle
     fakes[uuids[0]].bad = None
-    for t in range(1, 30):
-        svc.cycle(FakeConn(doms), now=1000.0 + 2 * t)
+    for t in range(1, 40):
+        cycle(1000.0 + 2 * t)
     assert all(f.actual == 128 * MIB for f in fakes.values())  # reclaim="idle" reached min for both
     assert set(svc.states) == set(uuids)
     doms[uuids[1]].active = False  # stopped (still in the ledger a moment): forgotten

@@ -8,7 +8,8 @@ more than it is given.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -77,6 +78,11 @@ class Run:
                          for t, u, a, r in self.rows)
 
 
+def rested(*guests: GuestMem) -> dict[str, GuestState]:
+    """States for guests whose balloon has been at its size since before their stats (a cycle saw it)."""
+    return {g.uuid: GuestState(rest_kib=g.actual_kib, rest_since=(g.stats_time or 0.0) - 10.0) for g in guests}
+
+
 def switches(moves: list[int]) -> int:
     return sum(1 for a, b in itertools.pairwise(moves) if a != b)
 
@@ -104,7 +110,8 @@ def test_host_pressure_squeezes_to_a_cushion_and_hands_back_when_it_is_gone() ->
     assert all(a - b < 100 * MIB + DEADBAND_KIB for a, b in zip([1024 * MIB, *r.sizes], r.sizes, strict=False))
     assert r.sizes[-1] == 1024 * MIB  # grown back once the host had room
     assert r.moves() == sorted(r.moves())  # all shrinks, then all growths: no ping-pong
-    assert "squeeze" in r.rows[0][3] and any("give back" in row[3] for row in r.rows)
+    assert "at rest" in r.rows[0][3]  # first sight: it waits for stats it can trust
+    assert any("squeeze" in row[3] for row in r.rows) and any("give back" in row[3] for row in r.rows)
 
 
 def test_inside_the_hysteresis_band_nothing_moves() -> None:
@@ -118,7 +125,7 @@ def test_shares_and_spare_memory_decide_who_is_squeezed_first() -> None:
     roomy = GuestMem("roomy", 2048 * MIB, 2048 * MIB, 256 * MIB, 2048 * MIB, 1800 * MIB)
     tight = GuestMem("tight", 2048 * MIB, 2048 * MIB, 256 * MIB, 2048 * MIB, 900 * MIB)
     vip = GuestMem("vip", 2048 * MIB, 2048 * MIB, 256 * MIB, 2048 * MIB, 1800 * MIB, shares=8000)
-    d = decide(host, [roomy, tight, vip], {}, 0.0, params)
+    d = decide(host, [roomy, tight, vip], rested(roomy, tight, vip), 0.0, params)
     cut = {u: 2048 * MIB - t for u, t in d.targets.items()}
     assert cut["roomy"] > cut.get("tight", 0) and cut["roomy"] > cut.get("vip", 0)
     assert max(cut.values()) <= 100 * MIB
@@ -130,6 +137,44 @@ def test_a_starving_guest_grows_even_while_the_host_is_above_target() -> None:
     d = decide(BUSY_HOST, [g], {}, 0.0, params)
     assert d.targets["g"] >= int(248 * MIB / 0.7)  # in one step to used + a 30 % cushion
     assert "pressure" in d.reasons["g"]
+
+
+# --- the thresholds at their bounds (issue 17: a mutant moving either bound of the pressure threshold survived) --
+
+@pytest.mark.parametrize(("memory_mib", "threshold_kib"), [
+    (1024, 1024 * MIB * 0.10),  # a large guest: 10 % of its memory (102.4 MiB; the 16 MiB bound is far below)
+    (128, 16 * MIB),  # a small guest: 16 MiB (10 % would be 12.8 MiB)
+    (160, 16 * MIB),  # where the bounds meet
+])
+def test_the_pressure_threshold_at_both_of_its_bounds(memory_mib: int, threshold_kib: float) -> None:
+    """README: "less than max(10 %, 16 MiB) available" is pressure. One KiB under it grows the guest, at it
+    nothing moves (the host sits inside its hysteresis band: no squeeze, no give-back)."""
+    params = PolicyParams(step_kib=100 * MIB, host_target=0.80)
+    actual = memory_mib * MIB
+
+    def decide_with(avail: int) -> tuple[dict[str, int], str]:
+        g = GuestMem("g", actual, 2 * actual, actual, actual, avail, stats_time=50.0)
+        d = decide(BAND_HOST, [g], rested(g), 50.0, params)
+        return d.targets, d.reasons["g"]
+
+    targets, why = decide_with(math.ceil(threshold_kib) - 1)
+    assert targets.get("g", 0) > actual and "pressure" in why
+    targets, why = decide_with(math.ceil(threshold_kib))
+    assert targets == {} and "pressure" not in why
+
+
+@pytest.mark.parametrize(("memory_mib", "used_mib", "floor_kib"), [
+    (4096, 1000, math.ceil(1000 * MIB / 0.8)),  # large: 20 % of the new size stays available
+    (512, 68, (68 + 64) * MIB),  # small: 64 MiB stays available (the real idle tiny guest)
+])
+def test_the_squeeze_cushion_at_both_of_its_bounds(memory_mib: int, used_mib: int, floor_kib: int) -> None:
+    """README: a squeeze leaves max(20 % of the new size, 64 MiB) available; twice the pressure threshold."""
+    params = PolicyParams(step_kib=100 * 1024 * MIB, host_target=0.01)  # one step could take everything
+    g = GuestMem("g", memory_mib * MIB, memory_mib * MIB, 0, memory_mib * MIB, (memory_mib - used_mib) * MIB,
+                 stats_time=50.0)
+    d = decide(BUSY_HOST, [g], rested(g), 50.0, params)
+    assert d.targets["g"] == floor_kib
+    assert floor_kib - used_mib * MIB >= 2 * max(0.10 * floor_kib, 16 * MIB)
 
 
 # --- idle reclaim (opt-in), bursts, cooldown -----------------------------------------------------------------
@@ -192,14 +237,25 @@ def test_no_shrink_while_used_memory_is_rising() -> None:
     assert "g" not in d.targets and "rising" in d.reasons["g"]
 
 
-def test_stale_stats_after_a_change_block_the_next_shrink() -> None:
+def test_only_stats_taken_with_the_balloon_at_rest_allow_the_next_shrink() -> None:
+    # QEMU's last-update is whole seconds; the balloon lands between cycles. Stats taken before the cycle that
+    # first saw a size may predate the balloon's landing there (issue 17: such a mixed reading read as a
+    # burst of used memory, i.e. pressure): no shrink on them.
     params = PolicyParams(step_kib=100 * MIB, host_target=0.80)
     g = GuestMem("g", 1024 * MIB, 1024 * MIB, 128 * MIB, 1024 * MIB, 900 * MIB, stats_time=100.0)
     d = decide(BUSY_HOST, [g], {}, 100.5, params)
+    assert "g" not in d.targets and "at rest" in d.reasons["g"]  # first sight: at rest since when?
+    d = decide(BUSY_HOST, [replace(g, stats_time=101.0)], d.states, 101.2, params)
+    assert "g" not in d.targets  # stamped less than a second after: may have been taken before
+    d = decide(BUSY_HOST, [replace(g, stats_time=102.0)], d.states, 102.5, params)
     assert d.targets["g"] == 924 * MIB
-    g2 = GuestMem("g", 924 * MIB, 1024 * MIB, 128 * MIB, 1024 * MIB, 900 * MIB, stats_time=101.0)  # before landing
-    d2 = decide(BUSY_HOST, [g2], d.states, 101.5, params)
-    assert "g" not in d2.targets and "after the last change" in d2.reasons["g"]
+    landed = GuestMem("g", 924 * MIB, 1024 * MIB, 128 * MIB, 1024 * MIB, 800 * MIB, stats_time=103.0)
+    d = decide(BUSY_HOST, [landed], d.states, 103.5, params)  # landed, but the stats may be from before
+    assert "g" not in d.targets and "at rest" in d.reasons["g"]
+    d = decide(BUSY_HOST, [replace(landed, stats_time=104.0)], d.states, 104.2, params)
+    assert "g" not in d.targets
+    d = decide(BUSY_HOST, [replace(landed, stats_time=105.0)], d.states, 105.5, params)
+    assert d.targets["g"] == 824 * MIB
 
 
 def test_major_faults_and_swap_in_count_as_pressure() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def test_the_policy_decides_on_totals_and_the_mapping_plugs_fast_and_unplugs_slo
     g2 = guest_mem(v2, GuestMem(UUID, 256 * MIB, 768 * MIB, 256 * MIB, total_kib=650 * MIB,
                                 available_kib=550 * MIB, stats_time=500.0))
     d2 = decide(HostMem(1000 * MIB, 100 * MIB), [g2], {}, 501.0, params)
+    assert UUID not in d2.targets  # first sight: stats taken before the size was seen at rest do not count
+    d2 = decide(HostMem(1000 * MIB, 100 * MIB), [replace(g2, stats_time=502.0)], d2.states, 502.5, params)
     assert requested_for(v2, d2.targets[UUID], 256 * MIB, 100 * MIB) == 300 * MIB
 
 
