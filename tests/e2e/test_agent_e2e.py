@@ -162,3 +162,38 @@ def test_a_live_switch_from_shared_to_dedicated_reserves_and_pins(env: Env, agen
     wait_for(lambda: ledger()["domains"][vm.uuid]["shared"] and not ledger()["domains"][vm.uuid]["cpus"], 2,
              "the CPU given back")
     wait_for(lambda: vcpupin(vm.name) == {0: "0-1"}, 2, "the vCPU floating over the shared pool again")
+
+
+@pytest.mark.parametrize("by", ["agent", "worker"])
+def test_a_vm_started_paused_is_pinned_at_once_and_ballooned_when_resumed(env: Env, by: str) -> None:
+    """`virsh start --paused` (OpenStack's start, every incoming migration): the pins land while the domain
+    is still paused; the balloon waits for `virsh resume`, then lands, and the pins stay."""
+    from tests.e2e.conftest import dommemstat, domstate
+
+    if by == "worker" and agent_answers():
+        pytest.skip("a kvmhooksd runs on this host (demo.sh starts one)")
+    with running_agent() if by == "agent" else contextlib.nullcontext():
+        vm = env.define('<kvm:vcpus live="2"/><kvm:vcpupin vcpu="0" cpuset="1"/><kvm:vcpupin vcpu="1" cpuset="0"/>'
+                        '<kvm:memtune hard_limit="1G"/><kvm:balloon target="192M"/>', backing="", vcpus=3,
+                        vcpu_current=1)
+
+        def pins() -> dict[int, str]:  # (vCPU 2, offline and unpinned, is listed too)
+            return {v: cs for v, cs in vcpupin(vm.name).items() if v < 2}
+
+        virsh("start", "--paused", vm.name)
+        t0 = time.monotonic()
+        wait_for(lambda: pins() == {0: "1", 1: "0"}, 3, "pins on the paused domain")
+        pinned_after = time.monotonic() - t0
+        rec = wait_for(lambda: (r := ledger()["domains"][vm.uuid])["state"] == "running" and r, 5, "the record")
+        assert rec["applied"]["tuned_by"] == by and rec["error"] is None
+        # The vCPU count and memtune too, read back from libvirt while the domain is paused.
+        assert rec["applied"]["vcpus_live"] == 2 and rec["applied"]["memtune"] == {"hard_limit": 1048576}
+        assert "hard_limit     : 1048576" in virsh("memtune", vm.name).stdout
+        assert domstate(vm.name) == "paused" and "balloon" not in rec["applied"]
+        time.sleep(1)
+        assert dommemstat(vm.name)["actual"] == 262144  # a paused guest's balloon is left alone
+        virsh("resume", vm.name)
+        landed = wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("balloon"), 60, "the balloon")
+        assert landed["target"] == 196608 and dommemstat(vm.name)["actual"] == 196608
+        assert pins() == {0: "1", 1: "0"} and domstate(vm.name) == "running"
+        print(f"pins on the paused domain {pinned_after:.3f} s after virsh start --paused returned ({by})")
