@@ -582,3 +582,54 @@ def test_drift_is_judged_only_after_the_starts_tuning_has_finished(tmp_path: Pat
     dom.vcpus[0] = frozenset({3})  # now a hand change is one
     a._check_drift(U1)
     assert "changed by hand: vCPU 0 on 3 (planned 1); restored" in (cfg.state_dir / "failures" / U1).read_text()
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+def test_the_running_agent_keeps_its_threads_and_its_hook_socket_under_idle_and_busy_scrapers(
+        host: FakeHost) -> None:
+    """kvmhooksd itself, with metrics_listen: 300 idle clients on each endpoint leave its thread count as it
+    was and a real scrape answered at once; scrapers hammering both endpoints never keep the started hook
+    from its answer (the agent's own work, which has a 50 ms deadline)."""
+    from kvmhooks.agent import metrics_socket_path, tell
+    from kvmhooks.config import load_config
+    from tests.unit.test_hook import write_config
+
+    port = free_port()
+    config = write_config(host, libvirt_uri='"test:///default"', metrics_listen=f'"127.0.0.1:{port}"')
+    cfg = load_config(config)
+    with agent_process(host, config, cfg) as agent:
+        time.sleep(0.5)  # (its event loop and balloon cycle under way)
+        before = threads_of(agent.pid)
+        with idle_clients(lambda: tcp_client(port), 300), \
+                idle_clients(lambda: unix_client(metrics_socket_path(cfg)), 300):
+            time.sleep(0.5)
+            assert threads_of(agent.pid) <= before
+            t0 = time.monotonic()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            assert b"kvmhooks_up 1.0" in body and time.monotonic() - t0 < 2.0
+        stop = threading.Event()
+        scrapes = [0]
+
+        def hammer() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                    scrapes[0] += 1
+
+        hammers = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in hammers:
+            t.start()
+        try:
+            answered = [tell(cfg, U1) for _ in range(20) if time.sleep(0.05) is None]
+        finally:
+            stop.set()
+            for t in hammers:
+                t.join(10)
+        assert all(answered) and scrapes[0] > 20
+        assert threads_of(agent.pid) <= before
