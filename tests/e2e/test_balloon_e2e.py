@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import subprocess
 import time
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.e2e.conftest import Env, dommemstat, domstate, ledger, virsh, wait_for
+from tests.e2e.test_elastic_e2e import AUTODEFLATE, Recorder, assert_survived, driver_up, follow_hog
+from tests.e2e.test_elastic_e2e import balloond as configured_balloond
 
 KVMHOOKS = "/opt/kvmhooks/venv/bin/kvmhooks"
 
@@ -100,3 +103,65 @@ def test_balloond_survives_a_libvirtd_restart(env: Env) -> None:
         virsh("setmem", vm.name, "256M", "--live")  # undo its work: it must do it again after the restart
         wait_for(lambda: dommemstat(vm.name)["actual"] == 200 * 1024, 30, "the floor again after the restart")
         assert svc.poll() is None
+
+
+# --- the automatic balloon converges (issue 17, item 8) ------------------------------------------------------
+
+def direction_changes(trace: list[int], jitter_kib: int = 2 * 1024) -> int:
+    """How often the balloon turned: moves under ``jitter_kib`` (a page or two mid-flight) do not count."""
+    moves, last = [], trace[0]
+    for a in trace[1:]:
+        if abs(a - last) >= jitter_kib:
+            moves.append(1 if a > last else -1)
+            last = a
+    return sum(1 for x, y in itertools.pairwise(moves) if x != y)
+
+
+def mib_trace(trace: list[int]) -> str:
+    """The trace as the issue gives it: each distinct size once, in MiB."""
+    out: list[int] = []
+    for a in trace:
+        if not out or abs(a // 1024 - out[-1]) >= 2:
+            out.append(a // 1024)
+    return " → ".join(map(str, out))
+
+
+def test_an_idle_guest_under_a_1pct_host_target_converges(env: Env) -> None:
+    # Issue 17: this guest went 421 → 319 → 278 → 319 → 421 → 352 → 319 → 217 → 197 → 233 → 335 → 233 → 131
+    # MiB within 26 s (squeeze, the guest looks pressed, grow, squeeze again).
+    vm = env.define('<kvm:balloon policy="auto" min="128M" stats-period="1"/>', memory_mib=512, backing="",
+                    qmp=True, balloon_attrs=AUTODEFLATE)
+    virsh("start", vm.name)
+    wait_for(lambda: driver_up(vm), 60, "the balloon driver")
+    trace: list[int] = []
+    with configured_balloond(1.0, "balloon_host_target = 0.01") as log:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 24:
+            trace.append(dommemstat(vm.name)["actual"])
+            time.sleep(0.25)
+    Path("/tmp/kvmhooks-balloon-converge.txt").write_text(mib_trace(trace) + "\n" + "\n".join(log) + "\n")
+    shown = f"{mib_trace(trace)}\n" + "\n".join(line for line in log if "balloond" in line)
+    assert direction_changes(trace) <= 1, shown
+    assert trace[-1] <= 160 * 1024, shown  # it got near its floor (what it uses + 64 MiB, or min) ...
+    assert len(set(trace[-16:])) == 1, shown  # ... and stayed there (the last 4 s)
+    assert not any("pressure" in line for line in log), shown  # a squeeze never looked like pressure
+    assert domstate(vm.name) == "running"
+
+
+def test_a_guest_without_deflate_on_oom_squeezed_to_its_floor_survives_300_mib_at_10_mib_per_s(env: Env) -> None:
+    # Issue 17: on a loaded machine the same guest without autodeflate, squeezed to its minimum, died of OOM
+    # when it then filled 300 MiB at 10 MiB/s. balloon_step 200M only to reach the floor before the writes.
+    total = 300
+    vm = env.define('<kvm:balloon policy="auto" min="128M" stats-period="1"/>', memory_mib=512, backing="",
+                    qmp=True, cmdline_extra=f"kvmhooks.hog=16:10:{total}")
+    virsh("start", vm.name)
+    with configured_balloond(1.0, 'balloon_host_target = 0.01\nballoon_step = "200M"') as log:
+        rec = Recorder(vm)
+        wait_for(lambda: driver_up(vm), 60, "the balloon driver")
+        lowest_idle = follow_hog(vm, rec, 50, 512 * 1024)
+    table = rec.save("no-autodeflate-10mibps")
+    Path("/tmp/kvmhooks-elastic-no-autodeflate-10mibps.log").write_text("\n".join(log) + "\n")
+    assert lowest_idle <= 160 * 1024, "not squeezed to its floor before the writes\n" + table
+    assert_survived(vm, total, rec)
+    used, given = rec.rows[-1][1], rec.rows[-1][2]
+    assert given - used >= 16 * 1024, table  # it ends out of pressure
