@@ -8,12 +8,17 @@ How it meets the hook (which stays self-sufficient: prepare never depends on the
   milliseconds, and spawns the detached worker instead when nobody answers "ok" (:func:`tell`);
 - the agent does not touch that domain while its hook still runs: it tunes on libvirt's STARTED (or
   RESUMED) lifecycle event, and a bounded watchdog covers an event that never comes;
+- a domain started paused (``virsh start --paused``) gets its pins, memtune and vCPU count at once; only its
+  balloon waits for the RESUMED event (a paused guest cannot move it); a domain migrating in is tuned at the
+  RESUMED event that ends the migration (until then the migration holds the domain);
 - a METADATA_CHANGE event in the kvmhooks namespace re-plans and re-applies pins, memtune and the vCPU count
   (an invalid edit is refused into the log and ``kvmhooks status``; the previous tuning stays, and what only
   a restart can change, huge pages, is reported as pending);
 - a TUNABLE event that changed pins, and a periodic check, compare the live pins with the ledger's plan: a
   hand change is reported, and with ``drift = "restore"`` undone;
-- its Prometheus metrics are served on ``metrics_listen`` when configured;
+- its Prometheus metrics are served on its unix socket, and on ``metrics_listen`` when configured, with a
+  fixed number of threads whatever the clients do (:class:`kvmhooks.metrics.MetricsServer`);
+- one agent per host: it holds ``agent.lock`` in the state directory for its lifetime; a second one refuses;
 - when libvirtd goes away the agent reconnects with backoff, then tunes every running VM whose tuning never
   finished.
 """
