@@ -266,7 +266,7 @@ class Agent:
     def _tune_once(self, uuid: str) -> None:
         """Pins, memtune and the vCPU count at once, the domain running or paused (``virsh start --paused``,
         OpenStack's way); the balloon when the guest runs (now, or at its RESUMED event)."""
-        from kvmhooks.worker import RUNNING, SETTLED, tune_live
+        from kvmhooks.worker import SETTLED, tune_live
 
         try:
             dom = self.conn.lookupByUUIDString(uuid)
@@ -283,8 +283,14 @@ class Agent:
             return
         d, dom, vlog = result
         t = d.active_tuning
-        if t is None or t.balloon is None:
-            return
+        if t is not None and t.balloon is not None:
+            self._balloon_when_running(uuid, dom, vlog)
+
+    def _balloon_when_running(self, uuid: str, dom: Any, vlog: VMLog) -> None:
+        """The balloon step now, or at the RESUMED event of a paused domain (a paused guest cannot move its
+        balloon: the step would wait for its driver in vain)."""
+        from kvmhooks.worker import RUNNING
+
         try:
             if self._defer(uuid, dom, "balloon", RUNNING):
                 vlog.info("agent: the domain is paused; its balloon is set when it runs")
@@ -363,7 +369,7 @@ class Agent:
                       f"; pending restart: {'; '.join(done.pending_restart)}" if done.pending_restart else "")
             t = d.active_tuning
             if t is not None and t.balloon is not None and t.balloon.policy == "fixed":
-                self._spawn(self._balloon, uuid)  # a new target (the automatic policy follows at its next cycle)
+                self._balloon_when_running(uuid, dom, vlog)  # a new target (the automatic policy: its next cycle)
         except Exception as e:  # an invalid edit (KvmhooksError), or the VM went away: the old tuning stays
             vlog.warning("agent: live annotation change not applied (the previous tuning stays): %s", e)
             operations.record_failure(self.cfg, uuid, "retune", f"live annotation change not applied: {e}")

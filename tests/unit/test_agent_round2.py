@@ -636,3 +636,27 @@ def test_the_running_agent_keeps_its_threads_and_its_hook_socket_under_idle_and_
                 t.join(10)
         assert all(answered) and scrapes[0] > 20
         assert threads_of(agent.pid) <= before
+
+
+def test_a_live_edit_of_a_paused_vm_is_pinned_at_once_and_its_balloon_waits(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import libvirt
+
+    from kvmhooks import operations
+    from kvmhooks.agent import Agent
+    from tests.fakehost import domain_xml
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path)
+    operations.mark(U1, cfg, state="running")
+    record_balloon(monkeypatch, dom, balloons)
+    dom.xml = domain_xml(uuid=U1, backing="", tuning='<kvm:vcpupin vcpu="0" cpuset="2"/>'
+                         '<kvm:balloon target="150M" transport="libvirt"/>', vcpus=1)
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))
+    a._retune(U1)  # virsh metadata --live on the paused VM
+    assert dom.vcpus[0] == {2} and balloons == []
+    dom.resume()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)
+    assert balloons == ["running"]
