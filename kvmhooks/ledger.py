@@ -460,7 +460,7 @@ class Records(MutableMapping[str, DomainRecord]):
                 rec = DomainRecord.from_json(json.loads(line), f"domains[{uuid}]")
             except (ValueError, RecursionError, LedgerError) as e:
                 raise LedgerError(f"{self._where} is unreadable ({e}); run 'kvmhooks reconcile' to set it aside "
-                                  "and rebuild it from the running VMs") from None
+                                  "(what still reads is kept, the rest rebuilt from the running VMs)") from None
             del self._raw[uuid]
             self._rec[uuid] = rec
             self._orig[uuid] = Summary.of(uuid, rec)
@@ -783,7 +783,7 @@ class Ledger:
             return LedgerState.from_json(text, f"ledger {self.path}"), text
         except (LedgerError, UnicodeDecodeError) as e:
             raise LedgerError(f"ledger {self.path} is unreadable ({e}); run 'kvmhooks reconcile' to set it aside "
-                              "and rebuild it from the running VMs") from None
+                              "(what still reads is kept, the rest rebuilt from the running VMs)") from None
 
     def read(self) -> LedgerState:
         """A consistent snapshot (shared lock) for readers such as ``kvmhooks status``."""
