@@ -115,6 +115,26 @@ def test_an_admin_resize_survives_reconcile_and_the_vm_stop(env: Env) -> None:
         nr.write_text(f"{before}\n")  # the admin takes them away again (the harness checks the pool)
 
 
+def test_an_admin_lowering_a_pool_is_not_overruled(env: Env) -> None:
+    """Issue 17 item 4 on the real kernel: the admin's 10 extra pages, then they give 5 back while a VM runs.
+    reconcile keeps their value, and after the VM's stop the pool is what they left (round one put 10 back)."""
+    before = pool2m()
+    nr = POOL2M / "nr_hugepages"
+    nr.write_text(f"{before + 10}\n")  # the admin's own pages, before any kvmhooks write
+    vm = env.define('<kvm:hugepages size="2M"/>')
+    try:
+        virsh("start", vm.name)
+        assert pool2m() == before + 10 + 128
+        nr.write_text(f"{before + 5 + 128}\n")  # the admin gives 5 back while the VM runs
+        out = run("kvmhooks", "reconcile").stdout
+        assert "set pool" not in out and "lowered by hand" in out
+        assert pool2m() == before + 5 + 128
+        virsh("destroy", vm.name)
+        assert pool2m() == before + 5
+    finally:
+        nr.write_text(f"{before}\n")  # the admin takes theirs away again (the harness checks the pool)
+
+
 def test_a_broken_install_kills_no_vm(env: Env) -> None:
     """A half-done upgrade (the package gone from the venv): reconnect and release must exit 0."""
     before = pool2m()
