@@ -720,6 +720,7 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
 
 
 HELD_DIR = "held"
+RECOUNTED = "the ledger's summary disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -748,6 +749,7 @@ class Ledger:
         self.timeout = timeout
         self.set_aside: Path | None = None  # where hold(quarantine=True) moved an unreadable ledger
         self.lost: list[str] = []  # the parts of it that did not decode (the rest was kept)
+        self.recounted = False  # hold(quarantine=True) found the header's sums wrong and recounted them
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
@@ -810,8 +812,9 @@ class Ledger:
                     check_records(state)
                     exact = state.domains.recount()
                     if exact.to_json() != state.domains.summary().to_json():
-                        state.note("the ledger's summary disagreed with its records; recounted")
+                        state.note(RECOUNTED)
                         state.domains.rebase(exact)
+                        self.recounted = True
             except LedgerError as e:
                 if not quarantine:
                     raise

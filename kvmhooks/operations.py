@@ -29,6 +29,7 @@ from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError, HostError, KvmhooksError, LedgerError
 from kvmhooks.ledger import (
     NOT_MAPPED_YET,
+    RECOUNTED,
     DomainRecord,
     Intent,
     Ledger,
@@ -246,6 +247,8 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
                         led.set_aside)
             s.repairs.append(set_aside_line(led.set_aside, s.state, led.lost))
             s.repairs += [f"could not read {part}: rebuilt from the running VMs and the pools" for part in led.lost]
+        if led.recounted:
+            s.repairs.append(RECOUNTED)
         s.repairs += s.recover()
         for f in accounting.observe(s.state, s.topo, cfg):
             log.warning("%s", f)

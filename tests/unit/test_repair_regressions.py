@@ -150,6 +150,18 @@ def test_reconcile_reports_a_set_aside_ledger(tmp_path: Path) -> None:
     assert any("could not read everything" in a for a in out.actions)
 
 
+def test_reconcile_reports_a_recounted_summary(tmp_path: Path) -> None:
+    """Before: the header's sums were repaired silently ("nothing to do")."""
+    _host, cfg, pools = one_node(tmp_path)
+    operations.prepare(parse_domain(vm(UA, "a")), cfg, pools)
+    operations.mark(UA, cfg, state="running")
+    path = cfg.ledger_path
+    path.write_text(path.read_text().replace('"held":{"node0/2048kB":32}', '"held":{"node0/2048kB":30}'))
+    out = operations.reconcile(cfg, {UA: vm(UA, "a")}, tokens(cfg), pools=pools)
+    assert any("recounted" in a for a in out.actions), out.actions
+    assert operations.ledger_for(cfg).read().reserved(KEY) == 32
+
+
 def test_the_reconcile_command_reports_repairs_in_json_and_text(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("libvirt")
