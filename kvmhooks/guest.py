@@ -15,6 +15,11 @@ MIBPS MiB into it every second until TOTAL MiB, with one console line per write 
 ``KVMHOOKS-HOG FAILED at N``), so a test sees that every write succeeded. busybox only: mount, dd, sleep.
 The tmpfs is at least TOTAL + 8 MiB, so a guest that starts small and grows (virtio-mem) can still be
 written that far; its size only limits the tmpfs, it reserves nothing.
+
+``kvmhooks.bench=SECONDS`` makes it measure itself, for bench/guest_bench.py: after the ready line it counts
+rounds of a fixed busybox loop for SECONDS (CPU throughput), then runs ``cyclictest`` (Debian's rt-tests,
+copied into the initramfs with its libraries by ``build_guest(tools=("cyclictest",))``) for SECONDS and
+prints its wake-up latency as p50/p99/max from the histogram, each on one ``KVMHOOKS-BENCH`` console line.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 DEFAULT_CACHE = Path("/var/lib/libvirt/images/kvmhooks-guest")
 READY_LINE = "KVMHOOKS-GUEST-READY"
 HOG_LINE = "KVMHOOKS-HOG"
+BENCH_LINE = "KVMHOOKS-BENCH"
 # In dependency order (each module's depends= in modinfo), as measured on Debian 12's cloud kernel.
 # virtio_mem (depends=virtio,virtio_ring) plugs memory a virtio-mem device offers; with
 # memhp_default_state=online_movable on the command line (domain_xml adds it) its blocks come online
@@ -50,9 +56,12 @@ for m in {modules}; do
   if [ "$m" = virtio_balloon ] && /bin/busybox grep -q kvmhooks.noballoon /proc/cmdline; then continue; fi
   /bin/busybox insmod /lib/modules/$m.ko || echo "insmod $m failed"
 done
-hog=""
+hog=""; bench=""
 for w in $(/bin/busybox cat /proc/cmdline); do
-  case "$w" in kvmhooks.hog=*:*:*) hog=${{w#kvmhooks.hog=}};; esac
+  case "$w" in
+    kvmhooks.hog=*:*:*) hog=${{w#kvmhooks.hog=}};;
+    kvmhooks.bench=*) bench=${{w#kvmhooks.bench=}};;
+  esac
 done
 if [ -n "$hog" ]; then
   /bin/busybox mkdir -p /hog
@@ -62,6 +71,29 @@ if [ -n "$hog" ]; then
   /bin/busybox mount -t tmpfs -o size=${{tmpkib}}k tmpfs /hog
 fi
 echo "{ready} $(/bin/busybox cat /proc/meminfo | /bin/busybox head -1)"
+if [ -n "$bench" ]; then
+  read -r up _ < /proc/uptime; t0=$((${{up%.*}} * 100 + 1${{up#*.}} - 100)); end=$((t0 + bench * 100)); n=0
+  while :; do
+    i=0; while [ $i -lt 1000 ]; do i=$((i + 1)); done
+    n=$((n + 1)); read -r up _ < /proc/uptime; now=$((${{up%.*}} * 100 + 1${{up#*.}} - 100))
+    [ "$now" -ge "$end" ] && break
+  done
+  echo "{bench} throughput rounds=$n centis=$((now - t0))"
+  /bin/cyclictest -q -m -p 95 -t 1 -i 1000 -D "$bench" -h 50000 > /tmp/cyclictest.out 2>&1
+  # (busybox awk reads "000089" as octal: leading zeros go before any number is taken)
+  /bin/busybox awk 'function num(x) {{ sub(/^0+/, "", x); return x + 0 }}
+    /^[0-9]/ {{ v = num($2); c[num($1)] = v; n += v }}
+    /^# Max Latencies/ {{ mx = num($4) }} /^# Histogram Overflows/ {{ ov = num($4) }}
+    END {{ n += ov; s = 0; p50 = -1; p99 = -1
+      for (i = 0; i < 50000; i++) {{
+        s += c[i]; if (p50 < 0 && s * 2 >= n) p50 = i; if (p99 < 0 && s * 100 >= n * 99) p99 = i }}
+      if (p99 < 0) p99 = mx; if (p50 < 0) p50 = mx
+      printf "{bench} latency_us p50=%d p99=%d max=%d samples=%d\\n", p50, p99, mx, n }}' /tmp/cyclictest.out
+  if ! /bin/busybox grep -q "^# Max Latencies" /tmp/cyclictest.out; then
+    echo "{bench} FAILED"; /bin/busybox cat /tmp/cyclictest.out
+  fi
+  echo "{bench} done"
+fi
 if [ -n "$hog" ]; then
   delay=${{hog%%:*}}; rest=${{hog#*:}}; rate=${{rest%%:*}}; total=${{rest#*:}}
   /bin/busybox sleep "$delay"
@@ -97,7 +129,7 @@ def kernel_package() -> str:
 
 
 def _init_script() -> str:
-    return _INIT.format(modules=" ".join(MODULES), ready=READY_LINE, hog=HOG_LINE)
+    return _INIT.format(modules=" ".join(MODULES), ready=READY_LINE, hog=HOG_LINE, bench=BENCH_LINE)
 
 
 def _pack(root: Path) -> bytes:
@@ -119,11 +151,31 @@ def _install(data: bytes, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _initrd_version() -> str:
-    return hashlib.sha256((_init_script() + " ".join(MODULES)).encode()).hexdigest()[:12]
+def _tool_files(tools: tuple[str, ...]) -> dict[str, Path]:
+    """{path in the initramfs: host file} for each program in ``tools`` and the shared libraries it loads
+    (as ldd lists them, the dynamic loader included), so a Debian binary runs in the busybox guest."""
+    files: dict[str, Path] = {}
+    for name in tools:
+        prog = shutil.which(name)
+        if prog is None:
+            raise RuntimeError(f"{name} is not installed on this host (for cyclictest: apt-get install rt-tests)")
+        files[f"bin/{name}"] = Path(prog)
+        for line in _run(["ldd", prog]).splitlines():
+            words = line.split()
+            lib = words[2] if len(words) > 2 and words[1] == "=>" else words[0] if words else ""
+            if lib.startswith("/"):
+                files[lib.lstrip("/")] = Path(lib)
+    return files
 
 
-def _build_initrd(kdir: Path, initrd: Path) -> None:
+def _initrd_version(tools: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256((_init_script() + " ".join(MODULES)).encode())
+    for dest, src in sorted(_tool_files(tools).items()):  # a rebuilt tool or library makes a new initramfs
+        h.update(dest.encode() + hashlib.sha256(src.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def _build_initrd(kdir: Path, initrd: Path, tools: tuple[str, ...] = ()) -> None:
     """An initramfs from the modules cached beside this kernel (all of MODULES must be there)."""
     missing = [m for m in MODULES if not (kdir / "modules" / f"{m}.ko").exists()]
     if missing:
@@ -136,6 +188,9 @@ def _build_initrd(kdir: Path, initrd: Path) -> None:
         shutil.copy2(busybox, root / "bin/busybox")
         for m in MODULES:
             shutil.copy2(kdir / "modules" / f"{m}.ko", root / "lib/modules" / f"{m}.ko")
+        for dest, src in _tool_files(tools).items():
+            (root / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / dest)  # (copy2 follows symlinks: the library itself, under ldd's name)
         (root / "init").write_text(_init_script())
         (root / "init").chmod(0o755)
         _install(_pack(root), initrd)
@@ -166,12 +221,13 @@ def _fetch_kernel(cache: Path) -> Path:
     return kdir
 
 
-def build_guest(cache: Path = DEFAULT_CACHE) -> tuple[Path, Path]:
+def build_guest(cache: Path = DEFAULT_CACHE, tools: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Return (kernel, initramfs), building them into ``cache`` the first time (or when /init changed).
 
     Any complete kernel directory serves (the newest first), so the tests do not call apt while a cached
-    kernel has every module; a download happens only when none has."""
-    initrd_name = f"initramfs-{_initrd_version()}.gz"
+    kernel has every module; a download happens only when none has. ``tools``: host programs copied in with
+    their libraries (``("cyclictest",)`` for ``kvmhooks.bench=``)."""
+    initrd_name = f"initramfs-{_initrd_version(tools)}.gz"
     cache.mkdir(parents=True, exist_ok=True)
     kdirs = sorted((d for d in cache.iterdir() if d.is_dir() and (d / "vmlinuz").exists()),
                    key=lambda d: d.stat().st_mtime, reverse=True)
@@ -180,10 +236,10 @@ def build_guest(cache: Path = DEFAULT_CACHE) -> tuple[Path, Path]:
             return kdir / "vmlinuz", kdir / initrd_name
     for kdir in kdirs:
         if all((kdir / "modules" / f"{m}.ko").exists() for m in MODULES):
-            _build_initrd(kdir, kdir / initrd_name)
+            _build_initrd(kdir, kdir / initrd_name, tools)
             return kdir / "vmlinuz", kdir / initrd_name
     kdir = _fetch_kernel(cache)
-    _build_initrd(kdir, kdir / initrd_name)
+    _build_initrd(kdir, kdir / initrd_name, tools)
     return kdir / "vmlinuz", kdir / initrd_name
 
 
