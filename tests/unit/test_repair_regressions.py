@@ -91,6 +91,32 @@ def test_one_broken_vm_line_costs_only_that_vm(tmp_path: Path) -> None:
     assert host.pool(0) == 40
 
 
+@pytest.mark.parametrize("garbage", ["{", '{"uuid":"x"}', "[1,2]", '{"uuid":"%s","name":7}'])
+def test_any_one_line_broken_keeps_every_other_line(tmp_path: Path, garbage: str) -> None:
+    """Whichever VM line is replaced by garbage, the other VMs keep their records and the pool its baseline;
+    after the running VMs are adopted and everything is released the pool is the admin's again."""
+    names = {UA: "a", UB: "b", UC: "c"}
+    for broken in names:
+        host, cfg, pools = one_node(tmp_path / broken[:8])
+        for uuid, name in names.items():
+            operations.prepare(parse_domain(vm(uuid, name)), cfg, pools)
+            operations.mark(uuid, cfg, state="running")
+        before = tokens(cfg)
+        lines = cfg.ledger_path.read_text().splitlines()
+        lines = [garbage.replace("%s", broken) if line.startswith(f'{{"uuid":"{broken}"') else line for line in lines]
+        cfg.ledger_path.write_text("\n".join(lines) + "\n")
+        running = {u: vm(u, n) for u, n in names.items()}
+        out = operations.reconcile(cfg, running, {u: t for u, t in before.items() if u != broken}, pools=pools)
+        state = operations.ledger_for(cfg).read()
+        assert {u: state.domains[u].token for u in names if u != broken} == \
+            {u: t for u, t in before.items() if u != broken}, out.actions
+        assert state.domains[broken].hugepages == {KEY: 32} and state.pools[KEY].baseline == 40
+        assert host.pool(0) == 40 + 96
+        for uuid in names:
+            operations.release(uuid, cfg, pools)
+        assert host.pool(0) == 40
+
+
 def test_a_broken_pool_record_costs_only_that_pool(tmp_path: Path) -> None:
     """Before: a bad pool record (a negative baseline) set the VM records aside too."""
     host = FakeHost(tmp_path, nodes=2).build()
