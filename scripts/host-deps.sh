@@ -1,9 +1,10 @@
 #!/bin/bash
-# Debian packages kvmhooks, its demo and its tests need: libvirt + QEMU, the Python bindings, and what the
-# tiny guest is built from. Installs only what is missing. As root.
+# Debian packages kvmhooks, its demo and its tests need: libvirt + QEMU, the Python bindings, what the tiny
+# guest is built from, and mmdebstrap + e2fsprogs for the systemd test guest (tests/e2e/systemd_guest.py).
+# Installs only what is missing. As root.
 set -euo pipefail
 PKGS="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt python3-lxml python3-venv
-      python3-prometheus-client busybox-static cpio procps"
+      python3-prometheus-client busybox-static cpio procps mmdebstrap e2fsprogs"
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=$(for p in $PKGS; do installed "$p" || echo "$p"; done)
 # The tiny guest's kernel comes from 'apt-get download', which needs package lists.
