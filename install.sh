@@ -293,15 +293,24 @@ uninstall() {
   if [ -f /etc/fstab ] && grep -q "$FSTAB_MARK" /etc/fstab; then
     sed -i "\|$FSTAB_MARK|d" /etc/fstab && say "removed our /etc/fstab lines (mounts stay until reboot)"
   fi
+  local units_removed=no
   for unit in kvmhooks-balloond.service kvmhooksd.service; do
     if [ -f "/etc/systemd/system/$unit" ]; then
       systemctl disable -q --now "$unit" 2>/dev/null || true
       rm -f "/etc/systemd/system/$unit"
+      units_removed=yes
     fi
   done
   for u in /etc/systemd/system/*.mount; do
-    [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u" && { systemctl disable -q "$(basename "$u")" 2>/dev/null || true; rm -f "$u"; }
+    if [ -f "$u" ] && grep -q "$FSTAB_MARK" "$u"; then
+      systemctl disable -q "$(basename "$u")" 2>/dev/null || true
+      rm -f "$u"
+      units_removed=yes
+      say "removed $(basename "$u") (the mount stays until reboot)"
+    fi
   done
+  # systemd keeps a deleted unit file's unit loaded, and warns about it, until it reads its files again.
+  if [ "$units_removed" = yes ] && systemd_running; then systemctl daemon-reload; fi
   [ -f /etc/logrotate.d/kvmhooks ] && grep -q "$FSTAB_MARK" /etc/logrotate.d/kvmhooks && rm -f /etc/logrotate.d/kvmhooks
   rm -rf "$PREFIX" "$CONF_DIR" "$STATE_DIR"
   say "uninstalled (logs kept in /var/log/kvmhooks)"
