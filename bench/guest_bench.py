@@ -43,6 +43,7 @@ TUNED = '<kvm:cpu policy="dedicated"/><kvm:host isolate="yes" irqs="yes"/><kvm:h
 HUGEPAGE_BACKING = "<memoryBacking><hugepages/></memoryBacking>"
 _THROUGHPUT = re.compile(rf"{BENCH_LINE} throughput rounds=(\d+) centis=(\d+)")
 _LATENCY = re.compile(rf"{BENCH_LINE} latency_us p50=(\d+) p99=(\d+) max=(\d+) samples=(\d+)")
+_HISTOGRAM = re.compile(rf"{BENCH_LINE} log2_histogram((?: \d+:\d+)+) overflow:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Figures:
     p99_us: int
     max_us: int
     samples: int
+    histogram: tuple[int, ...] = ()  # wake-ups per latency bucket [2^b, 2^(b+1)) µs (b = 0: 0-1 µs)
 
 
 def parse(console: str) -> Figures | None:
@@ -65,7 +67,24 @@ def parse(console: str) -> Figures | None:
     p50, p99, mx, n = (int(x) for x in lat.groups())
     if n == 0:
         raise RuntimeError("cyclictest in the guest measured nothing:\n" + console[-2000:])
-    return Figures(rounds * 100 / max(centis, 1), p50, p99, mx, n)
+    h = _HISTOGRAM.search(console)
+    hist = (*(int(pair.split(":")[1]) for pair in h.group(1).split()), int(h.group(2))) if h else ()
+    return Figures(rounds * 100 / max(centis, 1), p50, p99, mx, n, hist)
+
+
+def histogram_chart(runs: list[tuple[str, Figures]], width: int = 40) -> str:
+    """The latency distributions side by side as text: one row per power-of-two bucket, a bar per run."""
+    buckets = max(len(f.histogram) for _, f in runs)
+    used = [b for b in range(buckets) if any(b < len(f.histogram) and f.histogram[b] for _, f in runs)]
+    lines = []
+    for b in used:
+        last = b == buckets - 1
+        label = "overflow" if last else (f"{2 ** b if b else 0}-{2 ** (b + 1) - 1} µs")
+        for i, (name, f) in enumerate(runs):
+            share = f.histogram[b] / max(sum(f.histogram), 1) if b < len(f.histogram) else 0.0
+            bar = "#" * round(share * width)
+            lines.append(f"{label if i == 0 else '':>14} {name:<8} {bar:<{width}} {share * 100:5.1f} %")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -143,6 +162,8 @@ def main() -> None:
     print("| run | loop rounds/s | p50 µs | p99 µs | max µs | samples |\n|---|---:|---:|---:|---:|---:|")
     for label, f in (("quiet host", quiet), ("noisy host, untuned", untuned), ("noisy host, tuned", tuned)):
         print(f"| {label} | {f.rounds_per_s:.1f} | {f.p50_us} | {f.p99_us} | {f.max_us} | {f.samples} |")
+    print("\nwake-up latency in the guest (cyclictest), share of wake-ups per bucket:\n")
+    print(histogram_chart([("quiet", quiet), ("untuned", untuned), ("tuned", tuned)]))
     print("\n| ratio | throughput | p50 | p99 | max |\n|---|---:|---:|---:|---:|")
     for label, a, b in (("tuned under noise / quiet", tuned, quiet),
                         ("untuned under noise / tuned under noise", untuned, tuned)):

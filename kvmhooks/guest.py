@@ -86,9 +86,12 @@ if [ -n "$bench" ]; then
     /^# Max Latencies/ {{ mx = num($4) }} /^# Histogram Overflows/ {{ ov = num($4) }}
     END {{ n += ov; s = 0; p50 = -1; p99 = -1
       for (i = 0; i < 50000; i++) {{
-        s += c[i]; if (p50 < 0 && s * 2 >= n) p50 = i; if (p99 < 0 && s * 100 >= n * 99) p99 = i }}
+        s += c[i]; if (p50 < 0 && s * 2 >= n) p50 = i; if (p99 < 0 && s * 100 >= n * 99) p99 = i
+        b = 0; for (w = i; w > 1; w = int(w / 2)) b++; h[b] += c[i] }}
       if (p99 < 0) p99 = mx; if (p50 < 0) p50 = mx
-      printf "{bench} latency_us p50=%d p99=%d max=%d samples=%d\\n", p50, p99, mx, n }}' /tmp/cyclictest.out
+      printf "{bench} latency_us p50=%d p99=%d max=%d samples=%d\\n", p50, p99, mx, n
+      line = ""; for (b = 0; b < 16; b++) line = line " " b ":" h[b] + 0
+      printf "{bench} log2_histogram%s overflow:%d\\n", line, ov }}' /tmp/cyclictest.out
   if ! /bin/busybox grep -q "^# Max Latencies" /tmp/cyclictest.out; then
     echo "{bench} FAILED"; /bin/busybox cat /tmp/cyclictest.out
   fi
