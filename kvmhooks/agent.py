@@ -57,6 +57,12 @@ METRICS_SOCKET_NAME = "metrics.sock"  # HTTP, the Prometheus exposition (the age
 TELL_TIMEOUT = 0.05
 # A promised tuning whose STARTED event has not come after this long is looked at anyway (a missed event).
 EVENT_GRACE = 2.0
+# hooks/qemu's hand-over without Python: at a VM's started, while this agent holds its lock, the shell leaves
+# an empty HANDOFF_DIR/UUID and exits; the STARTED event (or, missed, the periodic look) takes it.
+HANDOFF_DIR = "handoff"
+# A second agent waits this long for the lock before it refuses: the shell's probe of the lock holds it for
+# an instant at every VM start.
+LOCK_WAIT = 1.0
 # Status line for a running VM whose saved definition carries another annotation than the one it runs with.
 SAVED_DIFFERS = "pending restart: the saved definition's annotation differs from the running one"
 # How long a drift check waits after a TUNABLE event: kvmhooks records its own pin changes (a shared VM's
@@ -87,9 +93,15 @@ def take_lock(cfg: Config) -> int:
     path = cfg.state_dir / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
         os.close(fd)
         try:
             pid = f" (pid {int((cfg.state_dir / PID_NAME).read_text())})"
@@ -192,6 +204,8 @@ class Agent:
             with self.lock:
                 promised = self.pending.pop(uuid, None) is not None
                 waiting = self.at_resume.pop(uuid, set())  # (at STARTED: left from its previous run)
+            promised = self._take_handoff(uuid) or promised
+            with self.lock:
                 if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
                     self.balloon_actual.pop(uuid, None)  # a figure from its previous run
                     waiting = set()
@@ -492,8 +506,9 @@ class Agent:
         except KvmhooksError as e:
             log.warning("agent: cannot read the ledger to catch up: %s", e)
             return
+        handed = set(self._handoffs(older_than=0))  # left while the agent was away or disconnected
         for uuid, rec in state.domains.items():
-            if rec.state != "starting":
+            if rec.state != "starting" and uuid not in handed:
                 continue
             try:
                 running = bool(self.conn.lookupByUUIDString(uuid).isActive())
@@ -510,8 +525,38 @@ class Agent:
             late = [u for u, t in self.pending.items() if now - t > EVENT_GRACE]
             for u in late:
                 del self.pending[u]
+        late += self._handoffs(older_than=EVENT_GRACE)
         for u in late:
             self._spawn(self._tune, u)
+
+    # --- the shell's hand-over (hooks/qemu at started, no Python) ------------------------------------------
+
+    @property
+    def handoff_dir(self) -> Path:
+        return self.cfg.state_dir / HANDOFF_DIR
+
+    def _take_handoff(self, uuid: str) -> bool:
+        """Whether the shell handed this VM's start over (the marker is gone once taken: one tuning per start)."""
+        if not UUID_RE.fullmatch(uuid):
+            return False
+        try:
+            (self.handoff_dir / uuid).unlink()
+            return True
+        except OSError:
+            return False
+
+    def _handoffs(self, older_than: float) -> list[str]:
+        """Hand-overs no event took within ``older_than`` seconds (the event was missed, or the agent was
+        away): taken now. The tuning itself waits for a start still in progress (tune_live, bounded)."""
+        now = time.time()
+        taken = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.handoff_dir):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= older_than and \
+                            self._take_handoff(entry.name):
+                        taken.append(entry.name)
+        return taken
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -561,6 +606,7 @@ class Agent:
 
             servers.append(serve_http(reg, self.cfg.metrics_listen))
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
+        self.handoff_dir.mkdir(mode=0o755, exist_ok=True)  # (root's, like the rest of the state directory)
         tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, pid_file)  # last: start-agent.sh takes it as "ready"

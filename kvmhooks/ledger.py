@@ -28,7 +28,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -720,8 +720,22 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
 
 
 HELD_DIR = "held"
+TUNE_DIR = "tune"
 RECOUNTED = "the ledger's summary disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _retire(d: Path, error: OSError) -> None:
+    """A marker directory that cannot take a marker goes out of use (the shell then hands every VM's call
+    to Python, which is always right) rather than lie by a missing marker; the next commit that can makes it
+    again. Only if even the rename fails does the caller fail (its commit then waits for a writable /run)."""
+    aside = d.with_name(f"{d.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(d, aside)
+    log.warning("ledger: cannot mark VMs in %s (%s); moved it to %s, the shell hands those calls to Python "
+                "until a commit marks them again", d, error, aside)
+    import shutil
+
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class Transaction:
@@ -852,6 +866,46 @@ class Ledger:
         """
         return self.path.with_name(HELD_DIR)
 
+    @property
+    def tune_dir(self) -> Path:
+        """One empty file per VM whose ``started`` hook has work this run (``tune/UUID``): live tuning, or
+        pages of a left-alone pool to be counted as mapped. The shell dispatcher ends a ``started`` without
+        Python when the marker is absent (and ``tune/`` is a directory). Prepare sets or clears it before the
+        commit that makes the record "prepared"; release drops it with the record. A stale marker only costs
+        one Python start at that VM's ``started``."""
+        return self.path.with_name(TUNE_DIR)
+
+    def mark_tune(self, uuid: str, on: bool, starting: Callable[[], Iterable[str]]) -> None:
+        """Set or clear the VM's ``tune/`` marker (with the lock held, before the record's commit).
+
+        ``starting``: the VMs whose started hook may still be to come (prepared, not yet running). When
+        ``tune/`` has to be made anew (first use, or after it went out of use) each of them gets a marker too:
+        it may have had one, and a marker too many costs one Python start where one too few skips a tuning."""
+        if not _MARKER_RE.fullmatch(uuid):
+            return  # never a path from elsewhere: keys are canonical by construction
+        d = self.tune_dir
+        try:
+            d.mkdir(mode=0o755)
+            names = {u for u in starting() if _MARKER_RE.fullmatch(u)}
+        except FileExistsError:
+            if not d.is_dir():
+                return  # not a directory: the shell hands every started to Python
+            names = set()
+        except OSError as e:  # no directory: the shell hands every started to Python
+            log.warning("ledger: cannot make %s (%s)", d, e)
+            return
+        if on:
+            names.add(uuid)
+        else:
+            names.discard(uuid)
+            with contextlib.suppress(OSError):  # a stale marker only costs a Python start
+                os.unlink(d / uuid)
+        try:
+            for name in names:
+                os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        except OSError as e:
+            _retire(d, e)
+
     def sync_markers(self) -> None:
         """Markers for every record (install.sh, upgrading from a version without them while VMs run)."""
         if self.path.exists():
@@ -874,21 +928,14 @@ class Ledger:
         except OSError as e:
             # A record without its marker would let the shell skip that VM's release: take held/ out of use
             # instead (every stop then goes to Python) and commit; the next commit that can makes it again.
-            # Only if even that fails does the commit fail (a release then waits for a writable /run).
-            aside = d.with_name(f"{d.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(d, aside)
-            log.warning("ledger: cannot mark VMs in %s (%s); moved it to %s, every stop goes to Python until "
-                        "the next commit marks them again", d, e, aside)
-            import shutil
-
-            shutil.rmtree(aside, ignore_errors=True)
+            _retire(d, e)
 
     def _unmark_released(self, held: set[str]) -> None:
-        d = self.held_dir
-        with contextlib.suppress(OSError):
-            for name in set(os.listdir(d)) - held:
-                with contextlib.suppress(OSError):
-                    os.unlink(d / name)
+        for d in (self.held_dir, self.tune_dir):
+            with contextlib.suppress(OSError):
+                for name in set(os.listdir(d)) - held:
+                    with contextlib.suppress(OSError):
+                        os.unlink(d / name)
 
     def _write(self, text: str) -> None:
         """Replace the file atomically: temp file, fsync, rename, fsync of the directory. Called with the

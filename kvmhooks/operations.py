@@ -442,6 +442,11 @@ def _prepare_locked(s: Session, dom: Domain, vlog: VMLog,
         vlog.info("CPUs: dedicated %s, pins %s", rec.cpus or "none", rec.pins.to_json() if rec.pins else None)
     rec.state = "prepared"
     stamp(rec)
+    # Whether this run's started hook has work (the shell skips Python without the marker): set before the
+    # commit that makes the record "prepared".
+    t = dom.active_tuning
+    s.txn.ledger.mark_tune(dom.uuid, bool(rec.borrowed) or (t is not None and t.live_work),
+                           lambda: (u for u, r in st.domains.items() if r.state in NOT_MAPPED_YET))
     warnings += isolate_host(s, vlog, record_isolation)
     return Prepared(rec, plan, cpu_plan, tuple(warnings))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import CONFIG, TEST_CONFIG, Env, ledger, run, virsh, wait_for
+from tests.e2e.conftest import CONFIG, LOG, TEST_CONFIG, Env, ledger, run, virsh, wait_for
 from tests.e2e.test_cpu_e2e import vcpupin
 
 KVMHOOKS = "/usr/local/bin/kvmhooks"
@@ -63,6 +63,9 @@ def test_the_agent_tunes_a_start_and_follows_a_live_annotation_edit(env: Env, ag
     rec = wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("tuned_by"), 5, "the agent's record")
     assert rec == "agent" and ledger()["domains"][vm.uuid]["applied"]["worker_pid"] == agent.pid
     assert pinned_after < 2
+    # The started hook handed it over without Python (hooks/qemu left handoff/UUID): Python would have said
+    # "handed to kvmhooksd" in the log.
+    assert not [line for line in LOG.read_text().splitlines() if vm.uuid in line and "started:" in line]
     # A live edit of the annotation (virsh metadata --live, what virt-manager's XML tab does on a running VM).
     virsh("metadata", vm.name, "--uri", NS, "--key", "kvm", "--live", "--set",
           '<tuning><vcpupin vcpu="0" cpuset="0"/><vcpupin vcpu="1" cpuset="1"/></tuning>')

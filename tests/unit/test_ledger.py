@@ -96,8 +96,9 @@ def test_16_concurrent_prepares_exact_counts_and_one_capacity_failure(tmp_path: 
     data = Ledger(tmp_path / "run/ledger.json").read().as_dict()
     assert sorted(data["domains"]) == sorted(UUID.format(i) for i in ok)
     assert sum(d["hugepages"]["node0/2048kB"] for d in data["domains"].values()) == 15 * 512
-    assert sorted(os.listdir(tmp_path / "run")) == ["held", "ledger.json", "ledger.json.lock"]  # no temp files
+    assert sorted(os.listdir(tmp_path / "run")) == ["held", "ledger.json", "ledger.json.lock", "tune"]  # no temps
     assert sorted(os.listdir(tmp_path / "run/held")) == sorted(data["domains"])  # one marker per record
+    assert os.listdir(tmp_path / "run/tune") == []  # huge pages only: nothing for their started hooks
 
 
 def test_a_transaction_touching_one_vm_decodes_only_that_one(tmp_path: Path) -> None:

@@ -1,0 +1,228 @@
+"""Issue "A tuned VM starts as fast as a plain one": Python runs only where there is work.
+
+prepare leaves a tune/ marker for a VM whose started hook has work (live tuning, or borrowed pages to count as
+mapped); hooks/qemu ends a started without one at once, and hands one with a marker to kvmhooksd without
+Python while the agent holds its lock (an empty handoff/UUID the agent takes at the STARTED event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmhooks import operations
+from kvmhooks.agent import HANDOFF_DIR, LOCK_NAME, Agent
+from kvmhooks.domain import parse_domain
+from kvmhooks.ledger import Ledger
+from tests.fakehost import FakeHost, domain_xml
+from tests.unit.test_hook import hook, hook_env, hook_with_state, write_config
+
+libvirt = pytest.importorskip("libvirt")
+U1 = "11111111-2222-3333-4444-000000000001"
+U2 = "11111111-2222-3333-4444-000000000002"
+HP_ONLY = '<kvm:hugepages size="2M"/>'
+PINNED = '<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>'
+
+
+def tune_dir(host: FakeHost) -> Path:
+    return Ledger(host.root / "run/ledger.json").tune_dir
+
+
+class Shell:
+    """hooks/qemu on its default-config path (the shell decides alone), with a stand-in for Python."""
+
+    def __init__(self, host: FakeHost, tmp_path: Path):
+        self.state = host.root / "run"
+        self.script = hook_with_state(self.state)
+        self.ran = tmp_path / "python-ran"
+        fake_py = tmp_path / "python"
+        fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {self.ran}\n")
+        fake_py.chmod(0o755)
+        self.env = {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+
+    def started(self, xml: bytes) -> bool:
+        """Runs the started hook; whether it started Python."""
+        self.ran.unlink(missing_ok=True)
+        r = subprocess.run([str(self.script), "vm1", "started", "begin", "-"], input=xml, env=self.env,
+                           capture_output=True, timeout=30)
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+        return self.ran.exists()
+
+
+@pytest.fixture
+def shell(host: FakeHost, tmp_path: Path) -> Shell:
+    return Shell(host, tmp_path)
+
+
+@contextlib.contextmanager
+def agent_lock_held(host: FakeHost) -> Iterator[None]:
+    """What a running kvmhooksd looks like to the shell: its lock held, its hand-over directory there."""
+    state = host.root / "run"
+    (state / HANDOFF_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_start_with_nothing_left_for_started_costs_no_python(host: FakeHost, shell: Shell) -> None:
+    """Huge pages only: prepare did everything; the started hook is the shell's alone."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=HP_ONLY)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert tune_dir(host).is_dir() and not (tune_dir(host) / U1).exists()
+    assert not shell.started(xml)
+
+
+def test_a_start_with_live_work_goes_to_python_without_an_agent(host: FakeHost, shell: Shell) -> None:
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert (tune_dir(host) / U1).exists()
+    assert shell.started(xml)  # the hook tells the agent or spawns the worker
+    assert not (host.root / "run" / HANDOFF_DIR / U1).exists()
+
+
+def test_with_the_agent_running_started_hands_the_vm_over_without_python(host: FakeHost, shell: Shell) -> None:
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    with agent_lock_held(host):
+        assert not shell.started(xml)
+        assert (host.root / "run" / HANDOFF_DIR / U1).exists()
+    (host.root / "run" / HANDOFF_DIR / U1).unlink()
+    os.rmdir(host.root / "run" / HANDOFF_DIR)  # an agent that left no hand-over directory: Python, as before
+    with agent_lock_held(host):
+        os.rmdir(host.root / "run" / HANDOFF_DIR)
+        assert shell.started(xml)
+
+
+def test_without_markers_started_goes_to_python(host: FakeHost, shell: Shell) -> None:
+    """A ledger from before the tune/ markers (an upgrade while VMs run): Python decides, as before."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=HP_ONLY)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    os.rmdir(tune_dir(host))
+    assert shell.started(xml)
+
+
+def test_an_unannotated_vm_never_starts_python_at_started(host: FakeHost, shell: Shell) -> None:
+    assert not shell.started(domain_xml(uuid=U1, tuning=None, backing=""))
+
+
+def test_the_marker_follows_the_annotation_and_goes_with_the_release(host: FakeHost) -> None:
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PINNED)), cfg)
+    assert (tune_dir(host) / U1).exists()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=HP_ONLY)), cfg)  # the next start: pins gone
+    assert not (tune_dir(host) / U1).exists()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PINNED)), cfg)
+    operations.release(U1, cfg)
+    assert not (tune_dir(host) / U1).exists()
+
+
+def test_borrowed_pages_leave_work_for_started(host: FakeHost) -> None:
+    """Pages of a left-alone pool count as promised until started marks them mapped: that is work."""
+    cfg = host.config(leave_alone=frozenset({"node0/2048kB"}))
+    host.set_pool(0, 2048, 128)
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=HP_ONLY)), cfg)
+    assert (tune_dir(host) / U1).exists()
+
+
+def test_a_tune_directory_made_anew_marks_every_vm_still_starting(host: FakeHost) -> None:
+    """tune/ gone (out of use after a failed write) while U1 waits for its started: U2's prepare makes it
+    again with a marker for U1 too; a marker too many costs a Python start, one too few a tuning."""
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=HP_ONLY)), cfg)
+    os.rmdir(tune_dir(host))
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=PINNED)), cfg)
+    assert sorted(os.listdir(tune_dir(host))) == [U1, U2]
+
+
+class Dom:
+    def __init__(self, uuid: str):
+        self.uuid = uuid
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+
+def test_the_agent_takes_a_hand_over_at_the_started_event_once(host: FakeHost, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    a = Agent(host.config())
+    tuned: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: tuned.append(uuid))
+    a.handoff_dir.mkdir(parents=True)
+    a._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert tuned == []  # nobody handed it over: not ours
+    (a.handoff_dir / U1).touch()
+    a._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert tuned == [U1] and not (a.handoff_dir / U1).exists()
+    a._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)
+    assert tuned == [U1]  # taken once
+    (a.handoff_dir / "../../etc").mkdir(parents=True, exist_ok=True)
+    a._lifecycle(None, Dom("../../etc"), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert tuned == [U1]
+
+
+def test_a_hand_over_whose_event_was_missed_is_taken_later(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Agent(host.config())
+    tuned: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: tuned.append(uuid))
+    a.handoff_dir.mkdir(parents=True)
+    (a.handoff_dir / U1).touch()
+    a._missed_events()
+    assert tuned == []  # its event may still come
+    old = (a.handoff_dir / U1).stat().st_mtime - 10
+    os.utime(a.handoff_dir / U1, (old, old))
+    a._missed_events()
+    assert tuned == [U1] and not (a.handoff_dir / U1).exists()
+
+
+def test_after_a_reconnect_a_vm_handed_over_meanwhile_is_tuned(host: FakeHost, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PINNED)), cfg)
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=PINNED)), cfg)
+
+    class Conn:
+        def lookupByUUIDString(self, uuid: str) -> Any:
+            class D:
+                def isActive(self) -> bool:
+                    return uuid == U1
+            return D()
+
+    a = Agent(cfg)
+    a.conn = Conn()
+    a.handoff_dir.mkdir(parents=True)
+    (a.handoff_dir / U1).touch()
+    (a.handoff_dir / U2).touch()  # (stopped since)
+    tuned: list[str] = []
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: tuned.append(uuid))
+    a.catch_up()
+    assert tuned == [U1] and not list(a.handoff_dir.iterdir())
+
+
+def test_a_second_agent_waits_out_the_shells_probe_of_the_lock(host: FakeHost) -> None:
+    """The shell's `flock -n -s` probe holds the lock for an instant at every start: an agent starting at
+    that instant waits for it (a bounded wait) instead of refusing."""
+    from kvmhooks.agent import take_lock
+
+    cfg = host.config()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.Popen(["/usr/bin/flock", "-s", str(cfg.state_dir / LOCK_NAME), "sleep", "0.3"])
+    try:
+        subprocess.run(["sleep", "0.1"], check=True)
+        fd = take_lock(cfg)
+        os.close(fd)
+    finally:
+        probe.wait(5)
