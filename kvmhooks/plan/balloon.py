@@ -24,9 +24,10 @@ used memory rising fast, i.e. pressure. The rule now, in one paragraph each:
   look-ahead, plus the growth cushion (``max(30 %, 96 MiB)`` available).
 - **Squeeze** (host above ``host_target``) and **idle reclaim** (``reclaim="idle"``) shrink by at most one
   step per cycle, never below ``min``, and never below the squeeze cushion: ``max(20 % of the new size,
-  64 MiB)`` left available (idle reclaim: ``max(40 %, 64 MiB)``). The cushion is at least twice the pressure
-  threshold, so a squeeze can never by itself put a guest under pressure (no limit cycle); 64 MiB is what a
-  10 MiB/s writer fills before a late cycle (stats period 2 s + interval 1 s + 3 s late) sees it.
+  80 MiB)`` left available (idle reclaim: ``max(40 %, 80 MiB)``). The cushion is at least twice the pressure
+  threshold, so a squeeze can never by itself put a guest under pressure (no limit cycle); 80 MiB is what a
+  10 MiB/s writer fills in 8 s, before a late cycle sees it and the balloon lands (stats period 2 s, QEMU's
+  one-second stamp, a 1 s cycle run 3 s late, the landing).
 - **A shrink needs a fresh exact reading** (less than a stats period + ``STATS_SLACK_S`` old), no rise in
   the trend, and no growth within the cooldown. So after each change the policy waits for the balloon to
   land and for stats taken after that (a shrink every other cycle at best): shrinks are monotone while the
@@ -62,10 +63,10 @@ LOOKAHEAD_S = 10.0
 LOOKAHEAD_CYCLES = 3
 
 # --- Cushions (fraction available after the change, and at least that many PRESSURE_MIN_KIB) -------------
-# Nested: pressure (10 %, 16 MiB) < squeeze (20 %, 64 MiB) < growth (30 %, 96 MiB); idle reclaim keeps 40 %.
-SQUEEZE_FREE, SQUEEZE_MIN = 0.20, 4  # host above target: squeeze down to this (2x the pressure threshold)
+# Nested: pressure (10 %, 16 MiB) < squeeze (20 %, 80 MiB) < growth (30 %, 96 MiB); idle reclaim keeps 40 %.
+SQUEEZE_FREE, SQUEEZE_MIN = 0.20, 5  # host above target: squeeze down to this (2x the pressure threshold)
 GROW_FREE, GROW_MIN = 0.30, 6  # under pressure: grow up to this (above the squeeze floor: no ping-pong)
-RECLAIM_FREE, RECLAIM_MIN = 0.40, 4  # reclaim="idle" without host pressure: generous
+RECLAIM_FREE, RECLAIM_MIN = 0.40, 5  # reclaim="idle" without host pressure: generous
 
 # --- Pace ---------------------------------------------------------------------------------------------------
 # Idle reclaim moves a quarter of balloon_step per cycle (25 MiB with the default 100 MiB: Proxmox's step

@@ -165,10 +165,10 @@ def test_the_pressure_threshold_at_both_of_its_bounds(memory_mib: int, threshold
 
 @pytest.mark.parametrize(("memory_mib", "used_mib", "floor_kib"), [
     (4096, 1000, math.ceil(1000 * MIB / 0.8)),  # large: 20 % of the new size stays available
-    (512, 68, (68 + 64) * MIB),  # small: 64 MiB stays available (the real idle tiny guest)
+    (512, 68, (68 + 80) * MIB),  # small: 80 MiB stays available (the real idle tiny guest)
 ])
 def test_the_squeeze_cushion_at_both_of_its_bounds(memory_mib: int, used_mib: int, floor_kib: int) -> None:
-    """README: a squeeze leaves max(20 % of the new size, 64 MiB) available; twice the pressure threshold."""
+    """README: a squeeze leaves max(20 % of the new size, 80 MiB) available; twice the pressure threshold."""
     params = PolicyParams(step_kib=100 * 1024 * MIB, host_target=0.01)  # one step could take everything
     g = GuestMem("g", memory_mib * MIB, memory_mib * MIB, 0, memory_mib * MIB, (memory_mib - used_mib) * MIB,
                  stats_time=50.0)
