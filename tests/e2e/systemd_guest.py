@@ -49,6 +49,8 @@ WHEEL_DIR = "/opt/kvmhooks-wheels"
 INITRD_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
                   "virtio_blk")
 RESULT_MARK = "KVMHOOKS-E2E"
+# The guest CPU: TCG's "max" has pdpe1gb, so the guest has 1G huge pages (install.sh's 1G mount unit).
+CPU = "max"
 # Free room in the image beyond its files: the venv, pip's build, logs (the file is sparse).
 _SLACK_MIB = 768
 
@@ -131,6 +133,10 @@ def build_image(cache: Path = DEFAULT_CACHE) -> Image:
         work = Path(tempfile.mkdtemp(prefix=".systemd-build-", dir=cache))
         try:
             _build(work)
+        except subprocess.CalledProcessError as e:  # say why, loudly: CI must not lose this guest silently
+            raise RuntimeError(f"cannot build the systemd test guest: {' '.join(map(str, e.cmd))[:200]} failed: "
+                               f"{(e.stderr or '').strip()[-2000:]}") from e
+        else:
             for old in cache.glob("systemd-*"):  # an image for older inputs: never booted again
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(work, d)
@@ -257,7 +263,7 @@ def boot(image: Image, tar: Path, workdir: Path, timeout: float, vcpus: int = 4,
     overlay = workdir / "overlay.qcow2"
     _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs), str(overlay)])
     console, results = workdir / "console.log", workdir / "results.log"
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(vcpus), "-m", str(memory_mib),
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU, "-smp", str(vcpus), "-m", str(memory_mib),
             "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", "console=ttyS0 root=/dev/vda systemd.unified_cgroup_hierarchy=1 kvmhooks.e2e panic=-1 "
