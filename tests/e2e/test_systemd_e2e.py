@@ -2,10 +2,11 @@
 kvmhooksd as a unit — in a Debian 12 guest booted under TCG (tests/e2e/systemd_guest.py), driven by
 tests/e2e/systemd_guest_run.py, which only reports facts; everything is judged here.
 
-One boot-to-poweroff serves every test of the module. It needs no libvirtd on this host
-(the guest runs its own), so it does not take the host's e2e lock. The image is built once per machine
-(about 35 s) and cached; if it cannot be built the tests fail — they do not skip: without this guest nothing
-tests kvmhooks against the systemd it is installed on everywhere but here.
+One boot-to-poweroff serves every test of the module. It needs no libvirtd on this host (the guest runs its
+own), so it does not take the host's e2e lock. The image is built once per machine (30 s on a quiet 2-core
+host, 100 s on a busy one) and cached; if it cannot be built the tests fail — they do not skip: without this
+guest nothing tests kvmhooks against the systemd it is installed on everywhere but here. Only a non-root run
+skips, as every end-to-end test does.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def test_isolation_on_real_slices(guest: Stages) -> None:
     assert not iso["ledger_after"].get("isolation"), iso["ledger_after"]
 
 
-def test_kill_at_each_set_property_then_reconcile_restores(guest: Stages) -> None:
+def test_kill_at_each_set_property_then_the_next_converge_restores(guest: Stages) -> None:
     kills = guest.get("kill") or []
     pristine = stage(guest, "isolation")["before"]  # the kernel's view before any isolation at all
     assert kills and all("error" not in k for k in kills), kills
