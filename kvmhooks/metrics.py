@@ -499,9 +499,14 @@ def write_textfile(reg: CollectorRegistry, path: str | Path) -> None:
 # deadline and a cap on how many may wait, and a fixed pool answers complete requests with prometheus_client's
 # MetricsHandler (its parsing, content negotiation and exposition), fed the head already read.
 
-# Connections whose request has not arrived yet; one more closes the one that has waited longest (a scraper
-# sends its request within a millisecond of connecting, so an idle client is the one that goes).
+# Connections whose request has not arrived yet; one more closes the one that has waited longest of the peer
+# address holding the most (a scraper sends its request within a millisecond of connecting, so an idle
+# client is the one that goes, and a flood from one address evicts only its own connections).
 MAX_WAITING = 64
+# Waiting connections one TCP peer address may hold; its next one closes its own longest-waiting one. A
+# Prometheus server scrapes a target over one connection at a time, a few scrapers behind one NAT fit. (The
+# unix socket is root's alone: its peers share no address, so only MAX_WAITING applies there.)
+MAX_WAITING_PER_PEER = 8
 # To send the request line and headers (Prometheus sends them at once), and to take the answer (a few KiB:
 # it fits the socket buffer, so only a client that stopped reading takes long). Prometheus' own default
 # scrape_timeout is 10 s: an honest scraper is never cut off by these.
@@ -523,11 +528,31 @@ class _Waiting:
     head: bytearray
     address: object
 
+    @property
+    def peer(self) -> object:
+        """The client's host (a TCP address's first part; every unix-socket client is the same peer)."""
+        return self.address[0] if isinstance(self.address, tuple) and self.address else None
+
+
+def _evictee(waiting: Mapping[socket.socket, _Waiting], peer: object) -> socket.socket | None:
+    """Which waiting connection a new one from ``peer`` replaces, if any: ``peer``'s own longest-waiting one
+    once it holds :data:`MAX_WAITING_PER_PEER` (TCP), else, when :data:`MAX_WAITING` wait, the longest-waiting
+    one of the peer holding the most (``waiting`` is in arrival order)."""
+    by_peer: dict[object, list[socket.socket]] = {}
+    for conn, w in waiting.items():
+        by_peer.setdefault(w.peer, []).append(conn)
+    own = by_peer.get(peer, [])
+    if peer is not None and len(own) >= MAX_WAITING_PER_PEER:
+        return own[0]
+    if len(waiting) < MAX_WAITING:
+        return None
+    return max(by_peer.values(), key=len)[0]
+
 
 class MetricsServer:
     """The agent's metrics endpoint on one listening socket (TCP or unix): bounded in threads (one selector
-    plus :data:`ANSWER_THREADS`, whatever the clients do), in waiting connections (:data:`MAX_WAITING`) and
-    in time (:data:`REQUEST_TIMEOUT`, :data:`WRITE_TIMEOUT`)."""
+    plus :data:`ANSWER_THREADS`, whatever the clients do), in waiting connections (:data:`MAX_WAITING`, and
+    :data:`MAX_WAITING_PER_PEER` per TCP peer address) and in time (:data:`REQUEST_TIMEOUT`, :data:`WRITE_TIMEOUT`)."""
 
     def __init__(self, reg: CollectorRegistry, listener: socket.socket, name: str):
         from prometheus_client import MetricsHandler
@@ -569,49 +594,69 @@ class MetricsServer:
         waiting: dict[socket.socket, _Waiting] = {}  # in arrival order: the first has waited longest
 
         def drop(conn: socket.socket) -> None:
-            sel.unregister(conn)
-            del waiting[conn]
+            if waiting.pop(conn, None) is not None:
+                sel.unregister(conn)
             conn.close()
 
         try:
             while not self.stopped.is_set():
-                now = time.monotonic()
-                wait = min([w.deadline - now for w in waiting.values()] + [0.5])
-                for key, _ in sel.select(max(wait, 0.0)):
-                    conn = key.fileobj
-                    assert isinstance(conn, socket.socket)
-                    if conn is self.listener:
-                        self._accept(sel, waiting, drop)
-                        continue
-                    w = waiting[conn]
-                    try:
-                        data = conn.recv(MAX_HEAD + 1 - len(w.head))
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        data = b""
-                    w.head += data
-                    if b"\r\n\r\n" in w.head or b"\n\n" in w.head:
-                        sel.unregister(conn)
-                        del waiting[conn]
-                        self._dispatch(conn, bytes(w.head), w.address)
-                    elif not data or len(w.head) > MAX_HEAD:  # gone, or not a scrape
-                        drop(conn)
-                now = time.monotonic()
-                for conn in [c for c, w in waiting.items() if w.deadline <= now]:
-                    log.debug("metrics: %s: no request within %g s; closed", self.name, REQUEST_TIMEOUT)
-                    drop(conn)
-        except Exception:  # a bug: the endpoint stops, the agent's own work goes on
-            log.exception("metrics: %s: the endpoint stopped", self.name)
+                try:
+                    self._round(sel, waiting, drop)
+                except Exception:  # a bug: this round's clients may lose their answer; the endpoint stays
+                    log.exception("metrics: %s: selector round failed", self.name)
+                    self.stopped.wait(0.1)  # (a bug that recurs each round must not spin a core)
         finally:
             for conn in list(waiting):
                 drop(conn)
             sel.close()
             self.listener.close()
 
+    def _round(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting],
+               drop: Callable[[socket.socket], None]) -> None:
+        """One select(): read what arrived, then accept, then close who ran out of time. A connection is
+        evicted to make room only after a last read found no whole request: one that came is answered."""
+        now = time.monotonic()
+        wait = min([w.deadline - now for w in waiting.values()] + [0.5])
+        incoming = False
+        for key, _ in sel.select(max(wait, 0.0)):
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            if conn is self.listener:
+                incoming = True
+            elif conn in waiting:  # (not if dealt with earlier in this round)
+                self._read(conn, waiting, sel, drop)
+        if incoming:
+            self._accept(sel, waiting, drop)
+        now = time.monotonic()
+        for conn in [c for c, w in waiting.items() if w.deadline <= now]:
+            log.debug("metrics: %s: no request within %g s; closed", self.name, REQUEST_TIMEOUT)
+            drop(conn)
+
+    def _read(self, conn: socket.socket, waiting: dict[socket.socket, _Waiting], sel: selectors.BaseSelector,
+              drop: Callable[[socket.socket], None]) -> bool:
+        """Read what ``conn`` sent; True when it left ``waiting`` (its request is whole and queued, or it went
+        away or sent no scrape), False while its request is still incomplete."""
+        w = waiting[conn]
+        try:
+            data = conn.recv(MAX_HEAD + 1 - len(w.head))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        w.head += data
+        if b"\r\n\r\n" in w.head or b"\n\n" in w.head:
+            sel.unregister(conn)
+            del waiting[conn]
+            self._dispatch(conn, bytes(w.head), w.address)
+        elif not data or len(w.head) > MAX_HEAD:  # gone, or not a scrape
+            drop(conn)
+        else:
+            return False
+        return True
+
     def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting],
                 drop: Callable[[socket.socket], None]) -> None:
-        while True:
+        for _ in range(MAX_WAITING):  # then the reads get their turn, even under a flood of connects
             try:
                 conn, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -620,9 +665,11 @@ class MetricsServer:
                 log.debug("metrics: %s: accept: %s", self.name, e)
                 return
             conn.setblocking(False)
-            if len(waiting) >= MAX_WAITING:
-                drop(next(iter(waiting)))
-            waiting[conn] = _Waiting(time.monotonic() + REQUEST_TIMEOUT, bytearray(), address)
+            new = _Waiting(time.monotonic() + REQUEST_TIMEOUT, bytearray(), address)
+            while (victim := _evictee(waiting, new.peer)) is not None:
+                if not self._read(victim, waiting, sel, drop):  # its request came meanwhile: answered instead
+                    drop(victim)
+            waiting[conn] = new
             sel.register(conn, selectors.EVENT_READ)
 
     def _dispatch(self, conn: socket.socket, head: bytes, address: object) -> None:
