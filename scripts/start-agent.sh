@@ -4,8 +4,9 @@
 # without it (the hook's detached worker), only slower and without live re-tuning. As root.
 #
 # One agent per host: a running one holds STATE/agent.lock for its lifetime (a second one refuses). A restart
-# stops it, waits until its lock is free (it removes its socket and pid file before it lets go), then starts
-# the new one, so demo.sh and upgrades run the code just installed.
+# stops the agent its pid file names (with or without the lock: one from before the lock holds none), waits
+# until it has exited and the lock is free (it removes its socket and pid file before it lets go), then
+# starts the new one, so demo.sh and upgrades run the code just installed.
 # KVMHOOKS_STATE_DIR, KVMHOOKS_AGENT_LOG and KVMHOOKS_BIN stand in for /run/kvmhooks, the log and the
 # command (the tests; the agent itself reads its state_dir from the config named by KVMHOOKS_CONFIG).
 set -euo pipefail
@@ -20,23 +21,40 @@ if [ -z "${KVMHOOKS_STATE_DIR:-}" ] && [ -d /run/systemd/system ]; then
 fi
 mkdir -p "$state" "$(dirname "$log")"
 
-# The running agent's pid: the lock is held and the pid file names a live kvmhooks agent. (Its pid file is
-# written once it serves, so a starting agent may hold the lock a moment before it is named.)
-holder() {
+# Whether pid $1 is a kvmhooks agent (its command line says so: a recycled pid is left alone).
+is_agent() {
+  tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -Eq 'kvmhooks(\.cli)? agent'
+}
+
+# The running agent's pid: the pid file names a live kvmhooks agent. Lock or no lock: an agent from before
+# agent.lock (an upgrade) holds none, and left running beside the new one it would remove the new one's socket
+# when it exits. (Its pid file is written once it serves, so a starting agent may hold the lock a moment
+# before it is named: the lock wait below covers it.)
+named_agent() {
   local pid
-  flock -n "$lock" true && return 1
   pid=$(cat "$state/agent.pid" 2>/dev/null) || return 1
   case $pid in ''|*[!0-9]*) return 1 ;; esac
-  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -Eq 'kvmhooks(\.cli)? agent' || return 1
+  is_agent "$pid" || return 1
   echo "$pid"
 }
 
-old=$(holder) || old=
+# Wait up to $2 tenths of a second for agent $1 to exit.
+gone() {
+  local _
+  for _ in $(seq "$2"); do
+    is_agent "$1" || return 0
+    sleep 0.1
+  done
+  ! is_agent "$1"
+}
+
+old=$(named_agent) || old=
 if [ -n "$old" ]; then
-  kill "$old"
-  flock -w 10 "$lock" true || { kill -9 "$old" 2>/dev/null || true; flock -w 5 "$lock" true; } || {
-    echo "start-agent: kvmhooksd (pid $old) still holds $lock" >&2; exit 1; }
-elif ! flock -w 5 "$lock" true; then
+  kill "$old" 2>/dev/null || true
+  gone "$old" 100 || { kill -9 "$old" 2>/dev/null || true; gone "$old" 50; } || {
+    echo "start-agent: kvmhooksd (pid $old) does not stop" >&2; exit 1; }
+fi
+if ! flock -w 5 "$lock" true; then
   echo "start-agent: another process holds $lock (an agent still starting?); not starting a second one" >&2
   exit 1
 fi

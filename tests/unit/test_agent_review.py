@@ -6,15 +6,21 @@ while paused (#6), and a late STARTED event keeps a deferred tuning (#7)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from kvmhooks import metrics
+from tests.fakehost import FakeHost
 
 # --- review #1, #2: the metrics endpoint -----------------------------------------------------------------------
 
@@ -128,3 +134,66 @@ def test_many_addresses_share_max_waiting_and_the_biggest_holder_gives_way(
         scraper.close()
         for s in flood:
             s.close()
+
+
+# --- review #3: an upgrade without systemd from an agent that holds no lock --------------------------------------
+
+# An agent from before agent.lock (17ae1ff^): today's code with its lock taken away. Like that one, it removes
+# the socket and the pid file when it exits. Named kvmhooks so its command line reads "... kvmhooks agent ...".
+PRE_LOCK_AGENT = """\
+import os, sys
+from kvmhooks import agent
+agent.take_lock = lambda cfg: os.open(os.devnull, os.O_RDONLY)
+from kvmhooks.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_start_agent_stops_an_agent_from_before_the_lock(host: FakeHost) -> None:
+    """start-agent.sh stopped only an agent holding agent.lock: one from before the lock ran on beside the new
+    one, and when it exited it removed the new one's socket (the hook then found no agent)."""
+    from kvmhooks.agent import running
+    from tests.unit.test_agent_round2 import REPO, agent_config, named_in_pid_file, pid_file, wait_for
+
+    config, cfg = agent_config(host)
+    (host.root / "old").mkdir()
+    old_bin = host.root / "old" / "kvmhooks"
+    old_bin.write_text(PRE_LOCK_AGENT)
+    shim = host.root / "kvmhooks"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m kvmhooks.cli "$@"\n')
+    shim.chmod(0o755)
+    env = dict(os.environ, KVMHOOKS_STATE_DIR=str(cfg.state_dir), KVMHOOKS_AGENT_LOG=str(host.root / "agent.log"),
+               KVMHOOKS_BIN=str(shim), KVMHOOKS_CONFIG=str(config), PYTHONPATH=str(REPO))
+    with open(host.root / "old.out", "ab") as out:
+        old = subprocess.Popen([sys.executable, str(old_bin), "agent", "--config", str(config), "--log-stderr"],
+                               stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    new = None
+    try:
+        wait_for(lambda: named_in_pid_file(cfg, old.pid) or old.poll() is not None, 20, "the old agent")
+        assert old.poll() is None and running(cfg), (host.root / "old.out").read_text()
+        r = subprocess.run(["bash", str(REPO / "scripts/start-agent.sh")], env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode() + (host.root / "agent.log").read_text()
+        new = int(pid_file(cfg).read_text())
+        assert new != old.pid
+        assert old.poll() is not None, "two agents run"
+        time.sleep(0.3)  # (had the old one been exiting still, this is when it removed the socket)
+        assert running(cfg) and named_in_pid_file(cfg, new)
+    finally:
+        old.terminate()
+        old.wait(20)
+        for pid in agents_of(config):  # whichever the script started (the old script could leave two)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        wait_for(lambda: not agents_of(config), 20, "the agents to stop")
+
+
+def agents_of(config: Path) -> list[int]:
+    """The live processes whose command line or environment names ``config`` (this test's agents, whoever
+    started them; zombies have neither)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and any(str(config).encode() in (entry / f).read_bytes()
+                                            for f in ("cmdline", "environ")):
+                found.append(int(entry.name))
+    return found
