@@ -154,7 +154,9 @@ class Service:
             -> GuestMem | None:
         """This VM as the policy sees it, or None when it is not a running auto-policy VM."""
         dom = conn.lookupByUUIDString(uuid)
-        if not dom.isActive():
+        # A paused guest (started paused, or stopped by the admin) reads no fresh stats and cannot move its
+        # balloon: it is left alone until it runs. (1: VIR_DOMAIN_RUNNING; libvirt is not imported here.)
+        if not dom.isActive() or dom.state()[0] != 1:
             return None
         d = parse_domain(dom.XMLDesc(0).encode())
         t = d.active_tuning

@@ -218,11 +218,14 @@ def test_a_stats_only_qmp_guest_goes_through_the_balloon_adapter(sock: Path, qem
 # --- balloond: state across cycles, and one VM's trouble costs only that VM ------------------------------------
 
 class FakeDom:
-    def __init__(self, xml: bytes, active: bool = True):
-        self.xml, self.active = xml, active
+    def __init__(self, xml: bytes, active: bool = True, paused: bool = False):
+        self.xml, self.active, self.paused = xml, active, paused
 
     def isActive(self) -> bool:
         return self.active
+
+    def state(self) -> list[int]:  # [state, reason] as libvirt's virDomainGetState: 1 running, 3 paused
+        return [3, 1] if self.paused else [1, 1]
 
     def XMLDesc(self, flags: int) -> str:
         return self.xml.decode()
@@ -304,3 +307,26 @@ def test_balloond_carries_state_catches_per_vm_and_forgets_stopped_vms(tmp_path:
     doms[uuids[1]].active = False  # stopped (still in the ledger a moment): forgotten
     svc.cycle(FakeConn(doms), now=2000.0)
     assert set(svc.states) == {uuids[0]}
+
+
+def test_balloond_leaves_a_paused_guest_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started paused (OpenStack's way) or paused by the admin: no fresh stats, no balloon movement; it is
+    neither read nor squeezed until it runs."""
+    from kvmhooks import balloond
+    from kvmhooks.ledger import DomainRecord, Ledger
+    from tests.fakehost import FakeHost, domain_xml
+
+    host = FakeHost(tmp_path).build()
+    (host.proc / "meminfo").write_text("MemTotal: 1000000 kB\nMemAvailable: 10000 kB\n")  # a pressed host
+    cfg = host.config(balloon_interval=1.0)
+    u = "11111111-0000-0000-0000-000000000001"
+    dom = FakeDom(domain_xml("vm1", u, 512 * MIB, tuning='<kvm:balloon policy="auto" min="128M"/>', backing=""),
+                  paused=True)
+    with Ledger(cfg.ledger_path).transaction() as st:
+        st.domains[u] = DomainRecord(name="vm1", state="running")
+    opened: list[str] = []
+    monkeypatch.setattr(balloond, "open_balloon", lambda d, spec, dom, vlog, announce: opened.append(d.uuid))
+    svc = balloond.Service(cfg)
+    for t in range(10):
+        assert svc.cycle(FakeConn({u: dom}), now=1000.0 + 5 * t) == {}
+    assert opened == []

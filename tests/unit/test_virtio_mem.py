@@ -147,6 +147,9 @@ class FakeVirtioMemDom:
     def isActive(self) -> bool:
         return self.active
 
+    def state(self) -> list[int]:  # [state, reason] as libvirt's virDomainGetState: running
+        return [1, 1]
+
     def XMLDesc(self, flags: int) -> str:
         return live_xml(self.requested, self.current, self.tuning).decode()
 
