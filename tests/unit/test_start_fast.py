@@ -226,3 +226,21 @@ def test_a_second_agent_waits_out_the_shells_probe_of_the_lock(host: FakeHost) -
         os.close(fd)
     finally:
         probe.wait(5)
+
+
+@pytest.mark.parametrize(("tuning", "commits"), [(HP_ONLY, 2), (PINNED, 2), ('<kvm:vcpupin vcpu="0" cpuset="1"/>', 1)])
+def test_prepare_makes_only_the_durable_commits_crash_safety_needs(host: FakeHost, monkeypatch: pytest.MonkeyPatch,
+                                                                   tuning: str, commits: int) -> None:
+    """The intent with the record before any pool write (a crash during the write is rolled back), and the
+    record "prepared" (the start may go on). The read-back rides with the second: a crash before it finds
+    the intent and rolls back either way."""
+    from kvmhooks import ledger as ledger_mod
+
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=HP_ONLY)), cfg)  # (the ledger exists already)
+    writes: list[str] = []
+    real = ledger_mod.Ledger._write
+    monkeypatch.setattr(ledger_mod.Ledger, "_write", lambda self, text: (writes.append(text), real(self, text))[1])
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=tuning, backing="<hugepages/>" if "huge" in tuning
+                                               else "")), cfg)
+    assert len(writes) == commits
