@@ -158,15 +158,14 @@ def stage_boot() -> None:
 def stage_install() -> None:
     env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS}  # offline: PyPI's wheels were put in the image
     first = sh("bash", str(SRC / "install.sh"), env=env, timeout=600)
-    active = wait(lambda: out("systemctl", "is-active", "kvmhooksd") == "active", 30)
-    pid1 = out("systemctl", "show", "-p", "MainPID", "--value", "kvmhooksd")
+    wait(lambda: out("systemctl", "is-active", "kvmhooksd") == "active", 30)
     ours = sorted(str(p) for p in Path("/etc/systemd/system").glob("*.mount")
                   if "added by kvmhooks" in (read(p) or ""))
-    mounts = {p: {**unit_state(Path(p).name), "findmnt": out("findmnt", "-n", "-o", "FSTYPE,OPTIONS",
-                                                          "/" + Path(p).name.removesuffix(".mount").replace("-", "/"))}
-              for p in ours}
+    mounts = {p: {**unit_state(Path(p).name), "findmnt": out(
+        "findmnt", "-n", "-o", "FSTYPE,OPTIONS", out("systemctl", "show", "-p", "Where", "--value", Path(p).name))}
+        for p in ours}
     facts = {
-        "install": first, "kvmhooksd_active": bool(active), "kvmhooksd": unit_state("kvmhooksd"),
+        "install": first, "kvmhooksd": unit_state("kvmhooksd"),
         "unit_file": read("/etc/systemd/system/kvmhooksd.service"), "mount_units": mounts,
         "dev_hugepages": {**unit_state("dev-hugepages.mount"),
                           "findmnt": out("findmnt", "-n", "-o", "FSTYPE,OPTIONS", "/dev/hugepages")},
@@ -174,7 +173,7 @@ def stage_install() -> None:
         "fstab": read("/etc/fstab"), "hook": Path(HOOK).is_file(), "libvirtd": unit_state("libvirtd"),
         "failed": out("systemctl", "--failed", "--plain", "--no-legend"),
     }
-    emit("install", **facts, main_pid=pid1)
+    emit("install", **facts)
 
 
 def hook(name: str, xml: str, op: str, sub: str, kill: tuple[int, str] | None = None) -> dict[str, Any]:
@@ -242,7 +241,7 @@ def reset(before: dict[str, Any]) -> None:
 
 
 def stage_kills() -> None:
-    """For each set-property of an isolation and of a restore: kill the hook there, then reconcile."""
+    """For each set-property of an isolation and of a restore: kill the hook there, then the next converge."""
     base = slices()
     scenarios = [("isolate", n, "after") for n in range(1, 4)] + [("restore", n, "after") for n in range(1, 4)] \
         + [("isolate", 1, "before")]
