@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmhooks.config import Config, load_config
 from kvmhooks.domain import Domain, parse_domain
@@ -82,17 +82,27 @@ def phase(dom: Any) -> str:
         return "running"
     if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
         raise ApplyError("the domain stopped before it could be tuned")
-    if state == libvirt.VIR_DOMAIN_PAUSED and reason in _busy_reasons():
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+        return "busy"
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION and _job_active(dom):
         return "busy"
     return "paused"
 
 
-def _busy_reasons() -> frozenset[int]:
-    """Paused reasons that mean a job still holds the domain: its start has not finished, or it is migrating
-    in (the started hook runs on the destination before the memory arrives; a RESUMED event ends it)."""
+def _job_active(dom: Any) -> bool:
+    """Whether a job still holds a domain paused for "migration". libvirt gives that reason to every domain
+    started with an incoming stream: a migration's destination (the started hook runs before the memory
+    arrives; a RESUMED event ends it), but also ``virsh restore --paused`` and a managed save's ``start
+    --paused``, which stay paused for "migration" once restored (qemuProcessStart passes PAUSED_MIGRATION for
+    any incoming start, and the restore keeps it). On the destination libvirt refuses job statistics while the
+    migration runs ("migration statistics are available only on the source host"); a restore that finished
+    has no job (VIR_DOMAIN_JOB_NONE)."""
     import libvirt
 
-    return frozenset({libvirt.VIR_DOMAIN_PAUSED_STARTING_UP, libvirt.VIR_DOMAIN_PAUSED_MIGRATION})
+    try:
+        return bool(int(dom.jobInfo()[0]) != libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:
+        return True
 
 
 def wait_phase(dom: Any, timeout: float, ready: frozenset[str]) -> str:
@@ -141,19 +151,56 @@ def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
     done = tune_live(conn, uuid, cfg, by)
     if done is None:
         return 1
-    d, dom, vlog = done
+    d, dom, vlog = done.domain, done.dom, done.vlog
     if d.active_tuning is None or d.active_tuning.balloon is None:
         return 0
     try:
         wait_phase(dom, cfg.worker_timeout, RUNNING)
     except Exception as e:
+        if stopped(dom) or not still_ours(cfg, uuid, done.token):  # off, or its newer run: nothing failed
+            vlog.info("balloon: not set: the domain stopped or was restarted meanwhile")
+            return 0
         vlog.warning("balloon: not set: %s", e)
         operations.record_failure(cfg, uuid, "balloon", f"not set: {e} (started paused and not resumed in time?)")
         return 1
     return 0 if balloon_step(d, dom, cfg, vlog) else 1
 
 
-def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> tuple[Domain, Any, VMLog] | None:
+def stopped(dom: Any) -> bool:
+    """Whether the domain is off (or gone, a transient one); False when that cannot be told."""
+    import libvirt
+
+    try:
+        return bool(dom.state()[0] in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED))
+    except libvirt.libvirtError as e:
+        return bool(e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def still_ours(cfg: Config, uuid: str, token: str | None) -> bool:
+    """Whether the VM's record is still the run ``token`` belongs to (True when that cannot be told: a failure
+    is then recorded rather than lost). A VM stopped (released) or restarted since is another run's."""
+    from kvmhooks import operations
+
+    if token is None:
+        return True
+    try:
+        rec = operations.ledger_for(cfg).read().domains.get(uuid)
+    except KvmhooksError:
+        return True
+    return rec is not None and rec.token == token
+
+
+class Tuned(NamedTuple):
+    """What :func:`tune_live` did and the balloon step needs: the live definition, the domain, its log, and
+    the token of the run it was tuned for."""
+
+    domain: Domain
+    dom: Any
+    vlog: VMLog
+    token: str | None
+
+
+def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> Tuned | None:
     """The CPU and memory part of a start's tuning (pins, memtune, vCPU count), recorded in the ledger;
     returns what the balloon step needs, or None when it failed (and recorded why). Never raises.
 
@@ -188,12 +235,16 @@ def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> tuple[Domain, Any, 
             return None
         vlog.info("%s: CPU and memory tuning done in %.3f s%s", by, time.monotonic() - started,
                   " (the domain is paused)" if now == "paused" else "")
-        return d, dom, vlog
+        return Tuned(d, dom, vlog, token)
     except Exception as e:
-        vlog.error("%s: %s", by, e)
+        ours = True  # (the ledger unreadable: the failure file is where it is seen)
         if token is not None:
             with contextlib.suppress(Exception):
-                operations.mark(uuid, cfg, token=token, error=f"{by}: {e}")
+                ours = operations.mark(uuid, cfg, token=token, error=f"{by}: {e}")
+        if not ours:  # stopped or restarted meanwhile: the newer run (or none) is not this one's to fail
+            vlog.info("%s: not tuned (%s); the VM was stopped or restarted meanwhile", by, e)
+            return None
+        vlog.error("%s: %s", by, e)
         operations.record_failure(cfg, uuid, by, str(e))
         return None
 

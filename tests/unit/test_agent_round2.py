@@ -290,9 +290,23 @@ def paused_vm(tmp_path: Path, reason: str = "VIR_DOMAIN_PAUSED_USER") -> tuple[C
 
     class Paused(FakeDom):
         now = (libvirt.VIR_DOMAIN_PAUSED, getattr(libvirt, reason))
+        # Paused for "migration": a migration's destination until it ends (False: a restore that finished,
+        # which libvirt leaves paused for "migration" too).
+        incoming = reason == "VIR_DOMAIN_PAUSED_MIGRATION"
 
         def state(self) -> tuple[int, int]:
             return self.now
+
+        def isActive(self) -> bool:
+            return bool(self.now[0] != libvirt.VIR_DOMAIN_SHUTOFF)
+
+        def jobInfo(self) -> list[int]:
+            """As libvirt's: refused on a migration's destination while it runs (qemuDomainGetJobStatsInternal),
+            else the job's type and eleven figures (no job: VIR_DOMAIN_JOB_NONE and zeros)."""
+            if self.incoming and self.now[0] == libvirt.VIR_DOMAIN_PAUSED:
+                raise libvirt.libvirtError("Operation not supported: migration statistics are available only "
+                                           "on the source host")
+            return [libvirt.VIR_DOMAIN_JOB_NONE] + [0] * 11
 
         def resume(self) -> None:
             self.now = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
@@ -447,8 +461,15 @@ def test_a_stale_workers_mark_never_writes_the_newer_runs_record(tmp_path: Path,
     monkeypatch.setattr(live, "apply_started", apply_then_restart)
     assert worker.tune_live(FakeConn(FakeDom(U1, xml, vcpus=1)), U1, cfg, "worker") is None
     assert operations.ledger_for(cfg).read().domains[U1].to_json() == newer  # untouched
+    # Nor its failure file, where `kvmhooks status` looks (review of item 11d: it showed "worker: vcpupin ..."
+    # on the newer run, whose prepare had cleared it).
+    assert U1 not in operations.read_failures(cfg), operations.read_failures(cfg)
     assert operations.mark(U1, cfg, token="0" * 16, state="running") is False  # the check itself
     assert operations.mark(U1, cfg, token=str(newer["token"]), state="running") is True
+    if fails:  # the same failure in the run's own lifetime is recorded: the guard is the token, not silence
+        monkeypatch.setattr(live, "apply_started", lambda *args: (_ for _ in ()).throw(ApplyError("refused")))
+        assert worker.tune_live(FakeConn(FakeDom(U1, xml, vcpus=1)), U1, cfg, "worker") is None
+        assert "refused" in operations.read_failures(cfg)[U1]
 
 
 def test_a_repin_carrying_an_old_token_leaves_the_newer_runs_pins_alone(tmp_path: Path) -> None:
