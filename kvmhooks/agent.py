@@ -71,6 +71,9 @@ DRIFT_SETTLE = 1.0
 # Besides the TUNABLE event, every managed VM's pins are compared with the plan this often (an event lost while
 # libvirtd restarted, a change libvirt does not announce).
 DRIFT_PERIOD = 60.0
+# How often the ledger is searched for running VMs whose balloon was never set: a VM started paused whose
+# RESUMED event this agent did not wait for (it restarted meanwhile); a reconnect looks at once.
+OWED_BALLOON_PERIOD = 10.0
 # Reconnection backoff after libvirtd went away (seconds, doubling up to the maximum).
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
@@ -146,6 +149,9 @@ class Agent:
         # uuid → the jobs ("tune", "balloon") that wait for its RESUMED event: the balloon of a VM started
         # paused, the whole tuning of one migrating in (see _defer).
         self.at_resume: dict[str, set[str]] = {}
+        # The runs (ledger tokens) whose balloon step this agent ran or found nothing to do for: the ledger says
+        # which runs still owe one (see check_owed_balloons), this says which ones were tried already.
+        self.ballooned: set[str] = set()
         self.lock = threading.Lock()
         self.balloon = Service(cfg)
         # One job of a kind per VM at a time (see _serial): its lock, and the jobs asked for meanwhile.
@@ -200,19 +206,32 @@ class Agent:
         import libvirt
 
         uuid = dom.UUIDString()
-        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+        if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
             with self.lock:
                 promised = self.pending.pop(uuid, None) is not None
-                waiting = self.at_resume.pop(uuid, set())  # (at STARTED: left from its previous run)
-            promised = self._take_handoff(uuid) or promised
-            with self.lock:
-                if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-                    self.balloon_actual.pop(uuid, None)  # a figure from its previous run
-                    waiting = set()
-            if promised or "tune" in waiting:
+                self.balloon_actual.pop(uuid, None)  # a figure from its previous run
+            # at_resume stays: a tuning the missed-event look deferred before this (late) event is still owed.
+            # A previous run's was dropped at its STOPPED event, or at the reconnect that missed it.
+            if self._take_handoff(uuid) or promised:
                 self._spawn(self._tune, uuid)  # (it starts the balloon step itself)
+        elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+            with self.lock:
+                promised = self.pending.pop(uuid, None) is not None
+                waiting = self.at_resume.pop(uuid, set())
+            promised = self._take_handoff(uuid) or promised
+            if promised or "tune" in waiting:
+                self._spawn(self._tune, uuid)
             elif "balloon" in waiting:
                 self._spawn(self._balloon, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and detail in (
+                libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_RESTORED):
+            # Its start (``virsh restore --paused``, a managed save's ``start --paused``) is over and left it
+            # paused: a tuning deferred while that start held the domain runs now (the balloon still waits).
+            with self.lock:
+                deferred = "tune" in self.at_resume.get(uuid, set())
+            if deferred:
+                self._undefer(uuid, "tune")
+                self._spawn(self._tune, uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             with self.lock:
                 self.pending.pop(uuid, None)
@@ -295,7 +314,7 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.failed("tune")
             return
-        d, dom, vlog = result
+        d, dom, vlog = result.domain, result.dom, result.vlog
         t = d.active_tuning
         if t is not None and t.balloon is not None:
             self._balloon_when_running(uuid, dom, vlog)
@@ -321,35 +340,106 @@ class Agent:
 
         with self.lock:
             self.at_resume.setdefault(uuid, set()).add(job)
-        if phase(dom) not in ready:
-            return True
+        try:
+            if phase(dom) not in ready:
+                return True
+        except BaseException:  # it stopped (or libvirt went away): nothing waits for its RESUMED event
+            self._undefer(uuid, job)
+            raise
         with self.lock:
-            jobs = self.at_resume.get(uuid, set())
-            if job not in jobs:
+            if job not in self.at_resume.get(uuid, set()):
                 return True  # the event came meanwhile and started it
-            jobs.discard(job)
-            if not jobs:
-                del self.at_resume[uuid]
+        self._undefer(uuid, job)
         return False
 
-    def _balloon(self, uuid: str) -> None:
-        """The balloon step for the VM's current live XML (at start, or a live edit of a fixed target)."""
+    def _undefer(self, uuid: str, job: str) -> None:
+        with self.lock:
+            jobs = self.at_resume.get(uuid, set())
+            jobs.discard(job)
+            if not jobs:
+                self.at_resume.pop(uuid, None)
+
+    def _balloon(self, uuid: str, owed: bool = False) -> None:
+        """The balloon step for the VM's current live XML (at start, or a live edit of a fixed target; ``owed``:
+        only if no step ran for this run of the VM yet)."""
+        from kvmhooks import operations
         from kvmhooks.domain import parse_domain
         from kvmhooks.worker import balloon_step
 
         def step() -> None:
             try:
+                rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
                 dom = self.conn.lookupByUUIDString(uuid)
                 d = parse_domain(dom.XMLDesc(0).encode())
             except Exception as e:  # it went away, or its annotation broke (the re-tune says so)
                 log.info("agent: balloon step of %s skipped: %s", uuid, e)
                 return
+            with self.lock:
+                if rec is not None:
+                    if owed and rec.token in self.ballooned:
+                        return  # set meanwhile (the start's own step ran first)
+                    self.ballooned.add(rec.token)
             t = d.active_tuning
             if t is not None and t.balloon is not None:
                 with self._timed("balloon"):
                     balloon_step(d, dom, self.cfg, VMLog(d.name, uuid))
 
-        self._serial(uuid, "balloon", "balloon", step)
+        self._serial(uuid, "balloon", "owed" if owed else "balloon", step)
+
+    def _balloon_if_owed(self, uuid: str) -> None:
+        """The balloon step of a running VM whose run still owes it (see :meth:`_owes_balloon`)."""
+        from kvmhooks import operations
+
+        try:
+            rec = operations.ledger_for(self.cfg).read().domains.get(uuid)
+            if rec is None or not self._owes_balloon(rec):
+                return
+            dom = self.conn.lookupByUUIDString(uuid)
+            if not self._balloon_due(dom, rec):
+                return
+        except Exception as e:  # it went away, or libvirt did: the next look (reconnect, period) tries again
+            log.debug("agent: owed balloon of %s: %s", uuid, e)
+            return
+        VMLog(rec.name, uuid).info("agent: its balloon was never set (it ran while the agent was away or "
+                                   "restarting); setting it now")
+        self._balloon(uuid, owed=True)
+
+    def _owes_balloon(self, rec: DomainRecord) -> bool:
+        """The ledger's side: tuned ("running") with no balloon result, and no step of this agent's tried it
+        for this run (a step that failed left its failure in status; it is not retried every period)."""
+        with self.lock:
+            return rec.state == "running" and not rec.applied.balloon and rec.token not in self.ballooned
+
+    def _balloon_due(self, dom: Any, rec: DomainRecord) -> bool:
+        """The domain's side: it runs (a paused one waits for its RESUMED event) and its live tuning has a
+        balloon (one without is remembered as owing none)."""
+        from kvmhooks.domain import parse_domain
+        from kvmhooks.worker import phase
+
+        if phase(dom) != "running":
+            return False
+        t = parse_domain(dom.XMLDesc(0).encode()).active_tuning
+        if t is None or t.balloon is None:
+            with self.lock:
+                self.ballooned.add(rec.token)
+            return False
+        return True
+
+    def check_owed_balloons(self) -> None:
+        """Every running VM whose run still owes its balloon (the ledger says so, not this process's memory):
+        a VM started paused and resumed while the agent was restarting or disconnected."""
+        from kvmhooks import operations
+
+        try:
+            domains = operations.ledger_for(self.cfg).read().domains
+        except KvmhooksError as e:
+            log.info("agent: owed balloons not looked for: %s", e)
+            return
+        with self.lock:
+            self.ballooned &= {r.token for r in domains.values()}  # (runs that ended are forgotten)
+        for uuid, rec in domains.items():
+            if self._owes_balloon(rec):
+                self._spawn(self._balloon_if_owed, uuid)
 
     def _retune(self, uuid: str) -> None:
         """The annotation of a running VM changed: re-plan and apply, or keep the old tuning and say why."""
@@ -506,6 +596,16 @@ class Agent:
         except KvmhooksError as e:
             log.warning("agent: cannot read the ledger to catch up: %s", e)
             return
+        with self.lock:
+            deferred = list(self.at_resume)
+        for uuid in deferred:  # a deferral whose STOPPED event was missed while disconnected
+            try:
+                active = bool(self.conn.lookupByUUIDString(uuid).isActive())
+            except libvirt.libvirtError:
+                active = False
+            if not active:
+                with self.lock:
+                    self.at_resume.pop(uuid, None)
         handed = set(self._handoffs(older_than=0))  # left while the agent was away or disconnected
         for uuid, rec in state.domains.items():
             if rec.state != "starting" and uuid not in handed:
@@ -517,6 +617,7 @@ class Agent:
             if running:
                 VMLog(rec.name, uuid).info("agent: its tuning never finished; tuning it now")
                 self._spawn(self._tune, uuid)
+        self.check_owed_balloons()  # a VM resumed while disconnected: its RESUMED event was lost
 
     def _missed_events(self) -> None:
         """A promised VM whose STARTED event did not come: look at it anyway (bounded by the worker's wait)."""
@@ -614,6 +715,7 @@ class Agent:
         backoff = BACKOFF_MIN
         next_balloon = 0.0
         next_drift = time.monotonic() + DRIFT_PERIOD
+        next_owed = time.monotonic() + OWED_BALLOON_PERIOD  # (the first look is catch_up's, at the connect)
         while not self.stop.is_set():
             try:
                 if self.conn is None or not self.conn.isAlive():
@@ -627,6 +729,9 @@ class Agent:
                 if time.monotonic() >= next_drift:
                     next_drift = time.monotonic() + DRIFT_PERIOD
                     self.check_all_drift()
+                if time.monotonic() >= next_owed:
+                    next_owed = time.monotonic() + OWED_BALLOON_PERIOD
+                    self.check_owed_balloons()
                 if time.monotonic() >= next_balloon:
                     next_balloon = time.monotonic() + self.cfg.balloon_interval
                     with self._timed("balloon"):

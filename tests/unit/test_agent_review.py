@@ -15,12 +15,18 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import libvirt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
+from kvmhooks import agent as agentmod
 from kvmhooks import metrics
+from kvmhooks.agent import Agent
+from kvmhooks.config import Config
 from tests.fakehost import FakeHost
+from tests.unit.test_agent_round2 import U1
 
 # --- review #1, #2: the metrics endpoint -----------------------------------------------------------------------
 
@@ -197,3 +203,151 @@ def agents_of(config: Path) -> list[int]:
                                             for f in ("cmdline", "environ")):
                 found.append(int(entry.name))
     return found
+
+
+# --- review #4, #5, #6, #7: paused starts and stale runs -----------------------------------------------------------
+
+def paused_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reason: str = "VIR_DOMAIN_PAUSED_USER"
+                 ) -> tuple[Config, Any, list[str], Agent]:
+    """test_agent_round2's paused VM (pinned, a fixed balloon target, handed over) and an agent connected to it
+    whose jobs run at once; ``balloons`` lists the domain's state at each balloon step."""
+    from tests.unit.test_agent_round2 import paused_vm, record_balloon
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path, reason)
+    record_balloon(monkeypatch, dom, balloons)
+    a = Agent(cfg)
+    a.conn = FakeConn(dom)
+    monkeypatch.setattr(a, "_spawn", lambda job, uuid: job(uuid))
+    return cfg, dom, balloons, a
+
+
+def test_a_tuning_deferred_by_the_missed_event_watchdog_survives_the_late_started_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The STARTED event comes after EVENT_GRACE while an incoming migration still holds the domain: the watchdog
+    ran _tune, which deferred it to the RESUMED event; the late STARTED event threw that away ("left from its
+    previous run") and the RESUMED event found nothing to do: never pinned."""
+    _, dom, balloons, a = paused_agent(tmp_path, monkeypatch, "VIR_DOMAIN_PAUSED_MIGRATION")
+    a.pending[U1] = time.monotonic() - agentmod.EVENT_GRACE - 0.1  # told, no STARTED event yet
+    a._missed_events()  # the watchdog: _tune -> busy -> deferred to RESUMED
+    assert a.at_resume.get(U1) == {"tune"} and dom.calls == []
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)  # the late STARTED event
+    dom.resume()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)  # the migration ends
+    assert dom.vcpus[0] == {1} and balloons == ["running"], "never pinned"
+
+
+def test_a_deferral_of_a_run_that_stopped_unseen_is_dropped_at_the_reconnect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(The STARTED event no longer drops at_resume: a STOPPED event lost while disconnected is made up for at
+    the reconnect, so the next run's RESUMED event does not run the old run's jobs.)"""
+    _, dom, _, a = paused_agent(tmp_path, monkeypatch)
+    a.at_resume[U1] = {"balloon"}  # from a run whose STOPPED event was lost
+    dom.now = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+    a.catch_up()
+    assert U1 not in a.at_resume
+
+
+def test_a_balloon_deferred_to_resumed_is_set_after_a_reconnect_that_missed_the_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`virsh start --paused`: pinned at once, the balloon waits for RESUMED. libvirtd restarts and the guest is
+    resumed while the agent is disconnected: the event is lost, and catch_up() only looked at "starting"."""
+    _, dom, balloons, a = paused_agent(tmp_path, monkeypatch)
+    a.pending[U1] = time.monotonic()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert dom.vcpus[0] == {1} and balloons == [] and a.at_resume == {U1: {"balloon"}}
+    dom.resume()  # while the agent's connection is down: no event
+    a.catch_up()  # what _run does after reconnecting
+    assert balloons == ["running"], f"balloon never set; at_resume still {a.at_resume}"
+    a.catch_up()
+    a.check_owed_balloons()
+    assert balloons == ["running"]  # once per run
+
+
+def test_a_balloon_owed_from_before_an_agent_restart_is_set_by_the_periodic_look(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent that pinned a paused VM restarted (its at_resume gone with it); the VM is resumed under the new
+    one, whose RESUMED event has nothing in memory: the ledger says the balloon is still owed."""
+    cfg, dom, balloons, first = paused_agent(tmp_path, monkeypatch)
+    first.pending[U1] = time.monotonic()
+    first._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    second = Agent(cfg)
+    second.conn = first.conn
+    monkeypatch.setattr(second, "_spawn", lambda job, uuid: job(uuid))
+    second.check_owed_balloons()
+    assert balloons == []  # still paused: it waits
+    dom.resume()
+    second._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)
+    second.check_owed_balloons()
+    assert balloons == ["running"]
+    second.check_owed_balloons()
+    assert balloons == ["running"]
+
+
+@pytest.mark.parametrize("end", ["destroyed", "restarted", "never resumed"])
+def test_the_workers_balloon_wait_fails_only_for_its_own_running_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """The worker pinned a VM started paused and waits for RUNNING to set its balloon. Destroyed meanwhile (its
+    release clears the failures) or restarted (a newer run), it recorded "balloon: not set: the domain
+    stopped ..." for a VM simply off, or on the newer run; only a run still paused at the deadline fails."""
+    import threading
+
+    from kvmhooks import operations, worker
+    from tests.unit.test_agent_round2 import paused_vm, record_balloon, restarted_meanwhile
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, balloons = paused_vm(tmp_path)
+    cfg = cfg.__class__(**{**cfg.__dict__, "worker_timeout": 1.0 if end == "never resumed" else 10.0})
+    record_balloon(monkeypatch, dom, balloons)
+    t = threading.Thread(target=worker.tune, args=(FakeConn(dom), U1, cfg, "worker"))
+    t.start()
+    deadline = time.monotonic() + 5
+    while operations.ledger_for(cfg).read().domains[U1].state != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if end == "destroyed":
+        dom.now = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)  # virsh destroy
+        operations.release(U1, cfg)  # its stopped/release hook
+    elif end == "restarted":
+        restarted_meanwhile(cfg, dom.XMLDesc(0).encode())
+        dom.now = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP)  # the newer run starting
+    t.join(15)
+    assert not t.is_alive() and balloons == []
+    failures = operations.read_failures(cfg)
+    if end == "never resumed":
+        assert "balloon: not set" in failures[U1]
+    else:
+        assert U1 not in failures, failures
+
+
+def test_a_domain_restored_paused_is_tuned_while_paused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`virsh restore --paused` leaves the domain paused for "migration" (libvirt's reason for any start with an
+    incoming stream), which was taken for a migration still running: never tuned until resumed. Now: "busy" only
+    while a job holds it; the SUSPENDED event that ends the restore runs a tuning deferred meanwhile."""
+    from kvmhooks import operations
+
+    _, dom, balloons, a = paused_agent(tmp_path, monkeypatch, "VIR_DOMAIN_PAUSED_MIGRATION")
+    a.pending[U1] = time.monotonic()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_RESTORED, None)
+    assert dom.calls == [] and a.at_resume == {U1: {"tune"}}  # its restore still holds it: deferred
+    dom.incoming = False  # the restore is over; the domain stays paused ("migration")
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_RESTORED, None)
+    rec = operations.ledger_for(a.cfg).read().domains[U1]
+    assert dom.vcpus[0] == {1} and rec.state == "running" and balloons == []  # pinned while paused
+    assert a.at_resume == {U1: {"balloon"}}
+    dom.resume()
+    a._lifecycle(None, dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, 0, None)
+    assert balloons == ["running"]
+
+
+def test_the_worker_tunes_a_domain_restored_paused_at_once(tmp_path: Path) -> None:
+    from kvmhooks import operations, worker
+    from tests.unit.test_agent_round2 import paused_vm
+    from tests.unit.test_live import FakeConn
+
+    cfg, dom, _ = paused_vm(tmp_path, "VIR_DOMAIN_PAUSED_MIGRATION")
+    dom.incoming = False  # restored: no job holds it
+    assert worker.phase(dom) == "paused"
+    assert worker.tune_live(FakeConn(dom), U1, cfg, "worker") is not None
+    assert dom.vcpus[0] == {1} and operations.ledger_for(cfg).read().domains[U1].state == "running"
+    dom.incoming = True  # a migration's destination: busy until it ends
+    assert worker.phase(dom) == "busy"
