@@ -607,8 +607,14 @@ class Agent:
                 with self.lock:
                     self.at_resume.pop(uuid, None)
         handed = set(self._handoffs(older_than=0))  # left while the agent was away or disconnected
+        # A hand-over taken but never finished (the agent died between the STARTED event and its "running"
+        # mark) leaves no handoff marker: the record still says "prepared" while its tune/ marker says the
+        # started hook had work.
+        tune_dir = operations.ledger_for(self.cfg).tune_dir
         for uuid, rec in state.domains.items():
-            if rec.state != "starting" and uuid not in handed:
+            unfinished = rec.state == "starting" or uuid in handed or (
+                rec.state == "prepared" and UUID_RE.fullmatch(uuid) is not None and (tune_dir / uuid).exists())
+            if not unfinished:
                 continue
             try:
                 running = bool(self.conn.lookupByUUIDString(uuid).isActive())

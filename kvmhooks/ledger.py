@@ -725,6 +725,23 @@ RECOUNTED = "the ledger's summary disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def _make_marker_dir(d: Path, names: set[str]) -> None:
+    """``d`` with a marker per name, appearing whole (filled aside, then renamed); left absent on failure
+    (the shell then hands every call to Python)."""
+    import shutil
+
+    tmp = d.with_name(f".{d.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(mode=0o755)
+        for name in names:
+            os.close(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        os.rename(tmp, d)
+    except OSError as e:
+        log.warning("ledger: cannot make %s (%s); the shell hands those calls to Python", d, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _retire(d: Path, error: OSError) -> None:
     """A marker directory that cannot take a marker goes out of use (the shell then hands every VM's call
     to Python, which is always right) rather than lie by a missing marker; the next commit that can makes it
@@ -879,30 +896,24 @@ class Ledger:
         """Set or clear the VM's ``tune/`` marker (with the lock held, before the record's commit).
 
         ``starting``: the VMs whose started hook may still be to come (prepared, not yet running). When
-        ``tune/`` has to be made anew (first use, or after it went out of use) each of them gets a marker too:
-        it may have had one, and a marker too many costs one Python start where one too few skips a tuning."""
+        ``tune/`` has to be made anew (first use, or after it went out of use) each of them gets a marker too
+        (it may have had one: a marker too many costs one Python start where one too few skips a tuning), and
+        the directory appears with its markers in it (made aside, then renamed): a started hook never sees
+        it without them."""
         if not _MARKER_RE.fullmatch(uuid):
             return  # never a path from elsewhere: keys are canonical by construction
         d = self.tune_dir
-        try:
-            d.mkdir(mode=0o755)
-            names = {u for u in starting() if _MARKER_RE.fullmatch(u)}
-        except FileExistsError:
-            if not d.is_dir():
-                return  # not a directory: the shell hands every started to Python
-            names = set()
-        except OSError as e:  # no directory: the shell hands every started to Python
-            log.warning("ledger: cannot make %s (%s)", d, e)
-            return
-        if on:
-            names.add(uuid)
-        else:
-            names.discard(uuid)
+        if not d.is_dir():
+            if not os.path.lexists(d):
+                names = {u for u in starting() if _MARKER_RE.fullmatch(u)} | {uuid}
+                _make_marker_dir(d, names if on else names - {uuid})
+            return  # (not a directory: the shell hands every started to Python)
+        if not on:
             with contextlib.suppress(OSError):  # a stale marker only costs a Python start
                 os.unlink(d / uuid)
+            return
         try:
-            for name in names:
-                os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            os.close(os.open(d / uuid, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
         except OSError as e:
             _retire(d, e)
 

@@ -244,3 +244,75 @@ def test_prepare_makes_only_the_durable_commits_crash_safety_needs(host: FakeHos
     operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=tuning, backing="<hugepages/>" if "huge" in tuning
                                                else "")), cfg)
     assert len(writes) == commits
+
+
+# --- review: the hand-over and the markers under failure -------------------------------------------------
+
+class ActiveConn:
+    def __init__(self, active: set[str]):
+        self.active = active
+
+    def lookupByUUIDString(self, uuid: str) -> Any:
+        outer = self
+
+        class D:
+            def isActive(self) -> bool:
+                return uuid in outer.active
+        return D()
+
+
+def test_an_agent_that_dies_after_taking_the_hand_over_is_finished_by_the_next(host: FakeHost, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """The shell's path marks nothing in the ledger: an agent killed between taking handoff/UUID and its
+    "running" mark left a record "prepared" that nothing looked at again (the Python hook marked "starting",
+    which catch_up finds). The tune/ marker says the start had work: the next agent's catch_up finishes it."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    with agent_lock_held(host):
+        assert not Shell(host, tmp_path).started(xml)
+        first = Agent(host.config())
+        monkeypatch.setattr(first, "_spawn", lambda job, uuid: None)  # killed before its tuning thread ran
+        first._lifecycle(None, Dom(U1), libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    assert not list(first.handoff_dir.iterdir())
+    second = Agent(host.config())
+    second.conn = ActiveConn({U1})
+    tuned: list[str] = []
+    monkeypatch.setattr(second, "_spawn", lambda job, uuid: tuned.append(uuid))
+    second.catch_up()
+    assert tuned == [U1]
+
+
+def test_a_tune_directory_made_anew_appears_with_its_markers(host: FakeHost, tmp_path: Path) -> None:
+    """tune/ was made first and filled after: a started hook in between saw the directory without its
+    marker and ended without its tuning."""
+    cfg = write_config(host)
+    xml1 = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml1).returncode == 0
+    for p in tune_dir(host).iterdir():
+        p.unlink()
+    os.rmdir(tune_dir(host))  # out of use, U1 still waiting for its started
+    shell = Shell(host, tmp_path)
+    seen: list[bool] = []
+
+    def starting() -> list[str]:  # U1's started hook runs while the directory is being made
+        seen.append(shell.started(xml1))
+        return [U1, U2]
+
+    Ledger(host.root / "run/ledger.json").mark_tune(U2, True, starting)
+    assert sorted(os.listdir(tune_dir(host))) == [U1, U2]
+    assert seen == [True]  # no directory yet: Python decided
+
+
+def test_a_probe_that_cannot_open_the_lock_is_no_proof_of_an_agent(host: FakeHost, tmp_path: Path) -> None:
+    """flock(1) exits 75 (-E) on a conflict only; failing to open agent.lock (here a dangling symlink) is
+    not an agent holding it: the VM goes to Python, not to a hand-over nobody takes."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    run = host.root / "run"
+    (run / HANDOFF_DIR).mkdir()  # left by an agent that ran once
+    (run / LOCK_NAME).symlink_to(run / "nowhere" / "agent.lock")
+    assert Shell(host, tmp_path).started(xml)
+    assert not (run / HANDOFF_DIR / U1).exists()
