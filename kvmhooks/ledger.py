@@ -334,9 +334,12 @@ class PoolRecord:
 
     baseline: int
     expected: int = -1  # -1: unknown (a version 1 ledger): the first observation records it
+    # Made from facts (a lost record, an adoption): the baseline may still hold the pages of running VMs not
+    # adopted yet, and each one adopted takes its own out of it.
+    inferred: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "expected": self.expected}
+        return {"baseline": self.baseline, "expected": self.expected, **({"inferred": True} if self.inferred else {})}
 
     @classmethod
     def from_json(cls, data: object, what: str) -> PoolRecord:
@@ -344,7 +347,7 @@ class PoolRecord:
         baseline = _int(d, "baseline", what)
         if baseline < 0:
             raise LedgerError(f"{what}.baseline: negative")
-        return cls(baseline, _int(d, "expected", what, -1))
+        return cls(baseline, _int(d, "expected", what, -1), d.get("inferred") is True)
 
 
 @dataclass
@@ -449,6 +452,7 @@ class Records(MutableMapping[str, DomainRecord]):
         self._where = where
         self._orig: dict[str, Summary] = {}  # what each decoded (or removed) record contributed when read
         self._base = base if base is not None else Summary()
+        self.bad_summary = False  # the file's summary did not decode (recounted here): the repair path says so
         if base is None and self._raw:  # no summary in the file (or a bad one): count everything once
             self._base = self.recount()
 
@@ -600,11 +604,13 @@ class LedgerState:
                     raise LedgerError(f"line {n}: not a VM record")
                 raw[line[9:45]] = line
             data = head
+            bad_summary = False
             try:
                 base = Summary.from_json(head["summary"]) if "summary" in head else None
             except LedgerError:
-                base = None  # recounted from the records
+                base, bad_summary = None, True  # recounted from the records
             domains = Records(raw, where, base)
+            domains.bad_summary = bad_summary
         else:  # version 1 (one indented document), or something that is not a ledger
             try:
                 data = _obj(json.loads(text), "ledger")
@@ -664,15 +670,26 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
     The ledger is one header and one line per VM, so a broken VM line, pool or intent costs only itself: the
     other VMs' reservations and the admin's baselines (without them adoption would take whatever the pools
     hold now for the admin's value) are kept, and only the broken part is rebuilt from facts by
-    ``kvmhooks reconcile``. A version 1 file is one document: if it is not JSON, nothing of it can be read.
+    ``kvmhooks reconcile``. The VM lines are read whatever became of the header (a first line that is a VM
+    record is one). A version 1 file is one document: if it is not JSON, nothing of it can be read.
     """
     text = raw.decode("utf-8", errors="replace")
     first, _, rest = text.partition("\n")
     head = _json_object(first)
+    if head is None or "domains" in head:  # version 1 is one document (indented: its first line is "{")
+        head = _json_object(text) or head
     records: list[tuple[str, object]] = []
     lost: list[str] = []
-    if head is not None and "domains" not in head:  # version 2: a header line, then a line per VM
-        for n, line in enumerate(rest.splitlines(), 2):
+    if head is not None and "domains" in head:  # version 1
+        domains = head.get("domains")
+        if isinstance(domains, dict):
+            records = [(str(u), r) for u, r in domains.items()]
+        elif domains is not None:
+            lost.append("the VM records (not an object)")
+    else:  # version 2: a header line, then a line per VM
+        first_is_record = head is not None and "uuid" in head  # the header line is gone
+        headless = head is None or first_is_record  # (or it does not decode)
+        for n, line in enumerate((text if first_is_record else rest).splitlines(), 1 if first_is_record else 2):
             if not line.strip():
                 continue
             data = _json_object(line)
@@ -681,15 +698,11 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
                 lost.append(f"line {n} (not a VM record)")
                 continue
             records.append((uuid, data))
-    else:
-        head = _json_object(text)
-        if head is None:
+        if headless and not records:
             return LedgerState(), ["everything (neither a header line nor a document that is JSON)"]
-        domains = head.get("domains")
-        if isinstance(domains, dict):
-            records = [(str(u), r) for u, r in domains.items()]
-        elif domains is not None:
-            lost.append("the VM records (not an object)")
+        if head is None or headless:
+            lost.insert(0, "the header (the pools' baselines, interrupted writes, the host isolation section)")
+            head = {}
     state = LedgerState()
     for uuid, item in records:
         try:
@@ -721,7 +734,7 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
 
 HELD_DIR = "held"
 TUNE_DIR = "tune"
-RECOUNTED = "the ledger's summary disagreed with its records; recounted"
+RECOUNTED = "the ledger's summary did not decode or disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -842,7 +855,7 @@ class Ledger:
                 if quarantine:  # the repair path finds a bad record here, not half-way, and checks the sums
                     check_records(state)
                     exact = state.domains.recount()
-                    if exact.to_json() != state.domains.summary().to_json():
+                    if state.domains.bad_summary or exact.to_json() != state.domains.summary().to_json():
                         state.note(RECOUNTED)
                         state.domains.rebase(exact)
                         self.recounted = True
@@ -855,17 +868,23 @@ class Ledger:
             txn.commit()
 
     def _set_aside(self, error: LedgerError) -> tuple[LedgerState, str]:
-        """Keep the unreadable file aside as it is, and begin again from what of it still decodes."""
+        """Keep the unreadable file aside as it is, and begin again from what of it still decodes.
+
+        Aside as a second link, not a rename: the unreadable file stays the ledger until the first commit
+        replaces it atomically, so a repair killed in between leaves it to the next one, not an empty ledger."""
         try:
             raw = self.path.read_bytes()
         except OSError:
             raw = b""
         aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-        os.replace(self.path, aside)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)  # (a repair killed within this second linked the same file)
+        with contextlib.suppress(FileNotFoundError):
+            os.link(self.path, aside)
         state, self.lost = salvage(raw)
         self.set_aside = aside
         why = str(error).partition(" (")[2].rpartition("); run")[0] or str(error)
-        state.note(f"the unreadable ledger ({why}) was moved to {aside}; kept {len(state.domains)} VM record(s), "
+        state.note(f"the unreadable ledger ({why}) was copied to {aside}; kept {len(state.domains)} VM record(s), "
                    f"{len(state.pools)} pool record(s)" + (" and the host isolation section" if state.isolation
                                                             else ""))
         for part in self.lost:

@@ -208,8 +208,10 @@ class Session:
                 continue
             now = accounting.persistent(ps)
             prec = st.pools.get(key)
-            if prec is None:  # records are committed with their first intent; this is only a safety net
-                prec = st.pools[key] = PoolRecord(max(0, min(i.before for i in its) - st.reserved(key)), now)
+            if prec is None:  # committed with the first intent, so lost only with a set-aside: the admin's is
+                # below both ends of every write (a release's "before" still has the released VM's pages)
+                low = min(min(i.before, i.target) for i in its)
+                prec = st.pools[key] = PoolRecord(max(0, low - st.reserved(key)), now, inferred=True)
             high = max(max(i.before, i.target) for i in its)
             if now > high:  # above both ends of the interrupted write: the admin raised it meanwhile
                 prec.baseline += now - high
@@ -247,10 +249,13 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
     with led.hold(quarantine=quarantine) as txn:
         s = Session(txn, cfg, pools or SysfsPools(cfg.sysfs_root, cfg.proc_root))
         if led.set_aside is not None:
-            log.warning("ledger was unreadable: moved to %s; kept what still reads, rebuilding the rest",
+            log.warning("ledger was unreadable: copied to %s; kept what still reads, rebuilding the rest",
                         led.set_aside)
             s.repairs.append(set_aside_line(led.set_aside, s.state, led.lost))
             s.repairs += [f"could not read {part}: rebuilt from the running VMs and the pools" for part in led.lost]
+            for f in accounting.rebuild_lost(s.state, s.topo, cfg):
+                s.state.note(f)
+                s.repairs.append(f)
         if led.recounted:
             s.repairs.append(RECOUNTED)
         s.repairs += s.recover()
@@ -588,8 +593,9 @@ def _adopt_locked(s: Session, dom: Domain) -> DomainRecord | None:
 def _adopt_into(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, vlog: VMLog) -> DomainRecord:
     """Record a running VM from facts. Its pages are already inside the pools, so it can hold no more of a
     pool than what is there beyond the admin's baseline and the other reservations: adoption never raises
-    a pool and never lowers a baseline. Pages whose node the facts do not give are recorded as unplaced and
-    touch no pool."""
+    a pool, and lowers only a baseline made from facts (inferred: a lost record rebuilt, or made by an earlier
+    adoption), which holds the pages of the VMs not adopted yet. Pages whose node the facts do not give are
+    recorded as unplaced and touch no pool."""
     rec = DomainRecord(name=dom.name, state="adopted", token=new_token())
     found = AdoptedPages({}, {})
     try:
@@ -626,16 +632,18 @@ def _count_adopted(st: LedgerState, topo: HostTopology, cfg: Config, rec: Domain
         now = accounting.persistent(ps)
         others = st.reserved(key)
         prec = st.pools.get(key)
-        take = min(want, max(0, now - others - (prec.baseline if prec else 0)))
+        if prec is None:  # its pages are in the pool: all of it beyond the other VMs' may be theirs
+            prec = st.pools[key] = PoolRecord(max(0, now - others), now, inferred=True)
+        # An inferred baseline holds the pages of the VMs not adopted yet: each one takes its own out of it.
+        take = min(want, prec.baseline if prec.inferred else max(0, now - others - prec.baseline))
         if take < want:
             vlog.warning("reconnect: pool %s has only %d pages beyond the admin's and other VMs'; counting %d of "
                          "its %d pages as kvmhooks'", key, take, take, want)
         if take:
             rec.hugepages[key] = take
-        if prec is None:
-            st.pools[key] = PoolRecord(now - others - take, now)
-        else:
-            prec.expected = now
+        if prec.inferred:
+            prec.baseline -= take
+        prec.expected = now
 
 
 def place_unplaced(st: LedgerState, topo: HostTopology, cfg: Config, dom: Domain, rec: DomainRecord,
@@ -802,6 +810,7 @@ def _reconcile_preview(cfg: Config, running: Mapping[str, bytes], snapshot: Mapp
         st, out.lost = salvage(raw)
         out.actions.append(set_aside_line(None, st, out.lost))
         out.actions += [f"could not read {part}: rebuild it from the running VMs and the pools" for part in out.lost]
+        out.actions += accounting.rebuild_lost(st, topology_for(cfg), cfg)
     out.actions += [f"roll back the unfinished reservation of VM {st.domains[u].name!r} ({u})"
                     for u in sorted(st.preparing())]
     out.actions += [f"recover an interrupted {i.op} write on pool {i.pool} ({i.before} → {i.target} pages, process "
@@ -829,6 +838,8 @@ def _reconcile_writes(st: LedgerState, topo: HostTopology, cfg: Config, released
     """The pool repairs reconcile makes (the same for its dry run): every recorded pool and those released
     VMs held, to baseline + held, dropping raises the node cannot spare."""
     writes = accounting.writes_for(st, topo, cfg, set(st.pools) | released)
+    writes, held_up = accounting.spare_unplaced(st, topo, writes, {k for r in st.domains.values() for k in r.unplaced})
+    out.actions += held_up
     problems = accounting.capacity_problems(writes, topo, cfg)
     out.actions += [f"cannot restore pool {key}: {why}" for key, why in problems.items()]
     writes = [w for w in writes if w.pool not in problems]

@@ -18,7 +18,7 @@ a failed release once shrank an admin's 40 pages to 8).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvmhooks.config import Config, parse_pool_key
 from kvmhooks.ledger import LedgerState, PoolRecord
@@ -88,6 +88,46 @@ def observe(state: LedgerState, topo: HostTopology, cfg: Config) -> list[str]:
                          "write of this pool (kvmhooks reconcile makes it)")
         rec.expected = now
     return found
+
+
+def rebuild_lost(state: LedgerState, topo: HostTopology, cfg: Config) -> list[str]:
+    """Make a record for every pool that kept reservations hold pages in but that has none (it did not survive
+    a set-aside); returns what it made. Without one, :func:`target` would take the pool's size now, those
+    pages included, for the admin's. The pages are in the pool, so the admin's part is what is beyond them
+    (never below 0); the record is inferred: a running VM adopted later takes its pages out of it too. Pools
+    an intent names are left to recovery, which settles them from the intent.
+    """
+    in_flight = {i.pool for i in state.intents}
+    found = []
+    for key, held in sorted(state.domains.summary().held.items()):
+        ps = pool_state(topo, key)
+        if key in state.pools or key in in_flight or key in cfg.leave_alone or ps is None or held <= 0:
+            continue
+        now = persistent(ps)
+        state.pools[key] = PoolRecord(max(0, now - held), now, inferred=True)
+        found.append(f"pool {key} had lost its record: of its {now} pages, {held} are held by the VM records kept; "
+                     f"the admin's baseline is now {state.pools[key].baseline}")
+    return found
+
+
+def spare_unplaced(state: LedgerState, topo: HostTopology, writes: list[PoolWrite],
+                   unplaced: set[str]) -> tuple[list[PoolWrite], list[str]]:
+    """``writes`` with no pool of a page size in ``unplaced`` (VM pages adopted without a node) shrunk below its
+    pages in use plus the admin's, and a line per pool held up. Unplaced pages may be in use in any pool of
+    their size, and baseline + held does not count them: a pool written below its pages in use makes them
+    surplus, and the kernel gives the admin's free pages back in their place."""
+    out, held_up = [], []
+    for w in writes:
+        ps, rec = pool_state(topo, w.pool), state.pools.get(w.pool)
+        floor = min(w.before, (ps.in_use if ps is not None else 0) + (rec.baseline if rec is not None else 0))
+        if f"{w.size_kib}kB" in unplaced and w.target < floor:
+            held_up.append(f"leave pool {w.pool} at {floor} pages, not {w.target}: VM pages of "
+                           f"{format_kib(w.size_kib)} are unplaced, and its {ps.in_use if ps else 0} pages in use "
+                           "may be theirs")
+            w = replace(w, target=floor)
+        if w.target != w.before:
+            out.append(w)
+    return out, held_up
 
 
 def writes_for(state: LedgerState, topo: HostTopology, cfg: Config, keys: Iterable[str]) -> list[PoolWrite]:
