@@ -734,6 +734,7 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
 
 HELD_DIR = "held"
 TUNE_DIR = "tune"
+UP_DIR = "up"
 RECOUNTED = "the ledger's summary did not decode or disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -911,6 +912,21 @@ class Ledger:
         one Python start at that VM's ``started``."""
         return self.path.with_name(TUNE_DIR)
 
+    @property
+    def up_dir(self) -> Path:
+        """One empty file per VM whose ``started`` hook ran this run (``up/UUID``), left by hooks/qemu itself
+        (no Python): a record still "prepared" with it belongs to a VM that did start, so reconcile needs no
+        starting grace for it. Prepare clears it (a new run), release drops it with the record."""
+        return self.path.with_name(UP_DIR)
+
+    def begin_run(self, uuid: str) -> None:
+        """A new run of the VM (prepare, with the lock held): its ``up/`` marker is the last run's."""
+        if _MARKER_RE.fullmatch(uuid):
+            with contextlib.suppress(OSError):
+                os.unlink(self.up_dir / uuid)
+            with contextlib.suppress(OSError):
+                self.up_dir.mkdir(mode=0o755)
+
     def mark_tune(self, uuid: str, on: bool, starting: Callable[[], Iterable[str]]) -> None:
         """Set or clear the VM's ``tune/`` marker (with the lock held, before the record's commit).
 
@@ -961,7 +977,7 @@ class Ledger:
             _retire(d, e)
 
     def _unmark_released(self, held: set[str]) -> None:
-        for d in (self.held_dir, self.tune_dir):
+        for d in (self.held_dir, self.tune_dir, self.up_dir):
             with contextlib.suppress(OSError):
                 for name in set(os.listdir(d)) - held:
                     with contextlib.suppress(OSError):

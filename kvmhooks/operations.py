@@ -402,6 +402,7 @@ def prepare(dom: Domain, cfg: Config, pools: SysfsPools | None = None, make_sock
 def _prepare_locked(s: Session, dom: Domain, vlog: VMLog,
                     record_isolation: Callable[[str, str], None] | None = None) -> Prepared:
     st, cfg = s.state, s.cfg
+    s.txn.ledger.begin_run(dom.uuid)
     old = st.domains.pop(dom.uuid, None)
     if old is not None:
         # A previous start never reached release (crash, killed libvirtd): its pages count no more, so one
@@ -859,7 +860,8 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
         if snapshot.get(uuid) != rec.token:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: its reservation changed while reconcile looked")
             continue
-        if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE:
+        started = (ledger_for(cfg).up_dir / uuid).exists()  # its started hook ran: it is not starting
+        if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE and not started:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} "
                                "s ago)")
             continue

@@ -316,3 +316,23 @@ def test_a_probe_that_cannot_open_the_lock_is_no_proof_of_an_agent(host: FakeHos
     (run / LOCK_NAME).symlink_to(run / "nowhere" / "agent.lock")
     assert Shell(host, tmp_path).started(xml)
     assert not (run / HANDOFF_DIR / U1).exists()
+
+
+def test_a_vm_that_started_and_died_is_released_by_reconcile_at_once(host: FakeHost, tmp_path: Path) -> None:
+    """Huge pages only: its record stays "prepared" (no Python at started), and reconcile gives a prepared
+    record of a VM that does not run a starting grace (it may be between prepare and QEMU). The shell's
+    up/UUID says this run did start: killed without its stop hooks, it is released at once."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=HP_ONLY)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    c = host.config()
+    snap = {u: r.token for u, r in operations.ledger_for(c).read().domains.items()}
+    out = operations.reconcile(c, {}, snap)  # prepared, not running yet: it may be starting
+    assert U1 in operations.ledger_for(c).read().domains and any("starting" in a for a in out.actions)
+    assert not Shell(host, tmp_path).started(xml)  # the start goes on; the shell notes it ran
+    assert (Ledger(host.root / "run/ledger.json").up_dir / U1).exists()
+    out = operations.reconcile(c, {}, snap)  # then QEMU died without its stop hooks
+    assert U1 not in operations.ledger_for(c).read().domains and host.pool(0) == 0
+    assert not (Ledger(host.root / "run/ledger.json").up_dir / U1).exists()
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0  # a new run: its started has not run yet
+    assert not (Ledger(host.root / "run/ledger.json").up_dir / U1).exists()
