@@ -158,6 +158,7 @@ class Agent:
         self.job_locks: dict[tuple[str, str], threading.Lock] = {}
         self.queued: dict[tuple[str, str], dict[str, Callable[[], None]]] = {}
         self.metrics: Any = None  # kvmhooks.metrics.Metrics once run() set up the endpoints
+        self.hook_socket: socket.socket | None = None  # the hook's socket (serve)
         # uuid → guest memory (KiB) from libvirt's BALLOON_CHANGE events: fresher than the ledger's figure,
         # which is written when kvmhooks sets a target, for the metrics' balloon_actual.
         self.balloon_actual: dict[str, int] = {}
@@ -177,6 +178,9 @@ class Agent:
             os.umask(old)
         srv.listen(64)
         srv.settimeout(0.5)
+        if self.hook_socket is not None:  # its path was removed: its thread ends at the close
+            self.hook_socket.close()
+        self.hook_socket = srv
         threading.Thread(target=self._accept, args=(srv,), name="agent-socket", daemon=True).start()
 
     def _accept(self, srv: socket.socket) -> None:
@@ -714,15 +718,17 @@ class Agent:
             servers.append(serve_http(reg, self.cfg.metrics_listen))
             log.info("agent: Prometheus metrics on http://%s/metrics", self.cfg.metrics_listen)
         self.handoff_dir.mkdir(mode=0o755, exist_ok=True)  # (root's, like the rest of the state directory)
-        tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, pid_file)  # last: start-agent.sh takes it as "ready"
+        self._write_pid(pid_file)  # last: start-agent.sh takes it as "ready"
         log.info("agent: started (socket %s, balloon every %g s)", socket_path(self.cfg), self.cfg.balloon_interval)
         backoff = BACKOFF_MIN
         next_balloon = 0.0
         next_drift = time.monotonic() + DRIFT_PERIOD
         next_owed = time.monotonic() + OWED_BALLOON_PERIOD  # (the first look is catch_up's, at the connect)
         while not self.stop.is_set():
+            try:
+                self._keep_files(pid_file, servers, reg)
+            except OSError as e:  # (the state directory itself went away): tried again next round
+                log.warning("agent: cannot put its socket or pid file back: %s", e)
             try:
                 if self.conn is None or not self.conn.isAlive():
                     self.conn = self._connect()
@@ -756,6 +762,27 @@ class Agent:
             if once:
                 break
             self.stop.wait(0.2)
+
+    def _write_pid(self, pid_file: Path) -> None:
+        tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, pid_file)
+
+    def _keep_files(self, pid_file: Path, servers: list[Any], reg: Any) -> None:
+        """Put back a socket or pid file of ours that vanished. An agent from before agent.lock holds no lock
+        and removes both sockets and the pid file when it exits: ran beside this one (an upgrade without
+        systemd, before start-agent.sh stopped it), its exit would leave the hook without an agent."""
+        from kvmhooks.metrics import serve_unix
+
+        if not socket_path(self.cfg).exists():
+            log.warning("agent: %s was removed (another agent that exited?); serving it again",
+                        socket_path(self.cfg))
+            self.serve()
+        if not metrics_socket_path(self.cfg).exists():
+            servers[0].close()
+            servers[0] = serve_unix(reg, metrics_socket_path(self.cfg))
+        if not pid_file.exists():
+            self._write_pid(pid_file)
 
     def _events(self) -> None:
         import libvirt

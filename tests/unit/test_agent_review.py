@@ -351,3 +351,18 @@ def test_the_worker_tunes_a_domain_restored_paused_at_once(tmp_path: Path) -> No
     assert dom.vcpus[0] == {1} and operations.ledger_for(cfg).read().domains[U1].state == "running"
     dom.incoming = True  # a migration's destination: busy until it ends
     assert worker.phase(dom) == "busy"
+
+
+def test_the_agent_puts_back_a_socket_and_pid_file_another_agent_removed(host: FakeHost) -> None:
+    """What an agent from before the lock does when it exits beside this one (its exit path removes both sockets
+    and the pid file, whoever made them): the hook, `kvmhooks metrics` and start-agent.sh must still find it."""
+    from kvmhooks.agent import metrics_socket_path, running, socket_path, tell
+    from tests.unit.test_agent_round2 import agent_config, agent_process, named_in_pid_file, pid_file, wait_for
+
+    config, cfg = agent_config(host)
+    with agent_process(host, config, cfg) as p:
+        for path in (socket_path(cfg), metrics_socket_path(cfg), pid_file(cfg)):
+            path.unlink()
+        wait_for(lambda: running(cfg) and named_in_pid_file(cfg, p.pid), 5, "the socket and pid file back")
+        assert tell(cfg, U1)
+        wait_for(lambda: metrics.fetch_unix(metrics_socket_path(cfg)) is not None, 5, "the metrics socket back")
