@@ -879,7 +879,7 @@ class Ledger:
             raw = b""
         aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(aside)  # (a repair killed within this second linked the same file)
+            os.unlink(aside)  # (the same file, linked by a repair killed within this second)
         with contextlib.suppress(FileNotFoundError):
             os.link(self.path, aside)
         state, self.lost = salvage(raw)

@@ -799,7 +799,7 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
 def _reconcile_preview(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, str], now: float,
                        out: ReconcileResult) -> None:
     """The dry run: what reconcile would repair and change, on a snapshot (nothing written, nothing held)."""
-    led = ledger_for(cfg)
+    led, topo = ledger_for(cfg), topology_for(cfg)
     try:
         st = led.read()
         check_records(st)
@@ -811,12 +811,11 @@ def _reconcile_preview(cfg: Config, running: Mapping[str, bytes], snapshot: Mapp
         st, out.lost = salvage(raw)
         out.actions.append(set_aside_line(None, st, out.lost))
         out.actions += [f"could not read {part}: rebuild it from the running VMs and the pools" for part in out.lost]
-        out.actions += accounting.rebuild_lost(st, topology_for(cfg), cfg)
+        out.actions += accounting.rebuild_lost(st, topo, cfg)
     out.actions += [f"roll back the unfinished reservation of VM {st.domains[u].name!r} ({u})"
                     for u in sorted(st.preparing())]
     out.actions += [f"recover an interrupted {i.op} write on pool {i.pool} ({i.before} → {i.target} pages, process "
                     f"{i.pid})" for i in st.intents]
-    topo = topology_for(cfg)
     out.actions += accounting.observe(st, topo, cfg)
     released = _reconcile_decide(st, cfg, topo, running, snapshot, now, out)
     _reconcile_writes(st, topo, cfg, released, out)

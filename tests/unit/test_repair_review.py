@@ -90,6 +90,18 @@ def test_a_lost_pool_record_and_a_vm_stopped_meanwhile(tmp_path: Path) -> None:
     assert host.pool(0) == 20
 
 
+def test_the_dry_run_rebuilds_a_lost_pool_record_too(tmp_path: Path) -> None:
+    """Before: the dry run took the pool's size for the admin's and would have raised it "from 84 to 116"."""
+    _host, cfg, pools = two_running(tmp_path)
+    before = tokens(cfg)
+    edit_header(cfg, lambda h: h["pools"][KEY].update(baseline="x"))
+    text = cfg.ledger_path.read_bytes()
+    out = operations.reconcile(cfg, {UA: vm(UA, "a")}, before, dry_run=True, pools=pools)
+    assert f"set pool {KEY} from 84 to 52 pages" in out.actions, out.actions
+    assert any(a.startswith(f"pool {KEY} had lost its record") for a in out.actions)
+    assert cfg.ledger_path.read_bytes() == text
+
+
 # --- D2: adoption into a pool with no record -----------------------------------------------------------------
 
 def test_two_vms_adopted_into_a_pool_with_no_record_both_hold_their_pages(tmp_path: Path) -> None:
