@@ -10,7 +10,10 @@ How it meets the hook (which stays self-sufficient: prepare never depends on the
   RESUMED) lifecycle event, and a bounded watchdog covers an event that never comes;
 - a domain started paused (``virsh start --paused``) gets its pins, memtune and vCPU count at once; only its
   balloon waits for the RESUMED event (a paused guest cannot move it); a domain migrating in is tuned at the
-  RESUMED event that ends the migration (until then the migration holds the domain);
+  RESUMED event that ends the migration (until then the migration holds the domain), one restored paused
+  (``virsh restore --paused``) at the SUSPENDED event that ends its restore; a balloon the ledger says is still
+  owed (tuned, no balloon result: resumed while the agent was away) is set at the reconnect or within
+  :data:`OWED_BALLOON_PERIOD`;
 - a METADATA_CHANGE event in the kvmhooks namespace re-plans and re-applies pins, memtune and the vCPU count
   (an invalid edit is refused into the log and ``kvmhooks status``; the previous tuning stays, and what only
   a restart can change, huge pages, is reported as pending);
@@ -19,6 +22,7 @@ How it meets the hook (which stays self-sufficient: prepare never depends on the
 - its Prometheus metrics are served on its unix socket, and on ``metrics_listen`` when configured, with a
   fixed number of threads whatever the clients do (:class:`kvmhooks.metrics.MetricsServer`);
 - one agent per host: it holds ``agent.lock`` in the state directory for its lifetime; a second one refuses;
+  its sockets and pid file are put back if they vanish (an agent from before the lock removes them at exit);
 - when libvirtd goes away the agent reconnects with backoff, then tunes every running VM whose tuning never
   finished.
 """
@@ -308,7 +312,8 @@ class Agent:
         try:
             dom = self.conn.lookupByUUIDString(uuid)
             if self._defer(uuid, dom, "tune", SETTLED):
-                VMLog(dom.name(), uuid).info("agent: it is migrating in; tuned when it resumes")
+                VMLog(dom.name(), uuid).info("agent: a job still holds it (migrating in, or a restore); tuned when "
+                                             "that ends")
                 return
         except Exception as e:  # (gone, or libvirt away: tune_live looks again and records why)
             log.debug("agent: state of %s: %s", uuid, e)
@@ -411,8 +416,12 @@ class Agent:
     def _owes_balloon(self, rec: DomainRecord) -> bool:
         """The ledger's side: tuned ("running") with no balloon result, and no step of this agent's tried it
         for this run (a step that failed left its failure in status; it is not retried every period)."""
+        try:
+            landed = bool(rec.applied.balloon)
+        except KvmhooksError:  # a worker result that does not decode (status says so): not judged here
+            return False
         with self.lock:
-            return rec.state == "running" and not rec.applied.balloon and rec.token not in self.ballooned
+            return rec.state == "running" and not landed and rec.token not in self.ballooned
 
     def _balloon_due(self, dom: Any, rec: DomainRecord) -> bool:
         """The domain's side: it runs (a paused one waits for its RESUMED event) and its live tuning has a
