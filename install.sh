@@ -243,7 +243,9 @@ install_service() {
   # kvmhooksd, the resident agent (fast post-start tuning, live re-tuning, the automatic balloon): a systemd
   # unit where systemd runs; elsewhere the admin starts 'kvmhooks agent' as they start libvirtd. VMs are
   # tuned without it too (the hook's detached worker), only slower and without live re-tuning.
-  systemd_running || { say "no systemd: start the agent with 'kvmhooks agent &' (optional: VMs are tuned without it)"; return 0; }
+  # (start-agent.sh, not 'kvmhooks agent &': on an upgrade it stops the running agent first, even one from
+  # before agent.lock, which a second 'kvmhooks agent' would run beside.)
+  systemd_running || { say "no systemd: start (after an upgrade: restart) the agent with $SRC/scripts/start-agent.sh (optional: VMs are tuned without it)"; return 0; }
   if [ -f /etc/systemd/system/kvmhooks-balloond.service ]; then  # before the agent absorbed it
     systemctl disable -q --now kvmhooks-balloond.service 2>/dev/null || true
     rm -f /etc/systemd/system/kvmhooks-balloond.service
