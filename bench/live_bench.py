@@ -33,11 +33,13 @@ NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
 
 
 @contextlib.contextmanager
-def defined(conn: libvirt.virConnect, name: str, tuning: str, qmp: bool = False) -> Iterator[libvirt.virDomain]:
-    """A benchmark VM, destroyed and undefined whatever happens."""
+def defined(conn: libvirt.virConnect, name: str, tuning: str | None, qmp: bool = False, backing: str = ""
+            ) -> Iterator[libvirt.virDomain]:
+    """A benchmark VM (``tuning`` None: no annotation at all), destroyed and undefined whatever happens."""
     kernel, initrd = build_guest()
     uuid = str(uuidlib.uuid4())
-    xml = domain_xml(name, uuid, kernel, initrd, metadata=f"<kvm:tuning {NS}>{tuning}</kvm:tuning>",
+    meta = "" if tuning is None else f"<kvm:tuning {NS}>{tuning}</kvm:tuning>"
+    xml = domain_xml(name, uuid, kernel, initrd, metadata=meta, memory_backing=backing,
                      console_log=Path(f"/var/log/libvirt/qemu/{name}-console.log"),
                      qemu_args=("-qmp", qmp_socket_arg(uuid)) if qmp else ())
     dom = conn.defineXML(xml)
