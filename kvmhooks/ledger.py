@@ -963,9 +963,9 @@ class Ledger:
 
     def _mark_held(self, held: set[str]) -> None:
         d = self.held_dir
-        try:
-            d.mkdir(mode=0o755, exist_ok=True)
-        except FileExistsError:  # not a directory: the shell hands every stop to Python, markers or not
+        if not d.is_dir():  # (not a directory: the shell hands every stop to Python, markers or not)
+            if not os.path.lexists(d):  # made whole: a stop never sees held/ without its VM's marker
+                _make_marker_dir(d, {u for u in held if _MARKER_RE.fullmatch(u)})
             return
         try:
             for uuid in held - set(os.listdir(d)):

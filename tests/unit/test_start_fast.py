@@ -336,3 +336,27 @@ def test_a_vm_that_started_and_died_is_released_by_reconcile_at_once(host: FakeH
     assert not (Ledger(host.root / "run/ledger.json").up_dir / U1).exists()
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0  # a new run: its started has not run yet
     assert not (Ledger(host.root / "run/ledger.json").up_dir / U1).exists()
+
+
+def test_held_made_anew_appears_whole(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """held/ was made first and filled after: a stop in between saw the directory without its VM's marker
+    and skipped the release (reconcile repaired it later). Now it appears with every marker in it."""
+    import shutil
+
+    cfg = host.config()
+    for u in (U1, U2):
+        operations.prepare(parse_domain(domain_xml(uuid=u, tuning=HP_ONLY)), cfg)
+    led = Ledger(host.root / "run/ledger.json")
+    shutil.rmtree(led.held_dir)
+    seen: list[object] = []
+    real_open = os.open
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> int:
+        seen.append(sorted(os.listdir(led.held_dir)) if led.held_dir.is_dir() else None)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    led.sync_markers()
+    monkeypatch.undo()
+    assert sorted(os.listdir(led.held_dir)) == [U1, U2]
+    assert all(x is None or x == [U1, U2] for x in seen), seen
