@@ -43,6 +43,7 @@ TUNED = '<kvm:cpu policy="dedicated"/><kvm:host isolate="yes" irqs="yes"/><kvm:h
 HUGEPAGE_BACKING = "<memoryBacking><hugepages/></memoryBacking>"
 _THROUGHPUT = re.compile(rf"{BENCH_LINE} throughput rounds=(\d+) centis=(\d+)")
 _LATENCY = re.compile(rf"{BENCH_LINE} latency_us p50=(\d+) p99=(\d+) max=(\d+) samples=(\d+)")
+_CLOCK = re.compile(rf"{BENCH_LINE} clock (.*)")
 _HISTOGRAM = re.compile(rf"{BENCH_LINE} log2_histogram((?: \d+:\d+)+) overflow:(\d+)")
 
 
@@ -56,6 +57,12 @@ class Figures:
     max_us: int
     samples: int
     histogram: tuple[int, ...] = ()  # wake-ups per latency bucket [2^b, 2^(b+1)) µs (b = 0: 0-1 µs)
+    clock: str = ""  # the guest's clock source and whether its high-resolution timers are on
+
+    @property
+    def high_resolution(self) -> bool:
+        """Without high-resolution timers cyclictest wakes at the guest's tick: its figures then say nothing."""
+        return re.search(r"hres_active\s*:\s*1", self.clock) is not None
 
 
 def parse(console: str) -> Figures | None:
@@ -69,7 +76,8 @@ def parse(console: str) -> Figures | None:
         raise RuntimeError("cyclictest in the guest measured nothing:\n" + console[-2000:])
     h = _HISTOGRAM.search(console)
     hist = (*(int(pair.split(":")[1]) for pair in h.group(1).split()), int(h.group(2))) if h else ()
-    return Figures(rounds * 100 / max(centis, 1), p50, p99, mx, n, hist)
+    clock = _CLOCK.search(console)
+    return Figures(rounds * 100 / max(centis, 1), p50, p99, mx, n, hist, clock.group(1).strip() if clock else "")
 
 
 def histogram_chart(runs: list[tuple[str, Figures]], width: int = 40) -> str:
@@ -113,7 +121,8 @@ def guest_xml(name: str, uuid: str, console: Path, seconds: int, tuned: bool) ->
     return domain_xml(name, uuid, kernel, initrd, memory_mib=256, vcpus=1, console_log=console,
                       metadata=f"<kvm:tuning {NS}>{TUNED}</kvm:tuning>" if tuned else "",
                       memory_backing=HUGEPAGE_BACKING if tuned else "",
-                      cmdline_extra=f"kvmhooks.bench={seconds} kvmhooks.noballoon")
+                      # tsc=reliable: a vCPU starved while it boots must not make the guest drop its TSC
+                      cmdline_extra=f"kvmhooks.bench={seconds} kvmhooks.noballoon tsc=reliable")
 
 
 def wait_figures(console: Path, seconds: int) -> Figures:
@@ -161,7 +170,8 @@ def main() -> None:
           "at 1 kHz\n")
     print("| run | loop rounds/s | p50 µs | p99 µs | max µs | samples |\n|---|---:|---:|---:|---:|---:|")
     for label, f in (("quiet host", quiet), ("noisy host, untuned", untuned), ("noisy host, tuned", tuned)):
-        print(f"| {label} | {f.rounds_per_s:.1f} | {f.p50_us} | {f.p99_us} | {f.max_us} | {f.samples} |")
+        print(f"| {label} | {f.rounds_per_s:.1f} | {f.p50_us} | {f.p99_us} | {f.max_us} | {f.samples} |"
+              + ("" if f.high_resolution else f" (no high-resolution timers: {f.clock})"))
     print("\nwake-up latency in the guest (cyclictest), share of wake-ups per bucket:\n")
     print(histogram_chart([("quiet", quiet), ("untuned", untuned), ("tuned", tuned)]))
     print("\n| ratio | throughput | p50 | p99 | max |\n|---|---:|---:|---:|---:|")

@@ -9,9 +9,10 @@ restarted), as root, with no other VM starting. One TCG guest (256 MiB, 2 vCPUs)
 - pins: ``<kvm:vcpupin vcpu="0" cpuset="1"/>`` only (the hook's prepare and started; pins by kvmhooksd or
   the detached worker);
 - hand-sized huge pages: ``<memoryBacking><hugepages/>`` and no annotation, on a 2M pool the "admin" sized
-  to the guest a second before each start (outside the timing) and emptied after;
-- huge pages + pins: the same backing with ``<kvm:hugepages size="2M"/>`` and the pin, the pool empty, so
-  kvmhooks reserves the 128 pages at prepare and gives them back at release.
+  to the guest once, before the rounds;
+- huge pages + pins: the same backing with ``<kvm:hugepages size="2M"/>`` and the pin: kvmhooks grows the
+  pool by the guest's 128 pages at prepare (the admin's pages are not its to use) and gives them back at
+  release.
 
 Each round starts and destroys every case once, in turn (alternating, so drift in the machine's load falls on
 all of them alike), and waits until the guest has been running for a moment before destroying it; the wall
@@ -44,9 +45,9 @@ PAGES = 128  # 256 MiB of 2M pages
 PIN = '<kvm:vcpupin vcpu="0" cpuset="1"/>'
 BACKING = "<memoryBacking><hugepages/></memoryBacking>"
 HP = '<kvm:hugepages size="2M"/>'
-# (name, annotation or None, memory backing, pool sized by hand)
-CASES = [("plain", None, "", False), ("pins", PIN, "", False), ("hand-sized huge pages", None, BACKING, True),
-         ("huge pages + pins", HP + PIN, BACKING, False)]
+# (name, annotation or None, memory backing)
+CASES = [("plain", None, ""), ("pins", PIN, ""), ("hand-sized huge pages", None, BACKING),
+         ("huge pages + pins", HP + PIN, BACKING)]
 
 
 def virsh(*args: str) -> float:
@@ -60,20 +61,21 @@ def rounds(conn: libvirt.virConnect, runs: int) -> dict[str, tuple[list[float], 
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, *_ in CASES}
     with contextlib.ExitStack() as stack:
         doms = [stack.enter_context(defined(conn, f"kvmhbench-start{i}", tuning, backing=backing))
-                for i, (_, tuning, backing, _) in enumerate(CASES)]
+                for i, (_, tuning, backing) in enumerate(CASES)]
         base = int(POOL.read_text())
-        for _ in range(runs + 1):  # the first round warms caches and is not counted
-            for (name, _, _, by_hand), dom in zip(CASES, doms, strict=True):
-                if by_hand:  # as an admin would: well before the start (a pool grown just before is slower)
-                    POOL.write_text(str(base + PAGES))
-                    time.sleep(1)
-                started = virsh("start", dom.name())
-                time.sleep(0.5)  # let the post-start tuning finish: destroy is timed on a settled VM
-                destroyed = virsh("destroy", dom.name())
-                if by_hand:
-                    POOL.write_text(str(base))
-                out[name][0].append(started)
-                out[name][1].append(destroyed)
+        # The admin sizes the pool for the hand-sized guest once, as an admin would; kvmhooks then grows it by
+        # the annotated guest's 128 pages at each of its starts (those are not the admin's to use).
+        POOL.write_text(str(base + PAGES))
+        try:
+            for _ in range(runs + 1):  # the first round warms caches and is not counted
+                for (name, _, _), dom in zip(CASES, doms, strict=True):
+                    started = virsh("start", dom.name())
+                    time.sleep(0.5)  # let the post-start tuning finish: destroy is timed on a settled VM
+                    destroyed = virsh("destroy", dom.name())
+                    out[name][0].append(started)
+                    out[name][1].append(destroyed)
+        finally:
+            POOL.write_text(str(base))
         for starts, destroys in out.values():
             del starts[0], destroys[0]
     return out

@@ -79,6 +79,8 @@ if [ -n "$bench" ]; then
     [ "$now" -ge "$end" ] && break
   done
   echo "{bench} throughput rounds=$n centis=$((now - t0))"
+  read -r cs < /sys/devices/system/clocksource/clocksource0/current_clocksource
+  echo "{bench} clock source=$cs $(/bin/busybox grep -m1 -E 'hres_active|Clock Event Device' /proc/timer_list)"
   /bin/cyclictest -q -m -p 95 -t 1 -i 1000 -D "$bench" -h 50000 > /tmp/cyclictest.out 2>&1
   # (busybox awk reads "000089" as octal: leading zeros go before any number is taken)
   /bin/busybox awk 'function num(x) {{ sub(/^0+/, "", x); return x + 0 }}
