@@ -278,6 +278,14 @@ def test_plan_says_when_the_start_goes_on_without_reserved_pages(host: FakeHost)
 
 # --- round two: the shell and Python agree on the UUID when a comment holds a <uuid> tag --------------------
 
+def _python_stand_in(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    ran = tmp_path / "python-ran"
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
+    fake_py.chmod(0o755)
+    return ran, {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+
+
 HIDDEN_UUID = {"comment": "<!-- <uuid>{}</uuid> -->",
                "cdata": "<description><![CDATA[<uuid>{}</uuid>]]></description>"}
 OTHER = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
@@ -304,11 +312,7 @@ def test_the_shell_hands_a_uuid_behind_a_comment_to_python(host: FakeHost, tmp_p
     cfg = write_config(host)
     assert hook(cfg, "vm1", "prepare", libvirt_xml()).returncode == 0
     script = hook_with_state(host.root / "run")
-    ran = tmp_path / "python-ran"
-    fake_py = tmp_path / "python"
-    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
-    fake_py.chmod(0o755)
-    env = {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
+    ran, env = _python_stand_in(tmp_path)
     xml = libvirt_xml(ours=False).replace(b"<name>", (hide.format(OTHER) + "<name>").encode(), 1)
     r = subprocess.run([str(script), "vm1", "release", "end", "-"], input=xml, env=env, capture_output=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
@@ -316,14 +320,6 @@ def test_the_shell_hands_a_uuid_behind_a_comment_to_python(host: FakeHost, tmp_p
 
 
 # --- issue "A tuned VM starts as fast as a plain one": Python only where there is work ----------------------
-
-def _python_stand_in(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    ran = tmp_path / "python-ran"
-    fake_py = tmp_path / "python"
-    fake_py.write_text(f"#!/bin/sh\ncat >/dev/null; echo \"$@\" >> {ran}\n")
-    fake_py.chmod(0o755)
-    return ran, {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
-
 
 @pytest.mark.parametrize("op", ["start", "attach", "migrate", "restore", "shutdown", "newer-op"])
 def test_operations_kvmhooks_ignores_start_no_python_even_for_an_annotated_vm(host: FakeHost, tmp_path: Path,
