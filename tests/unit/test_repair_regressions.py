@@ -49,6 +49,17 @@ def one_node(root: Path, admin: int = 40) -> tuple[FakeHost, Config, SysfsPools]
     return host, host.config(retry_timeout=0.0), FakeKernel(host).install()
 
 
+def a_across_two_nodes(root: Path) -> tuple[FakeHost, Config, SysfsPools, bytes]:
+    """VM a prepared with pages on both nodes of a two-node host whose admin left 40 and 6 pages."""
+    host = FakeHost(root, nodes=2).build()
+    host.set_pool(0, 2048, 40)
+    host.set_pool(1, 2048, 6)
+    cfg, pools = host.config(retry_timeout=0.0), FakeKernel(host).install()
+    xml = vm(UA, "a", tuning="<kvm:hugepages size='2M' nodes='0,1'/>")
+    operations.prepare(parse_domain(xml), cfg, pools)
+    return host, cfg, pools, xml
+
+
 def tokens(cfg: Config) -> dict[str, str]:
     return {u: r.token for u, r in operations.ledger_for(cfg).read().domains.items()}
 
@@ -119,12 +130,7 @@ def test_any_one_line_broken_keeps_every_other_line(tmp_path: Path, garbage: str
 
 def test_a_broken_pool_record_costs_only_that_pool(tmp_path: Path) -> None:
     """Before: a bad pool record (a negative baseline) set the VM records aside too."""
-    host = FakeHost(tmp_path, nodes=2).build()
-    host.set_pool(0, 2048, 40)
-    host.set_pool(1, 2048, 6)
-    cfg, pools = host.config(retry_timeout=0.0), FakeKernel(host).install()
-    xml = vm(UA, "a", tuning="<kvm:hugepages size='2M' nodes='0,1'/>")
-    operations.prepare(parse_domain(xml), cfg, pools)
+    host, cfg, pools, xml = a_across_two_nodes(tmp_path)
     token = tokens(cfg)[UA]
     path = cfg.ledger_path
     head, _, rest = path.read_text().partition("\n")

@@ -28,7 +28,19 @@ from tests.fakehost import FakeHost, FakeKernel
 from tests.unit.test_adopt import fake_qemu
 from tests.unit.test_crash_regressions import Events, first_pool
 from tests.unit.test_crash_safety import Dead
-from tests.unit.test_repair_regressions import KEY, KEY1, U1, UA, UB, UC, break_line, one_node, tokens, vm
+from tests.unit.test_repair_regressions import (
+    KEY,
+    KEY1,
+    U1,
+    UA,
+    UB,
+    UC,
+    a_across_two_nodes,
+    break_line,
+    one_node,
+    tokens,
+    vm,
+)
 
 
 def cli_snapshot(cfg: Config) -> dict[str, str]:
@@ -61,12 +73,7 @@ def two_running(tmp_path: Path, admin: int = 20) -> tuple[FakeHost, Config, Sysf
 def test_a_lost_pool_record_leaks_the_vms_pages_at_release(tmp_path: Path) -> None:
     """Before: the kept VM record held pages in a pool with no record; target() took the pool's size (those
     pages included) for the admin's, so node 1 ended at 22 pages, not the admin's 6."""
-    host = FakeHost(tmp_path, nodes=2).build()
-    host.set_pool(0, 2048, 40)
-    host.set_pool(1, 2048, 6)
-    cfg, pools = host.config(retry_timeout=0.0), FakeKernel(host).install()
-    xml = vm(UA, "a", tuning="<kvm:hugepages size='2M' nodes='0,1'/>")
-    operations.prepare(parse_domain(xml), cfg, pools)
+    host, cfg, pools, xml = a_across_two_nodes(tmp_path)
     held1 = operations.ledger_for(cfg).read().domains[UA].hugepages[KEY1]
     token = tokens(cfg)[UA]
     edit_header(cfg, lambda h: h["pools"][KEY1].update(baseline=-1))
