@@ -853,14 +853,14 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
     from kvmhooks.domain import parse_domain
 
     released: set[str] = set()
+    up_dir = ledger_for(cfg).up_dir  # up/UUID: that VM's started hook ran, so it is not starting
     for uuid, rec in sorted(st.domains.items()):
         if uuid in running:
             continue
         if snapshot.get(uuid) != rec.token:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: its reservation changed while reconcile looked")
             continue
-        started = (ledger_for(cfg).up_dir / uuid).exists()  # its started hook ran: it is not starting
-        if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE and not started:
+        if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE and not (up_dir / uuid).exists():
             out.actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} "
                                "s ago)")
             continue
