@@ -4,6 +4,9 @@ VM's annotation changes, and the automatic balloon policy (what `kvmhooks balloo
 
 How it meets the hook (which stays self-sufficient: prepare never depends on the agent):
 
+- hooks/qemu hands an annotated VM's prepare to the agent, which runs the hook's own code without an
+  interpreter to start (:mod:`kvmhooks.prepare_server`); the hook runs it in Python when that fails;
+
 - the ``started`` hook tells the agent "started UUID" over a root-only unix socket, with a deadline of a few
   milliseconds, and spawns the detached worker instead when nobody answers "ok" (:func:`tell`);
 - the agent does not touch that domain while its hook still runs: it tunes on libvirt's STARTED (or
@@ -47,6 +50,7 @@ from kvmhooks.xmlsafe import UUID_RE
 
 if TYPE_CHECKING:
     from kvmhooks.ledger import DomainRecord
+    from kvmhooks.prepare_server import PrepareServer
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +170,7 @@ class Agent:
         # uuid → guest memory (KiB) from libvirt's BALLOON_CHANGE events: fresher than the ledger's figure,
         # which is written when kvmhooks sets a target, for the metrics' balloon_actual.
         self.balloon_actual: dict[str, int] = {}
+        self.prepare_server: PrepareServer | None = None  # hooks/qemu's prepare, served (run)
 
     # --- the hook's socket ------------------------------------------------------------------------------
 
@@ -699,6 +704,8 @@ class Agent:
         try:
             self._run(once, pid_file, servers)
         finally:
+            if self.prepare_server is not None:  # (first: its prepares under way may answer)
+                self.prepare_server.close()
             for srv in servers:
                 srv.close()
             for path in (socket_path(self.cfg), metrics_socket_path(self.cfg), pid_file):
@@ -717,6 +724,7 @@ class Agent:
         libvirt.virEventRegisterDefaultImpl()
         threading.Thread(target=self._events, name="libvirt-events", daemon=True).start()
         self.serve()
+        self._serve_prepare()  # (after serve: its umask, set for the socket's bind, is the whole process's)
         from kvmhooks.metrics import registry, serve_unix
 
         reg, self.metrics = registry(self.cfg, live_balloon=self._live_balloon)
@@ -771,6 +779,19 @@ class Agent:
             if once:
                 break
             self.stop.wait(0.2)
+
+    def _serve_prepare(self) -> None:
+        """hooks/qemu's prepare without an interpreter to start; the hook runs its own when this is not served."""
+        from kvmhooks.prepare_server import PrepareServer
+
+        server = PrepareServer(self.cfg)
+        try:
+            server.start()
+        except (OSError, KvmhooksError) as e:
+            server.close(0)
+            log.warning("agent: prepare not served (%s): the hook runs it in Python", e)
+            return
+        self.prepare_server = server
 
     def _write_pid(self, pid_file: Path) -> None:
         tmp = pid_file.with_name(f".{PID_NAME}.{os.getpid()}")

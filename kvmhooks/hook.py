@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, TextIO
 
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config, load_config
@@ -38,8 +38,9 @@ OPERATIONS = ("prepare", "start", "started", "stopped", "release", "migrate", "r
 MAY_FAIL = "prepare"
 
 
-def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
-    """Dispatch one hook call. Raises KvmhooksError for the caller to turn into an exit code."""
+def run(argv: Sequence[str], data: bytes, cfg: Config, err: TextIO | None = None) -> None:
+    """Dispatch one hook call; prepare's warnings go to ``err`` (stderr). Raises KvmhooksError for the caller
+    to turn into an exit code."""
     from kvmhooks import operations
 
     op = argv[2] if len(argv) > 2 else ""
@@ -70,7 +71,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
     elif op == "prepare":
         prepared = operations.prepare(dom, cfg)
         for w in prepared.warnings:
-            print(f"kvmhooks: warning: {w}", file=sys.stderr)
+            print(f"kvmhooks: warning: {w}", file=err or sys.stderr)
     elif not dom.active_tuning.live_work:  # started, huge pages only: all done at prepare, no worker needed
         operations.mark(dom.uuid, cfg, state="running")
     else:  # started: the resident agent tunes it if it answers at once, else a detached worker does
@@ -93,7 +94,23 @@ def run(argv: Sequence[str], data: bytes, cfg: Config) -> None:
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    stdin = stdin or sys.stdin.buffer
+    op = argv[2] if len(argv) > 2 else ""
+
+    def load() -> Config:
+        cfg: Config | None = None
+        try:
+            cfg = load_config()
+            return cfg
+        finally:  # a broken config still logs (to syslog), never as a second line on stderr
+            setup_logging(cfg.log if cfg else "syslog", cfg.log_level if cfg else "INFO", op)
+
+    return call(argv, stdin or sys.stdin.buffer, load, sys.stderr)
+
+
+def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: TextIO) -> int:
+    """One hook call to its exit code, its one line of failure (and prepare's warnings) on ``err``: main's body
+    with the config's loading and stderr as parameters, so kvmhooksd serves prepare through this very code
+    (:mod:`kvmhooks.prepare_server`: its own logging, the config the hook names, stderr sent back)."""
     vm = argv[1] if len(argv) > 1 else "?"
     op = argv[2] if len(argv) > 2 else ""
     if op not in OPERATIONS:
@@ -102,11 +119,8 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     data = b""
     try:
         data = stdin.read(MAX_XML_BYTES + 1)
-        try:
-            cfg = load_config()
-        finally:  # a broken config still logs (to syslog), never as a second line on stderr
-            setup_logging(cfg.log if cfg else "syslog", cfg.log_level if cfg else "INFO", op)
-        run(argv, data, cfg)
+        cfg = load()
+        run(argv, data, cfg, err=err)
         return 0
     except KvmhooksError as e:
         msg = str(e) if e.vm is not None else f"VM {vm!r}: {e}"
@@ -115,7 +129,7 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
         log.exception("%s: VM %r: unexpected error", op, vm)
         msg = f"VM {vm!r}: internal error ({type(e).__name__}: {e}); see the kvmhooks log"
     if op == MAY_FAIL:
-        print(f"kvmhooks: {msg}", file=sys.stderr)
+        print(f"kvmhooks: {msg}", file=err)
         return 1
     uuid = scan_uuid(data)
     if uuid is not None and cfg is not None:  # (a broken config shows in every kvmhooks command anyway)
