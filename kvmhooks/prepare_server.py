@@ -60,8 +60,8 @@ REPLY = "kvmhooks-prepare"
 PICKUP_WAIT = 1.0
 # The args file holds a config path and libvirt's four arguments, a domain name among them: far less.
 ARGS_MAX = 64 * 1024
-# A request directory this old has no shell behind it (a shell waits PICKUP + ANSWER at most, then its Python
-# prepare, bounded by lock_timeout + retry_timeout): one killed meanwhile left it; removed when the agent starts.
+# Request files this old have no shell behind them (a shell waits PICKUP + ANSWER at most, then its Python
+# prepare, bounded by lock_timeout + retry_timeout): one killed meanwhile left them; removed when the agent starts.
 STALE_AGE = 600.0
 # How long a stopping agent lets the prepares under way answer (one cut short is safe, and falls back).
 DRAIN_WAIT = 5.0
@@ -88,7 +88,7 @@ class PrepareServer:
         self._said: set[str] = set()  # refusals logged once
 
     def start(self) -> None:
-        """Make the directory and a new FIFO (a previous agent's go; old request directories too) and serve.
+        """Make the directory and a new FIFO (a previous agent's goes, and request files left long ago) and serve.
 
         :raise HostError: the directory is not root's own (nothing is served: the hook runs Python).
         """
