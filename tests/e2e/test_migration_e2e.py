@@ -18,12 +18,16 @@ The migrate/restore filter (kvmhooks/migrate.py) plans an incoming VM on the des
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvmhooks.config import Config
 from tests.e2e.conftest import HUGEPAGE_BACKING, TEST_CONFIG, Env, wait_for
 from tests.e2e.twohosts import Host, TwoHosts, real_pool2m, two_hosts
 
@@ -33,11 +37,19 @@ DEDICATED = '<kvm:cpu policy="dedicated"/>'
 POOL = "node0/2048kB"
 # Fixed (not pytest's tmp, which other runs prune) so a failure's libvirt and kvmhooks logs can be read after.
 WORKDIR = Path("/var/tmp/kvmhooks-twohosts")
+# A claim the filter made for a VM whose prepare never comes expires after this (the default is 120 s).
+CLAIM_TIMEOUT = 6.0
+# kvmhooksd on each host (the production set-up; its prepare and post-start tuning paths), unless
+# KVMHOOKS_E2E_AGENTS=0 asks for the hook alone (its detached worker tunes).
+AGENTS = os.environ.get("KVMHOOKS_E2E_AGENTS", "1") != "0"
+HAS_CLAIMS = "claim_timeout" in {f.name for f in fields(Config)}
+# The suite's host config, plus the claim deadline (its top-level key first: TOML keys after [cpu] are [cpu]'s).
+HOST_CONFIG = (f"claim_timeout = {CLAIM_TIMEOUT}\n" if HAS_CLAIMS else "") + TEST_CONFIG
 
 
 @pytest.fixture(scope="module")
 def pair(host: Env) -> Iterator[TwoHosts]:
-    with two_hosts(WORKDIR, host.kernel, host.initrd, TEST_CONFIG) as hosts:
+    with two_hosts(WORKDIR, host.kernel, host.initrd, HOST_CONFIG, agents=AGENTS) as hosts:
         yield hosts
 
 
@@ -93,6 +105,7 @@ def test_pins_that_fit_arrive_valid_and_only_the_destination_holds_them(hosts: T
     a, b = hosts.hosts
     name = hosts.create(a, DEDICATED)
     tuned(a, name)
+    hosts.booted(a, name)
     migrated_ok(hosts, a, b, name)
     cpus = tuned(b, name)
     assert b.records().keys() == {name} and sorted(cpus) == record(b, name)["cpus"]
@@ -103,10 +116,11 @@ def test_pins_that_fit_arrive_valid_and_only_the_destination_holds_them(hosts: T
 
 def test_the_incoming_vm_is_re_pinned_away_from_the_destinations_dedicated_vm(hosts: TwoHosts) -> None:
     a, b = hosts.hosts
+    name = hosts.create(a, DEDICATED)
     other = hosts.create(b, DEDICATED)
     taken = tuned(b, other)
-    name = hosts.create(a, DEDICATED)
     source = tuned(a, name)
+    hosts.booted(a, name)
     # Both hosts plan the same way from empty books: the VM leaves A on the very CPU B gave its own VM.
     assert source == taken, f"precondition: A pinned {sorted(source)}, B's VM holds {sorted(taken)}"
     migrated_ok(hosts, a, b, name)
@@ -141,6 +155,7 @@ def test_migrating_back_leaves_the_vm_held_on_a_only(hosts: TwoHosts) -> None:
     a, b = hosts.hosts
     name = hosts.create(a, DEDICATED)
     tuned(a, name)
+    hosts.booted(a, name)
     migrated_ok(hosts, a, b, name)
     tuned(b, name)
     gone_from(a, name)
@@ -152,10 +167,11 @@ def test_migrating_back_leaves_the_vm_held_on_a_only(hosts: TwoHosts) -> None:
 
 def test_saved_on_a_and_restored_on_b_is_held_by_b(hosts: TwoHosts) -> None:
     a, b = hosts.hosts
+    name = hosts.create(a, DEDICATED)
     other = hosts.create(b, DEDICATED)
     taken = tuned(b, other)
-    name = hosts.create(a, DEDICATED)
     tuned(a, name)
+    hosts.booted(a, name)
     image = hosts.save(a, name)
     gone_from(a, name)  # the save released A's CPUs
     r = hosts.restore(b, image)
@@ -171,6 +187,7 @@ def test_managedsave_then_start_restores_the_vm_held_again(hosts: TwoHosts) -> N
     a, _ = hosts.hosts
     name = hosts.create(a, DEDICATED, persistent=True)
     tuned(a, name)
+    hosts.booted(a, name)
     hosts.managedsave(a, name)
     assert a.domstate(name) == "shut off"
     gone_from_books = wait_for(lambda: name not in a.records(), 10, f"{name} released at its managedsave")
@@ -188,6 +205,7 @@ def test_huge_pages_are_reserved_by_the_destination_and_given_back_by_the_source
         name = hosts.create(a, f'<kvm:hugepages size="2M"/>{DEDICATED}', backing=HUGEPAGE_BACKING)
         tuned(a, name)
         assert record(a, name)["hugepages"] == {POOL: pages} and a.pool2m() == pages
+        hosts.booted(a, name)
         migrated_ok(hosts, a, b, name)
         rec = record(b, name)
         assert rec["state"] != "claimed" and rec["hugepages"] == {POOL: pages}
@@ -203,6 +221,7 @@ def test_persistent_migration_keeps_the_stale_cputune_and_the_plan_wins_at_the_n
     a, b = hosts.hosts
     name = hosts.create(a, DEDICATED)
     source = tuned(a, name)
+    hosts.booted(a, name)
     migrated_ok(hosts, a, b, name, persistent=True)
     tuned(b, name)
     inactive = b.virsh("dumpxml", "--inactive", name).stdout
@@ -217,6 +236,31 @@ def test_persistent_migration_keeps_the_stale_cputune_and_the_plan_wins_at_the_n
     cpus = tuned(b, name)
     assert not cpus & taken, f"{name} restarted on {sorted(cpus)}: the stale <cputune> won over the plan"
     assert pinned(b, name) == cpus
+
+
+@pytest.mark.skipif(not HAS_CLAIMS, reason="kvmhooks has no claims (claim_timeout) yet")
+def test_a_claim_whose_prepare_never_comes_expires(hosts: TwoHosts) -> None:
+    """An offline migration runs B's migrate filter (a claim) and never B's prepare: the claim holds B's CPUs
+    until it expires, and no release will ever come for it."""
+    a, b = hosts.hosts
+    name, xml = hosts.guest_xml(DEDICATED, vcpus=2)
+    (hosts.workdir / f"{name}.xml").write_text(xml)
+    a.virsh("define", str(hosts.workdir / f"{name}.xml"))
+    r = hosts.migrate(a, b, name, live=False, persistent=True, extra=("--offline",))
+    assert r.returncode == 0, r.stderr.strip()
+    assert b.domstate(name) == "shut off"
+    claim = record(b, name)
+    assert claim["state"] == "claimed" and sorted(claim["cpus"]) == [0, 1], claim
+    # While it holds: B has no CPU to dedicate (prepare refuses, nothing recorded).
+    early, early_xml = hosts.guest_xml(DEDICATED)
+    path = hosts.workdir / f"{early}.xml"
+    path.write_text(early_xml)
+    assert b.virsh("create", str(path), check=False).returncode != 0
+    assert b.records().keys() == {name}
+    time.sleep(max(0.0, claim["expires"] - time.time()) + 0.2)
+    other = hosts.create(b, DEDICATED)  # the expired claim no longer holds B's CPUs
+    tuned(b, other)
+    assert b.records().keys() == {other}
 
 
 def test_harness_hosts_are_apart(hosts: TwoHosts) -> None:

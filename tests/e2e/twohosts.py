@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmhooks.guest import domain_xml
+from kvmhooks.guest import READY_LINE, domain_xml
 from kvmhooks.ledger import Ledger
 from kvmhooks.units import parse_cpuset
 from tests.fakehost import FakeHost
@@ -199,7 +199,7 @@ class Host:
 
     # -- life cycle --
 
-    def prepare(self, kvmhooks_config: str) -> None:
+    def prepare(self, kvmhooks_config: str, caps_cache: Path | None = None) -> None:
         """This host's directories: a copy of the real /etc/libvirt (kvmhooks' hook in it), the daemon keys,
         kvmhooks' config pointing at the fake sysfs tree."""
         if self.root.exists():
@@ -215,9 +215,11 @@ class Host:
             f.write(LIBVIRTD_CONF.format(uuid=uuidlib.uuid4(), addr=LOOPBACK, port=self.tcp_port))
         with open(etc / "qemu.conf", "a") as f:
             f.write(QEMU_CONF.format(pmin=self.migration_ports[0], pmax=self.migration_ports[-1]))
-        # The suite's libvirtd has probed QEMU already: without its capabilities cache each host spends ~15 s
-        # probing again at start (the cache is keyed by the binary and this kernel, the same for both).
-        shutil.copytree("/var/cache/libvirt", self.source("/var/cache/libvirt"), symlinks=True, dirs_exist_ok=True)
+        # QEMU's capabilities as a test host probed them before (see two_hosts): without them each host spends
+        # ~8 s probing at start. libvirt checks every entry (binaries, kernel, QEMU's user) and re-probes a
+        # stale one itself.
+        if caps_cache is not None and caps_cache.is_dir():
+            shutil.copytree(caps_cache, self.source("/var/cache/libvirt") / "qemu/capabilities")
         (self.source("/var/log/libvirt") / "qemu").mkdir()
         self.fake.build()
         # (its own key first: TOML keys after a [table] belong to that table)
@@ -230,7 +232,11 @@ class Host:
                             "mount -t hugetlbfs nodev /dev/hugepages"])
         script = f"set -e\n{mounts}\nexec libvirtd --listen -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid"
         with open(self.root / "libvirtd.out", "ab") as out:
-            self._proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            # On CPU 0 while it starts: libvirt keeps a cached probe of QEMU only while the host's CPUID reads the
+            # same, and on this machine (a VM) it differs from one CPU to the other ("host cpuid changed" in its
+            # debug log), which cost ~8 s of probing at every other start. wait_up lets it use every CPU again.
+            self._proc = subprocess.Popen(["taskset", "-c", "0", "unshare", "-m", "--propagation", "private",
+                                           "sh", "-c", script],
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         self.pid = self._proc.pid
 
@@ -242,6 +248,8 @@ class Host:
                 raise RuntimeError(f"host {self.name}: libvirtd did not come up: "
                                    f"{(self.root / 'libvirtd.out').read_text(errors='replace')[-500:]}")
             time.sleep(0.05)
+        online = Path("/sys/devices/system/cpu/online").read_text().strip()
+        run("taskset", "-a", "-p", "-c", online, str(self.pid))
 
     def start_agent(self, timeout: float = 15) -> None:
         """kvmhooksd in this host's namespace, with this host's config, lock and socket (its /run/kvmhooks)."""
@@ -325,6 +333,18 @@ class TwoHosts:
             host.virsh("create", str(path))
         return name
 
+    def booted(self, host: Host, name: str, timeout: float = 60) -> None:
+        """Until the guest on ``host`` printed its ready line (it boots in ~2.5 s under TCG). A guest moved
+        while still booting was twice seen reset on its destination right after a migration (libvirt's log
+        there: "shutting down, reason=shutdown"; nothing on its console), so tests move booted guests, as
+        users do."""
+        console = host.source("/var/log/libvirt") / f"qemu/{name}-console.log"
+        deadline = time.monotonic() + timeout
+        while not (console.exists() and READY_LINE in console.read_text(errors="replace")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not boot on host {host.name} within {timeout} s")
+            time.sleep(0.05)
+
     def migrate(self, src: Host, dst: Host, name: str, live: bool = True, persistent: bool = False,
                 extra: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
         """``virsh migrate`` from ``src`` to ``dst`` (client-driven: virsh holds both connections), never
@@ -398,12 +418,16 @@ def two_hosts(workdir: Path, kernel: Path, initrd: Path, kvmhooks_config: str, a
     b = Host("B", workdir / "B", 16611, range(49184, 49216), this_machine(workdir / "B-fake"))
     pair = TwoHosts(a, b, workdir / "vmlinuz", workdir / "initrd.gz", workdir)
     try:
+        # Kept between runs: QEMU's capabilities as the test hosts see them (they run QEMU as root, so the
+        # suite's libvirtd's cache does not do: libvirt would probe qemu-system-x86_64 and -i386 again).
+        caps = workdir / "qemu-capabilities"
         for host in pair.hosts:
-            host.prepare(kvmhooks_config)
+            host.prepare(kvmhooks_config, caps)
         for host in pair.hosts:
             host.start()
         for host in pair.hosts:
             host.wait_up()
+        shutil.copytree(a.source("/var/cache/libvirt") / "qemu/capabilities", caps, dirs_exist_ok=True)
         if agents:
             for host in pair.hosts:
                 host.start_agent()
