@@ -123,8 +123,15 @@ def test_the_incoming_vm_is_re_pinned_away_from_the_destinations_dedicated_vm(ho
     hosts.booted(a, name)
     # Both hosts plan the same way from empty books: the VM leaves A on the very CPU B gave its own VM.
     assert source == taken, f"precondition: A pinned {sorted(source)}, B's VM holds {sorted(taken)}"
-    migrated_ok(hosts, a, b, name)
-    # Right as virsh returns (the filter launched QEMU with B's plan): never on B's other VM's CPU.
+    # Watched while the memory moves (at 40 MiB/s: a few seconds): B's incoming QEMU runs where the filter
+    # planned it from its launch, never on B's other VM's CPU (before the filter: on A's pins, the other
+    # VM's CPU, until the migration ended and kvmhooks re-pinned it).
+    r, seen = hosts.watching(b, name, a, "migrate", "--live", "--bandwidth", "40", name, b.uri,
+                             "--migrateuri", b.migrate_uri())
+    assert r.returncode == 0, f"virsh migrate failed: {r.stderr.strip()}\n{b.diagnose(name)}"
+    assert seen, f"{name}'s QEMU on B was never seen during the migration"
+    on_taken = [t for t in seen if any(cpus & taken for cpus in t.values())]
+    assert not on_taken, f"{name} ran on B's {other}'s CPU {sorted(taken)} while coming in: {on_taken[0]}"
     arrived = pinned(b, name)
     assert not arrived & taken, f"{name} arrived on {sorted(arrived)}, B's {other} holds {sorted(taken)}"
     rec = record(b, name)
@@ -174,9 +181,11 @@ def test_saved_on_a_and_restored_on_b_is_held_by_b(hosts: TwoHosts) -> None:
     hosts.booted(a, name)
     image = hosts.save(a, name)
     gone_from(a, name)  # the save released A's CPUs
-    r = hosts.restore(b, image)
+    r, seen = hosts.watching(b, name, b, "restore", str(image))
     assert r.returncode == 0, r.stderr.strip()
     assert b.domstate(name) == "running"
+    on_taken = [t for t in seen if any(cpus & taken for cpus in t.values())]
+    assert not on_taken, f"{name} ran on B's {other}'s CPU {sorted(taken)} while being restored: {on_taken[0]}"
     assert not pinned(b, name) & taken, f"{name} restored onto {sorted(pinned(b, name))}, {other} holds {sorted(taken)}"
     cpus = tuned(b, name)
     assert not cpus & taken and b.records().keys() == {name, other}

@@ -183,6 +183,28 @@ class Host:
     def emulatorpin(self, name: str) -> frozenset[int]:
         return parse_emulatorpin(self.virsh("emulatorpin", name).stdout)
 
+    def threads(self, name: str) -> dict[str, frozenset[int]]:
+        """The host CPUs each thread of ``name``'s QEMU on this host may run on, as the kernel says (vCPU
+        threads "vcpuN", the main thread "emulator"); {} when no QEMU of that name runs here."""
+        try:
+            pid = int((self.source("/run/libvirt") / f"qemu/{name}.pid").read_text().split()[0])
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except (OSError, ValueError, IndexError):
+            return {}
+        out = {}
+        for task in tasks:
+            try:
+                comm = (task / "comm").read_text().strip()
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            key = "emulator" if task.name == str(pid) else (
+                f"vcpu{m.group(1)}" if (m := re.fullmatch(r"CPU (\d+)/\w+", comm)) else None)
+            if key is not None:
+                allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+                out[key] = parse_cpuset(allowed)
+        return out
+
     def domstate(self, name: str) -> str:
         """``virsh domstate``, or "" when the host does not know the VM."""
         return self.virsh("domstate", name, check=False).stdout.strip()
@@ -351,6 +373,21 @@ class TwoHosts:
         raising: the test looks at the exit code and the one-line error."""
         flags = [*(["--live"] if live else []), *(["--persistent"] if persistent else []), *extra]
         return src.virsh("migrate", *flags, name, dst.uri, "--migrateuri", dst.migrate_uri(), check=False)
+
+    def watching(self, host: Host, name: str, virsh: Host, *args: str
+                 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, frozenset[int]]]]:
+        """``virsh`` ``args`` on host ``virsh``, and while it runs, what :meth:`Host.threads` of ``name`` on
+        ``host`` says every 20 ms: where the incoming QEMU runs *during* a migration or restore, before
+        anything after it (kvmhooksd, the worker) could re-pin it."""
+        cmd = ["virsh", "-c", virsh.uri, *args]
+        seen = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            while proc.poll() is None:
+                if threads := host.threads(name):
+                    seen.append(threads)
+                time.sleep(0.02)
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seen
 
     def save(self, host: Host, name: str) -> Path:
         """``virsh save`` to a file both hosts see (outside the bind mounts)."""
