@@ -123,11 +123,10 @@ def test_the_incoming_vm_is_re_pinned_away_from_the_destinations_dedicated_vm(ho
     hosts.booted(a, name)
     # Both hosts plan the same way from empty books: the VM leaves A on the very CPU B gave its own VM.
     assert source == taken, f"precondition: A pinned {sorted(source)}, B's VM holds {sorted(taken)}"
-    # Watched while the memory moves (at 40 MiB/s: a few seconds): B's incoming QEMU runs where the filter
-    # planned it from its launch, never on B's other VM's CPU (before the filter: on A's pins, the other
-    # VM's CPU, until the migration ended and kvmhooks re-pinned it).
-    r, seen = hosts.watching(b, name, a, "migrate", "--live", "--bandwidth", "40", name, b.uri,
-                             "--migrateuri", b.migrate_uri())
+    # Watched from its launch until virsh returns: B's incoming QEMU runs where the filter planned it, never
+    # on B's other VM's CPU (before the filter: on A's pins, the other VM's CPU, until the migration ended
+    # and kvmhooks re-pinned it).
+    r, seen = hosts.watching(b, name, a, "migrate", "--live", name, b.uri, "--migrateuri", b.migrate_uri())
     assert r.returncode == 0, f"virsh migrate failed: {r.stderr.strip()}\n{b.diagnose(name)}"
     assert seen, f"{name}'s QEMU on B was never seen during the migration"
     on_taken = [t for t in seen if any(cpus & taken for cpus in t.values())]
