@@ -226,6 +226,7 @@ class Host:
         """This host's directories: a copy of the real /etc/libvirt (kvmhooks' hook in it), the daemon keys,
         kvmhooks' config pointing at the fake sysfs tree."""
         if self.root.exists():
+            self.stop_leftovers()
             shutil.rmtree(self.root)
         for d in (*LIBVIRT_DIRS, *KVMHOOKS_DIRS):
             self.source(d).mkdir(parents=True)
@@ -296,6 +297,16 @@ class Host:
             with suppress(OSError, ValueError, IndexError):
                 pids.append(int(f.read_text().split()[0]))
         return pids
+
+    def stop_leftovers(self) -> None:
+        """What a run killed before its teardown left of this host (its pid files say which processes):
+        otherwise the new daemon finds its TCP port taken."""
+        for pid in self.qemu_pids():
+            _kill(pid, "qemu-system-x86")
+        for pidfile, comm in ((self.source("/run/kvmhooks") / "agent.pid", "kvmhooks"),
+                              (self.source("/run/libvirt") / "libvirtd.pid", "libvirtd")):
+            with suppress(OSError, ValueError, IndexError):
+                _kill(int(pidfile.read_text().split()[0]), comm)
 
     def stop(self) -> None:
         """Every VM of this host gone, then its agent and daemon (by their pids)."""
