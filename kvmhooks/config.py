@@ -45,6 +45,10 @@ class Config:
     cpu_housekeeping: frozenset[int] = frozenset({0})
     # How long the detached worker waits for the domain to be running before giving up.
     worker_timeout: float = 60.0
+    # How long a claim made for an incoming migration or restore (the migrate/restore filter) waits for that
+    # VM's prepare. libvirt runs prepare right after the filter, so a claim older than this belongs to a
+    # migration that failed, went offline or elsewhere: nothing else would ever release it.
+    claim_timeout: float = 120.0
     # How long the worker waits for a guest's balloon driver to come up (a guest boots in that time).
     balloon_timeout: float = 120.0
     # The automatic balloon service: seconds between cycles, largest change per cycle, and the host memory
@@ -67,7 +71,8 @@ class Config:
         return self.state_dir / "ledger.json"
 
 
-_SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "log": str, "log_level": str,
+_SIMPLE = {"lock_timeout": float, "retry_timeout": float, "worker_timeout": float, "claim_timeout": float,
+           "log": str, "log_level": str,
            "balloon_timeout": float, "balloon_interval": float, "balloon_host_target": float,
            "libvirt_uri": str, "sysfs_root": Path, "proc_root": Path, "cgroup_root": Path, "run_root": Path,
            "state_dir": Path, "hooks_dir": Path,

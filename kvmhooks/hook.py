@@ -4,10 +4,12 @@ libvirt runs ``/etc/libvirt/hooks/qemu NAME OP SUBOP EXTRA`` (or every script in
 domain XML on stdin. Rules this module keeps (libvirt's hooks.rst, and measured on this host):
 
 - stdout stays empty: it is ignored for prepare/start/started and is the XML channel for migrate/restore
-  (empty means "unchanged");
+  (empty means "unchanged"): only ``migrate begin``/``restore begin`` of an annotated VM print there, the
+  XML of :mod:`kvmhooks.migrate`'s filter;
 - a non-zero exit of ``prepare`` aborts the start, and its stderr becomes ``virsh start``'s error, so a
-  failure prints exactly one line there;
-- only ``prepare`` may fail: ``started`` and ``reconnect`` failing would stop a running VM (libvirtd kills
+  failure prints exactly one line there; the same for the filter, which refuses an incoming VM before any
+  QEMU exists (it keeps running on its source);
+- only those may fail: ``started`` and ``reconnect`` failing would stop a running VM (libvirtd kills
   it), stopped/release failures help nobody; those log, record the failure for ``kvmhooks status`` and
   exit 0 — whatever goes wrong, including a broken config or ledger;
 - never call libvirt from here: ``started`` hands that work to kvmhooksd, or to a detached worker.
@@ -32,18 +34,31 @@ from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("prepare", "start", "started", "stopped", "release", "migrate", "restore", "reconnect", "attach")
-# The one operation whose failure may reach libvirt: it aborts a start that has not begun. Any other failing
-# hook would stop a running VM (started, reconnect) or help nobody (stopped, release): those log, record the
+# The operations whose failure may reach libvirt: prepare aborts a start that has not begun, the filter
+# (migrate/restore begin) an incoming migration or a restore before its QEMU exists. Any other failing hook
+# would stop a running VM (started, reconnect) or help nobody (stopped, release): those log, record the
 # failure where `kvmhooks status` shows it, and exit 0.
-MAY_FAIL = "prepare"
+MAY_FAIL = ("prepare", "migrate", "restore")
 
 
-def run(argv: Sequence[str], data: bytes, cfg: Config, err: TextIO | None = None) -> None:
-    """Dispatch one hook call; prepare's warnings go to ``err`` (stderr). Raises KvmhooksError for the caller
-    to turn into an exit code."""
+def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = None, err: TextIO | None = None,
+        ) -> None:
+    """Dispatch one hook call; the filter's XML goes to ``out`` (stdout), prepare's warnings to ``err``
+    (stderr). Raises KvmhooksError for the caller to turn into an exit code."""
     from kvmhooks import operations
 
     op = argv[2] if len(argv) > 2 else ""
+    if op in ("migrate", "restore"):
+        if (argv[3] if len(argv) > 3 else "") != "begin" or NAMESPACE.encode() not in data:
+            return  # (the shell sends only an annotated VM's "begin"): output nothing, the XML is unchanged
+        from kvmhooks.migrate import incoming
+
+        got = incoming(data, cfg)
+        if got is not None and got.xml:
+            stream = out if out is not None else sys.stdout.buffer
+            stream.write(got.xml)
+            stream.flush()
+        return
     if op in ("stopped", "release"):
         # Never the full parser here: the live XML carries metadata the VM's owner may control (a comment
         # with '<!DOCTYPE', megabytes of it), and a release that refuses leaks the VM's pages.
@@ -128,7 +143,7 @@ def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: 
     except Exception as e:
         log.exception("%s: VM %r: unexpected error", op, vm)
         msg = f"VM {vm!r}: internal error ({type(e).__name__}: {e}); see the kvmhooks log"
-    if op == MAY_FAIL:
+    if op in MAY_FAIL:
         print(f"kvmhooks: {msg}", file=err)
         return 1
     uuid = scan_uuid(data)

@@ -274,7 +274,9 @@ class DomainRecord:
     """One VM's reservation. It stores what was reserved, so release and adoption never re-derive it."""
 
     name: str
-    # preparing (intent in flight) → prepared → starting (worker spawned) → running; "adopted" at reconnect
+    # preparing (intent in flight) → prepared → starting (worker spawned) → running; "adopted" at reconnect;
+    # "claimed" by the migrate/restore filter for a VM coming in (CPUs held, pages counted, no pool written)
+    # until its prepare turns the claim into the reservation or ``expires`` passes
     state: str = "prepared"
     # A new token for every reservation: a VM restarted since someone read the ledger has another one, so
     # a decision taken on the old snapshot (reconcile) is not applied to the new reservation.
@@ -294,13 +296,15 @@ class DomainRecord:
     # Adopted from facts that could not say where its huge pages are (page size "2048kB" → pages): counted in
     # no pool, so no pool is written for them; `kvmhooks reconcile` places them once the facts can be read.
     unplaced: dict[str, int] = field(default_factory=dict)
+    expires: float = 0.0  # a claim's deadline (time.time()); 0 for every other state
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "token": self.token, "hugepages": self.hugepages,
                 "borrowed": self.borrowed, "cpus": self.cpus, "threads": self.threads,
                 "emulator_cpu": self.emulator_cpu, "shared": self.shared, "isolation": self.isolation,
                 "pins": self.pins.to_json() if self.pins else None, "applied": self.applied.to_json(),
-                "error": self.error, "updated": self.updated, **({"unplaced": self.unplaced} if self.unplaced else {})}
+                "error": self.error, "updated": self.updated, **({"unplaced": self.unplaced} if self.unplaced else {}),
+                **({"expires": self.expires} if self.expires else {})}
 
     @classmethod
     def from_json(cls, data: object, what: str) -> DomainRecord:
@@ -309,6 +313,7 @@ class DomainRecord:
         if not isinstance(cpus, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
             raise LedgerError(f"{what}.cpus: expected a list of CPU numbers")
         updated = d.get("updated", 0.0)
+        expires = d.get("expires", 0.0)
         pins = d.get("pins")
         return cls(name=_str(d, "name", what), state=_str(d, "state", what, "prepared"),
                    token=_str(d, "token", what, ""),
@@ -321,7 +326,9 @@ class DomainRecord:
                    applied=Applied.from_json(d.get("applied"), f"{what}.applied"),
                    error=_opt_str(d, "error", what),
                    updated=float(updated) if isinstance(updated, (int, float)) else 0.0,
-                   unplaced=_counts(d.get("unplaced"), f"{what}.unplaced"))
+                   unplaced=_counts(d.get("unplaced"), f"{what}.unplaced"),
+                   expires=float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool)
+                   else 0.0)
 
 
 @dataclass
@@ -374,6 +381,9 @@ class Intent:
 # Records in these states have reserved, but QEMU has not mapped its memory yet: pages promised from a
 # left-alone pool still count as free in the kernel.
 NOT_MAPPED_YET = ("preparing", "prepared")
+# A VM coming in (migrate/restore filter): its CPUs are held and its pages counted against the nodes' free
+# memory, but no pool is grown for it until its prepare.
+CLAIMED = "claimed"
 
 
 def _merge(mine: Counter[Any], theirs: Counter[Any], sign: int) -> None:
@@ -398,29 +408,38 @@ class Summary:
     shared: int = 0  # VMs floating over the shared pool
     preparing: set[str] = field(default_factory=set)  # VMs whose reservation is not finished
     isolating: set[str] = field(default_factory=set)  # VMs that ask to keep the host off their CPUs
+    claimed: Counter[str] = field(default_factory=Counter)  # pool → pages claimed for VMs coming in (not in it)
+    claims: set[str] = field(default_factory=set)  # VMs with an open claim (found without decoding every record)
 
     @classmethod
     def of(cls, uuid: str, r: DomainRecord) -> Summary:
-        return cls(Counter(r.hugepages), Counter(r.borrowed if r.state in NOT_MAPPED_YET else {}), Counter(r.cpus),
+        claim = r.state == CLAIMED
+        return cls(Counter() if claim else Counter(r.hugepages),
+                   Counter(r.borrowed if claim or r.state in NOT_MAPPED_YET else {}), Counter(r.cpus),
                    int(r.shared), {uuid} if r.state == "preparing" else set(),
-                   {uuid} if r.isolation and r.cpus else set())
+                   {uuid} if r.isolation and r.cpus and not claim else set(),
+                   Counter(r.hugepages) if claim else Counter(), {uuid} if claim else set())
 
     def add(self, other: Summary, sign: int = 1) -> None:
         _merge(self.held, other.held, sign)
         _merge(self.promised, other.promised, sign)
         _merge(self.cpus, other.cpus, sign)
+        _merge(self.claimed, other.claimed, sign)
         self.shared += sign * other.shared
         self.preparing = self.preparing | other.preparing if sign > 0 else self.preparing - other.preparing
         self.isolating = self.isolating | other.isolating if sign > 0 else self.isolating - other.isolating
+        self.claims = self.claims | other.claims if sign > 0 else self.claims - other.claims
 
     def copy(self) -> Summary:
         return Summary(Counter(self.held), Counter(self.promised), Counter(self.cpus), self.shared,
-                       set(self.preparing), set(self.isolating))
+                       set(self.preparing), set(self.isolating), Counter(self.claimed), set(self.claims))
 
     def to_json(self) -> dict[str, Any]:
         return {"held": dict(sorted(self.held.items())), "promised": dict(sorted(self.promised.items())),
                 "cpus": {str(c): n for c, n in sorted(self.cpus.items())}, "shared": self.shared,
-                "preparing": sorted(self.preparing), "isolating": sorted(self.isolating)}
+                "preparing": sorted(self.preparing), "isolating": sorted(self.isolating),
+                **({"claimed": dict(sorted(self.claimed.items()))} if self.claimed else {}),
+                **({"claims": sorted(self.claims)} if self.claims else {})}
 
     @classmethod
     def from_json(cls, data: object) -> Summary:
@@ -428,14 +447,14 @@ class Summary:
         cpus = _counts(d.get("cpus"), "summary.cpus")
         if not all(k.isascii() and k.isdecimal() and len(k) < 6 for k in cpus):
             raise LedgerError("summary.cpus: keys must be CPU numbers")
-        preparing, isolating = d.get("preparing") or [], d.get("isolating") or []
-        for name, uuids in (("preparing", preparing), ("isolating", isolating)):
+        preparing, isolating, claims = d.get("preparing") or [], d.get("isolating") or [], d.get("claims") or []
+        for name, uuids in (("preparing", preparing), ("isolating", isolating), ("claims", claims)):
             if not isinstance(uuids, list) or not all(isinstance(u, str) for u in uuids):
                 raise LedgerError(f"summary.{name}: expected a list of UUIDs")
         return cls(Counter(_counts(d.get("held"), "summary.held")), Counter(_counts(d.get("promised"),
                                                                                     "summary.promised")),
                    Counter({int(k): v for k, v in cpus.items()}), _int(d, "shared", "summary", 0), set(preparing),
-                   set(isolating))
+                   set(isolating), Counter(_counts(d.get("claimed"), "summary.claimed")), set(claims))
 
 
 class Records(MutableMapping[str, DomainRecord]):
@@ -555,6 +574,10 @@ class LedgerState:
         """Pages of a left-alone pool promised to VMs whose QEMU has not mapped them yet."""
         return self.domains.summary().promised[pool] - self._mine(excluding).promised[pool]
 
+    def claimed(self, pool: str, excluding: str | None = None) -> int:
+        """Pages of a pool claimed for VMs coming in (migrate/restore filter), not yet in the pool."""
+        return self.domains.summary().claimed[pool] - self._mine(excluding).claimed[pool]
+
     def dedicated_cpus(self, excluding: str | None = None) -> frozenset[int]:
         held = self.domains.summary().cpus
         held.subtract(self._mine(excluding).cpus)
@@ -565,6 +588,9 @@ class LedgerState:
 
     def preparing(self) -> set[str]:
         return self.domains.summary().preparing
+
+    def claims(self) -> set[str]:
+        return self.domains.summary().claims
 
     def note(self, text: str) -> None:
         self.notes.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")

@@ -28,6 +28,7 @@ from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
 from kvmhooks.errors import CapacityError, HostError, KvmhooksError, LedgerError
 from kvmhooks.ledger import (
+    CLAIMED,
     NOT_MAPPED_YET,
     RECOUNTED,
     DomainRecord,
@@ -88,7 +89,8 @@ def topology_for(cfg: Config) -> HostTopology:
 def preview_pool_writes(dom: Domain, plan: HugepagePlan, cfg: Config, topo: HostTopology, state: LedgerState,
                         ) -> list[accounting.PoolWrite]:
     """The pool writes prepare would make for ``plan`` now (``kvmhooks plan``); raises as prepare would."""
-    problems = accounting.reservation_problems(state, topo, cfg, dom.uuid, plan.pools())
+    view = accounting.after_claims(topo, state, dom.uuid)
+    problems = accounting.reservation_problems(state, view, cfg, dom.uuid, plan.pools())
     if problems:
         raise CapacityError("not enough memory for huge pages: " + "; ".join(problems), vm=dom.name)
     return accounting.reservation_writes(state, topo, cfg, dom.uuid, plan.pools())
@@ -101,8 +103,8 @@ def check(dom: Domain, cfg: Config, topo: HostTopology | None = None, state: Led
     With ``state`` (a ledger snapshot) the plans are what prepare would do now; without, only what
     depends on the VM and the host is checked (against an empty ledger).
     """
-    topo = topo or topology_for(cfg)
     state = state if state is not None else LedgerState()
+    topo = accounting.after_claims(topo or topology_for(cfg), state, dom.uuid)
     hp = plan_hugepages(dom, topo, cfg)
     return hp, _plan_cpus(dom, topo, cfg, state, frozenset(hp.pages) if hp else frozenset())
 
@@ -259,6 +261,7 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
         if led.recounted:
             s.repairs.append(RECOUNTED)
         s.repairs += s.recover()
+        s.repairs += expire_claims(s.state, time.time())
         for f in accounting.observe(s.state, s.topo, cfg):
             log.warning("%s", f)
             s.state.note(f)
@@ -271,6 +274,22 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
                 s.repairs.append(f"recovery: {w}")
             s.commit()
         yield s
+
+
+def expire_claims(st: LedgerState, now: float) -> list[str]:
+    """Drop the claims whose deadline passed (a migration that failed after the filter, an offline one, a
+    killed process: nothing else ever runs for them on this host); returns a line for each. A claim holds no
+    pool pages, so dropping its record is all it takes."""
+    out = []
+    for uuid in sorted(st.claims()):
+        rec = st.domains.get(uuid)  # (a stale name in the header's summary: no record)
+        if rec is not None and rec.state == CLAIMED and rec.expires <= now:
+            del st.domains[uuid]
+            out.append(f"dropped the expired claim of {rec.name} ({uuid}): it was never prepared (a migration or "
+                       "restore that failed or went elsewhere)")
+            st.note(out[-1])
+            log.info("%s", out[-1])
+    return out
 
 
 def set_aside_line(aside: Path | None, kept: LedgerState, lost: list[str]) -> str:
@@ -404,17 +423,24 @@ def _prepare_locked(s: Session, dom: Domain, vlog: VMLog,
     st, cfg = s.state, s.cfg
     s.txn.ledger.begin_run(dom.uuid)
     old = st.domains.pop(dom.uuid, None)
-    if old is not None:
+    claim = old if old is not None and old.state == CLAIMED else None
+    if claim is not None:
+        vlog.info("coming in (migration or restore): its claim becomes the reservation")
+    elif old is not None:
         # A previous start never reached release (crash, killed libvirtd): its pages count no more, so one
         # set of writes below gives them back and takes the new ones; a VM never holds two reservations.
         vlog.warning("stale reservation found (state %s); replacing it", old.state)
-    # Plan again, fresh and under the lock (earlier holders changed the pools and the CPUs).
+    # Plan again, fresh and under the lock (earlier holders changed the pools and the CPUs). The pages of a
+    # claim were counted, not added: the plan takes them now (the filter rewrote <numatune> to its nodes).
     plan, cpu_plan = check(dom, cfg, s.topo, st)
+    if claim is not None and claim.cpus and cpu_plan is not None and claim.pins is not None:
+        cpu_plan = _claimed_cpus(claim, cpu_plan)  # exactly the CPUs the XML's <cputune> was rewritten to
     rec = DomainRecord(name=dom.name, state="preparing", token=new_token())
     warnings: list[str] = []
     keys = list(old.hugepages) if old else []
     if plan is not None:
-        problems = accounting.reservation_problems(st, s.topo, cfg, dom.uuid, plan.pools())
+        view = accounting.after_claims(s.topo, st, dom.uuid)
+        problems = accounting.reservation_problems(st, view, cfg, dom.uuid, plan.pools())
         if problems:
             refusal = CapacityError("not enough memory for huge pages: " + "; ".join(problems), vm=dom.name)
             if plan.required:
@@ -459,6 +485,62 @@ def _prepare_locked(s: Session, dom: Domain, vlog: VMLog,
                            lambda: (u for u, r in st.domains.items() if r.state in NOT_MAPPED_YET))
     warnings += isolate_host(s, vlog, record_isolation)
     return Prepared(rec, plan, cpu_plan, tuple(warnings))
+
+
+def _claimed_cpus(claim: DomainRecord, fresh: CpuPlan) -> CpuPlan:
+    """The CPU plan a claim recorded: another VM may have freed a CPU the planner would now prefer, but the
+    incoming QEMU is launched with the claim's pins (the filter wrote them into its XML)."""
+    from kvmhooks.plan.cpus import CpuPlan
+
+    p = claim.pins
+    assert p is not None
+    return CpuPlan(dict(p.vcpus), p.emulator, dict(p.iothreads), frozenset(claim.cpus), claim.shared, fresh.nodes,
+                   frozenset(p.floating), p.emulator_floats)
+
+
+def claim(dom: Domain, cfg: Config, place: Callable[[HostTopology, LedgerState], Placement],
+          pools: SysfsPools | None = None) -> tuple[Placement, DomainRecord]:
+    """Record a claim for a VM coming in (the migrate/restore filter): ``place`` plans it on this host's
+    topology and ledger under the lock, and the claim holds what it chose — the CPUs in the ledger, the pages
+    counted against the nodes' free memory (no pool is written before its prepare) — until its prepare or
+    ``cfg.claim_timeout``. Raises (nothing recorded) when it does not fit, or when the VM already holds a
+    reservation here: then it runs on this host already, or its record is stale.
+    """
+    with session(cfg, pools) as s:
+        st = s.state
+        old = st.domains.get(dom.uuid)
+        if old is not None and old.state != CLAIMED:
+            raise HostError(f"it already holds a reservation on this host (state {old.state}): it runs here, or "
+                            "its record is stale ('kvmhooks reconcile' clears a stale one)", vm=dom.name)
+        st.domains.pop(dom.uuid, None)  # an earlier claim (a migration tried again): replaced
+        placed = place(s.topo, st)
+        rec = DomainRecord(name=dom.name, state=CLAIMED, token=new_token(),
+                           expires=round(time.time() + cfg.claim_timeout, 3))
+        if placed.hugepages is not None:
+            pools_ = placed.hugepages.pools()
+            rec.hugepages = {k: p for k, p in pools_.items() if k not in cfg.leave_alone}
+            rec.borrowed = {k: p for k, p in pools_.items() if k in cfg.leave_alone}
+        if placed.cpus is not None:
+            _record_cpus(rec, placed.dom, placed.cpus)
+            rec.isolation = None  # the host is isolated at its prepare, not for a VM that may never come
+        stamp(rec)
+        st.domains[dom.uuid] = rec
+    VMLog(dom.name, dom.uuid).info("claimed for an incoming migration or restore: %s; expires in %g s",
+                                   ", ".join([*(f"{k} {n} pages" for k, n in sorted(rec.hugepages.items())),
+                                              *([f"CPUs {format_cpuset(rec.cpus)}"] if rec.cpus else [])])
+                                   or "nothing to hold", cfg.claim_timeout)
+    return placed, rec
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an incoming VM goes on this host: ``dom`` is the VM as planned (its <numatune> dropped when the
+    source's did not fit here), with its huge pages and CPUs."""
+
+    dom: Domain
+    hugepages: HugepagePlan | None
+    cpus: CpuPlan | None
+    relaxed: bool = False  # the source's <numatune> was not kept
 
 
 def _isolation_of(dom: Domain) -> dict[str, object] | None:
@@ -859,6 +941,14 @@ def _reconcile_decide(st: LedgerState, cfg: Config, topo: HostTopology, running:
             continue
         if snapshot.get(uuid) != rec.token:
             out.actions.append(f"leave {rec.name} ({uuid}) alone: its reservation changed while reconcile looked")
+            continue
+        if rec.state == CLAIMED:  # a VM coming in: its prepare follows the filter, or the claim expires
+            if rec.expires > now:
+                out.actions.append(f"leave {rec.name} ({uuid}) alone: claimed for an incoming migration or restore "
+                                   f"(expires in {rec.expires - now:.0f} s)")
+            else:
+                del st.domains[uuid]
+                out.actions.append(f"drop the expired claim of {rec.name} ({uuid}): it was never prepared")
             continue
         if rec.state in NOT_MAPPED_YET and now - rec.updated < STARTING_GRACE and not (up_dir / uuid).exists():
             out.actions.append(f"leave {rec.name} ({uuid}) alone: it is starting (prepared {now - rec.updated:.0f} "

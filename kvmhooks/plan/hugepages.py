@@ -6,7 +6,7 @@ size (targets, capacity, the admin's baseline) is :mod:`kvmhooks.plan.pools`' bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmhooks.annotation import HugepagesSpec
 from kvmhooks.config import Config, pool_key
@@ -22,6 +22,8 @@ class HugepagePlan:
     size_kib: int
     pages: dict[int, int]  # node → pages
     required: bool
+    # guest NUMA cell → the host node its pages are on (the migrate filter writes it into <numatune><memnode>)
+    cells: dict[int, int] = field(default_factory=dict)
 
     def pools(self) -> dict[str, int]:
         return {pool_key(n, self.size_kib): p for n, p in sorted(self.pages.items()) if p}
@@ -80,8 +82,8 @@ def plan_hugepages(dom: Domain, topo: HostTopology, cfg: Config) -> HugepagePlan
         if n not in topo.nodes:
             raise HostError(f"NUMA node {n} does not exist on this host "
                             f"(nodes: {', '.join(map(str, sorted(topo.nodes)))})", vm=dom.name)
-    pages = _distribute(dom, spec, topo, size, cfg)
-    return HugepagePlan(size, pages, spec.required)
+    pages, cells = _distribute(dom, spec, topo, size, cfg)
+    return HugepagePlan(size, pages, spec.required, cells)
 
 
 def _split(total: int, nodes: list[int]) -> dict[int, int]:
@@ -94,12 +96,14 @@ def _spare(topo: HostTopology, node: int, cfg: Config) -> int:
     return spare_kib(topo, node, cfg)
 
 
-def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int, cfg: Config) -> dict[int, int]:
+def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int, cfg: Config,
+                ) -> tuple[dict[int, int], dict[int, int]]:
     explicit = sorted(spec.nodes) if spec.nodes else None
     numatune = sorted(dom.numatune_nodes) if dom.numatune_nodes and dom.numatune_mode != "preferred" else None
     chosen = explicit or numatune
     if dom.cells and spec.count is None:
         out: dict[int, int] = {}
+        cells: dict[int, int] = {}
         spare = {n: _spare(topo, n, cfg) for n in topo.nodes}
         for i, cell in enumerate(dom.cells):
             need = -(-cell.memory_kib // size)
@@ -111,10 +115,11 @@ def _distribute(dom: Domain, spec: HugepagesSpec, topo: HostTopology, size: int,
                 node = max(sorted(spare), key=lambda n: spare[n])
             spare[node] -= need * size
             out[node] = out.get(node, 0) + need
-        return out
+            cells[cell.id] = node
+        return out, cells
     total = spec.count if spec.count is not None else -(-dom.memory_kib // size)
     if chosen:
-        return _split(total, chosen)
+        return _split(total, chosen), {}
     # auto without cells: one node, the one with the most to spare (QEMU's memory then stays local).
     best = max(sorted(topo.nodes), key=lambda n: _spare(topo, n, cfg))
-    return {best: total}
+    return {best: total}, {}

@@ -145,6 +145,29 @@ def writes_for(state: LedgerState, topo: HostTopology, cfg: Config, keys: Iterab
     return out
 
 
+def after_claims(topo: HostTopology, state: LedgerState, excluding: str | None = None) -> HostTopology:
+    """``topo`` with the memory that open claims (VMs coming in, counted but not in their pools yet) will take
+    out of each node's free memory already gone: every placement and capacity check of another VM works on
+    this view, so a claim is never given away before its prepare grows the pool for it."""
+    summary = state.domains.summary()
+    if not summary.claimed:
+        return topo
+    taken: dict[int, int] = {}
+    for key in summary.claimed:
+        pages = state.claimed(key, excluding=excluding)
+        if pages > 0:
+            node, size = parse_pool_key(key)
+            taken[node] = taken.get(node, 0) + pages * size
+    nodes = dict(topo.nodes)
+    for node, kib in taken.items():
+        n = nodes.get(node)
+        if n is not None:
+            free = n.mem_free_kib - kib
+            nodes[node] = replace(n, mem_free_kib=max(0, free),
+                                  reclaimable_kib=max(0, n.reclaimable_kib + min(0, free)))
+    return replace(topo, nodes=nodes)
+
+
 def spare_kib(topo: HostTopology, node: int, cfg: Config) -> int:
     return max(0, topo.nodes[node].available_kib - cfg.host_reserve_kib)
 

@@ -141,37 +141,48 @@ def _reopen(root: str) -> tuple[FakeHost, Config, SysfsPools]:
 
 
 def run_op(op: str, cfg: Config, pools: SysfsPools) -> None:
-    if op == "prepare":
+    if op == "claim":  # the migrate/restore filter's claim for B coming in
+        claim_b(cfg, pools)
+    elif op in ("prepare", "claimed-prepare"):  # (claimed-prepare: B's claim made before, see setup_two_vms)
         operations.prepare(parse_domain(XML_B), cfg, pools)
     else:
         operations.release(UA, cfg, pools)
 
 
-def setup_two_vms(root: Path) -> tuple[FakeHost, Config, SysfsPools]:
+def claim_b(cfg: Config, pools: SysfsPools) -> None:
+    from kvmhooks.migrate import place
+
+    dom = parse_domain(XML_B)
+    operations.claim(dom, cfg, lambda topo, st: place(dom, topo, st, cfg), pools)
+
+
+def setup_two_vms(root: Path, op: str = "") -> tuple[FakeHost, Config, SysfsPools]:
     host, cfg, pools = make_host(root)
     operations.prepare(parse_domain(XML_A), cfg, pools)
     operations.prepare(parse_domain(XML_C), cfg, pools)
+    if op == "claimed-prepare":
+        claim_b(cfg, pools)
     check_invariant(host, cfg, ADMIN)
     return host, cfg, pools
 
 
 def count_steps(tmp_path: Path, op: str) -> int:
-    _, cfg, pools = setup_two_vms(tmp_path / "count")
+    _, cfg, pools = setup_two_vms(tmp_path / "count", op)
     faults = Faults()
     with faults.installed(pools) as counting:
         run_op(op, cfg, counting)
     return faults.steps
 
 
-@pytest.mark.parametrize("op", ["prepare", "release"])
+@pytest.mark.parametrize("op", ["prepare", "release", "claim", "claimed-prepare"])
 def test_crash_matrix(tmp_path: Path, op: str) -> None:
     steps = count_steps(tmp_path, op)
-    assert steps >= 3  # intent commit, a pool write per node, the final commit
+    assert steps >= (1 if op == "claim" else 3)  # intent commit, a pool write per node, the final commit
     ctx = multiprocessing.get_context("fork")
     for at in range(1, steps + 1):
         for kind in ("kill", "enospc", "eio"):
             root = tmp_path / f"{op}-{at}-{kind}"
-            host, cfg, pools = setup_two_vms(root)
+            host, cfg, pools = setup_two_vms(root, op)
             p = ctx.Process(target=_child, args=(str(root), op, at, kind))
             p.start()
             p.join(30)

@@ -151,7 +151,9 @@ def test_an_oversize_unannotated_vm_is_not_refused(host: FakeHost, cfg: Path) ->
 
 # --- lifecycle hooks that never kill a VM ------------------------------------------------------------------
 
-LIFECYCLE = ("started", "stopped", "release", "reconnect", "attach", "migrate", "restore", "someday-new-op")
+LIFECYCLE = ("started", "stopped", "release", "reconnect", "attach", "someday-new-op")
+# The filter (migrate/restore begin) refuses an incoming VM before its QEMU exists, as prepare refuses a start.
+MAY_FAIL = ("prepare", "migrate", "restore")
 
 
 def _hold_ledger_lock(path: str, seconds: float, ready: object) -> None:
@@ -189,6 +191,14 @@ def test_a_broken_config_never_fails_a_lifecycle_hook(host: FakeHost, op: str) -
     cfg.write_text("lock_timeot = 3\n")  # a typo
     r = hook(cfg, "vm1", op, domain_xml(uuid=U1))
     assert (r.returncode, r.stdout) == (0, b"")
+
+
+@pytest.mark.parametrize("op", MAY_FAIL)
+def test_a_broken_config_refuses_a_start_or_an_incoming_vm_in_one_line(host: FakeHost, op: str) -> None:
+    cfg = host.root / "config.toml"
+    cfg.write_text("lock_timeot = 3\n")  # a typo
+    r = hook(cfg, "vm1", op, domain_xml(uuid=U1))
+    assert (r.returncode, r.stdout) == (1, b"") and r.stderr.count(b"\n") == 1 and b"lock_timeot" in r.stderr
 
 
 @pytest.mark.parametrize("garbage", [b'{"version": 1, "domains": {"x": ', b"\x00\xff garbage", b'{"version": 99}',
@@ -244,7 +254,7 @@ def test_the_vm_owner_cannot_make_release_refuse(host: FakeHost, cfg: Path, host
     assert not Ledger(host.root / "run/ledger.json").read().domains
 
 
-@pytest.mark.parametrize("op", ("prepare", *LIFECYCLE))
+@pytest.mark.parametrize("op", (*MAY_FAIL, *LIFECYCLE))
 def test_hook_script_without_its_package_fails_only_prepare(host: FakeHost, cfg: Path, op: str) -> None:
     """Defect 4: `hooks/qemu` imported without a guard: a half-done upgrade made `reconnect` kill every VM.
     Debian's interpreter in isolated mode has no kvmhooks package: the import fails as in a broken install."""
@@ -253,7 +263,7 @@ def test_hook_script_without_its_package_fails_only_prepare(host: FakeHost, cfg:
     r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=domain_xml(uuid=U1), capture_output=True,
                        env={**hook_env(cfg), "KVMHOOKS_PYTHON": "/usr/bin/python3"}, timeout=30)
     assert r.stdout == b""
-    if op == "prepare":
+    if op in MAY_FAIL:
         assert r.returncode == 1 and b"kvmhooks is broken" in r.stderr and r.stderr.count(b"\n") == 1
     else:
         assert r.returncode == 0

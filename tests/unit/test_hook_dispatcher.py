@@ -321,15 +321,27 @@ def test_the_shell_hands_a_uuid_behind_a_comment_to_python(host: FakeHost, tmp_p
 
 # --- issue "A tuned VM starts as fast as a plain one": Python only where there is work ----------------------
 
-@pytest.mark.parametrize("op", ["start", "attach", "migrate", "restore", "shutdown", "newer-op"])
+@pytest.mark.parametrize("op", ["start", "attach", "shutdown", "newer-op"])
 def test_operations_kvmhooks_ignores_start_no_python_even_for_an_annotated_vm(host: FakeHost, tmp_path: Path,
                                                                               op: str) -> None:
     """An annotated VM started Python for every operation libvirt calls, start included: five interpreter
-    starts per lifecycle where two do the work. migrate/restore print nothing (= XML unchanged)."""
+    starts per lifecycle where two do the work."""
     ran, env = _python_stand_in(tmp_path)
     r = subprocess.run([str(HOOK), "vm1", op, "begin", "-"], input=libvirt_xml(), env=env, capture_output=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
     assert not ran.exists()
+
+
+@pytest.mark.parametrize("op", ["migrate", "restore"])
+@pytest.mark.parametrize("sub,ours,python", [("begin", True, True), ("begin", False, False), ("end", True, False),
+                                             ("-", True, False)])
+def test_only_an_annotated_vms_migrate_or_restore_begin_reaches_the_filter(host: FakeHost, tmp_path: Path, op: str,
+                                                                          sub: str, ours: bool, python: bool) -> None:
+    """The filter's door: an unannotated VM coming in costs the shell only and prints nothing (= XML unchanged)."""
+    ran, env = _python_stand_in(tmp_path)
+    r = subprocess.run([str(HOOK), "vm1", op, sub, "-"], input=libvirt_xml(ours=ours), env=env, capture_output=True)
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert ran.exists() == python
 
 
 def test_an_annotated_vm_stops_through_python_once(host: FakeHost, tmp_path: Path) -> None:
