@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,26 @@ class Shell:
         self.env = {**hook_env(tmp_path / "no-config.toml"), "KVMHOOKS_PYTHON": str(fake_py)}
 
     def started(self, xml: bytes) -> bool:
-        """Runs the started hook; whether it started Python."""
+        """Runs the started hook; whether the hook itself ran Python (the detached worker it may start from the
+        shell is :meth:`worker`'s to tell)."""
         self.ran.unlink(missing_ok=True)
         r = subprocess.run([str(self.script), "vm1", "started", "begin", "-"], input=xml, env=self.env,
                            capture_output=True, timeout=30)
         assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
-        return self.ran.exists()
+        return any(" -c " in line for line in self._lines())
+
+    def worker(self, wait: float = 3.0) -> str | None:
+        """The arguments of the worker the shell started (it runs in the background), or None."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            found = [line for line in self._lines() if "kvmhooks.worker" in line]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        return None
+
+    def _lines(self) -> list[str]:
+        return self.ran.read_text().splitlines() if self.ran.exists() else []
 
 
 @pytest.fixture
@@ -83,12 +98,16 @@ def test_a_start_with_nothing_left_for_started_costs_no_python(host: FakeHost, s
     assert not shell.started(xml)
 
 
-def test_a_start_with_live_work_goes_to_python_without_an_agent(host: FakeHost, shell: Shell) -> None:
+def test_a_start_with_live_work_starts_the_worker_from_the_shell_without_an_agent(host: FakeHost,
+                                                                                   shell: Shell) -> None:
+    """Without kvmhooksd the started hook ran Python only to fork the detached worker (≈ 65 ms of libvirt's
+    wait): the shell starts the worker itself, detached, and returns."""
     cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=PINNED)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     assert (tune_dir(host) / U1).exists()
-    assert shell.started(xml)  # the hook tells the agent or spawns the worker
+    assert not shell.started(xml)
+    assert shell.worker() == f"-I -m kvmhooks.worker started {U1}"
     assert not (host.root / "run" / HANDOFF_DIR / U1).exists()
 
 
@@ -103,7 +122,7 @@ def test_with_the_agent_running_started_hands_the_vm_over_without_python(host: F
     os.rmdir(host.root / "run" / HANDOFF_DIR)  # an agent that left no hand-over directory: Python, as before
     with agent_lock_held(host):
         os.rmdir(host.root / "run" / HANDOFF_DIR)
-        assert shell.started(xml)
+        assert not shell.started(xml) and shell.worker() is not None
 
 
 def test_without_markers_started_goes_to_python(host: FakeHost, shell: Shell) -> None:
@@ -307,14 +326,15 @@ def test_a_tune_directory_made_anew_appears_with_its_markers(host: FakeHost, tmp
 
 def test_a_probe_that_cannot_open_the_lock_is_no_proof_of_an_agent(host: FakeHost, tmp_path: Path) -> None:
     """flock(1) exits 75 (-E) on a conflict only; failing to open agent.lock (here a dangling symlink) is
-    not an agent holding it: the VM goes to Python, not to a hand-over nobody takes."""
+    not an agent holding it: the VM goes to the detached worker, not to a hand-over nobody takes."""
     cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=PINNED)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
     run = host.root / "run"
     (run / HANDOFF_DIR).mkdir()  # left by an agent that ran once
     (run / LOCK_NAME).symlink_to(run / "nowhere" / "agent.lock")
-    assert Shell(host, tmp_path).started(xml)
+    sh = Shell(host, tmp_path)
+    assert not sh.started(xml) and sh.worker() is not None
     assert not (run / HANDOFF_DIR / U1).exists()
 
 
