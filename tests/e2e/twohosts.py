@@ -41,10 +41,10 @@ from typing import Any
 from kvmhooks.guest import READY_LINE, domain_xml
 from kvmhooks.ledger import Ledger
 from kvmhooks.units import parse_cpuset
+from tests.e2e.conftest import NS, run
 from tests.fakehost import FakeHost
 
 LOOPBACK = "127.0.0.1"
-NS = 'xmlns:kvm="http://kvmhooks.org/xmlns/domain/1.0"'
 PREFIX = "kvmhmig-"
 # libvirt's fixed paths of a privileged daemon, then kvmhooks' per-host paths: each gets a bind mount.
 LIBVIRT_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt", "/run/libvirt")
@@ -72,10 +72,6 @@ listen_addr = "{addr}"
 tcp_port = "{port}"
 auth_tcp = "none"
 """
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def _alive(pid: int, comm: str) -> bool:
