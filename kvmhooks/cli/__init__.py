@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("domain", nargs="?", metavar="DOM")
         s.add_argument("--xml", metavar="FILE", help="a domain XML file instead of a defined domain")
         s.set_defaults(func=fn)
+        if name == "plan":
+            s.add_argument("--incoming", metavar="FILE", help="dry run of the migrate/restore filter on this host "
+                           "for a VM's migratable XML (virsh dumpxml --migratable on the source)")
     s = sub.add_parser("annotate", parents=[common], help="write the annotation (and what it needs) into a domain")
     s.add_argument("domain", metavar="DOM")
     s.add_argument("--hugepages", metavar="SIZE", choices=["2M", "1G", "auto"], help="2M, 1G or auto")

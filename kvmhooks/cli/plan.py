@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from kvmhooks import operations
 from kvmhooks.cli.common import xml_for
@@ -10,13 +11,16 @@ from kvmhooks.cli.exit import EXIT_FINDING, EXIT_OK
 from kvmhooks.cli.render import emit
 from kvmhooks.config import Config
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import KvmhooksError
+from kvmhooks.errors import KvmhooksError, UsageError
 from kvmhooks.ledger import LedgerState
+from kvmhooks.units import format_cpuset
 
 
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     from kvmhooks.dryrun import plan
 
+    if getattr(args, "incoming", None):
+        return plan_incoming(args, cfg)
     data, running, persistent = xml_for(args, cfg)
     dom = parse_domain(data)
     if dom.active_tuning is None:
@@ -35,6 +39,42 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
         return f"VM {dom.name!r}{note}:\n" + "\n".join(f"  {a['phase']:8} {a['action']}" for a in actions)
 
     emit(args, {"vm": dom.name, "running": running, "actions": actions}, human)
+    return EXIT_OK
+
+
+def plan_incoming(args: argparse.Namespace, cfg: Config) -> int:
+    """The migrate/restore filter as this (candidate) host would run it, holding nothing: pick a destination
+    before ``virsh migrate`` rather than learn from a refused migration."""
+    from kvmhooks.migrate import incoming
+
+    try:
+        data = Path(args.incoming).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {args.incoming}: {e.strerror}") from None
+    try:
+        got = incoming(data, cfg, dry_run=True)
+    except KvmhooksError as e:  # the filter's refusal: the migration would fail, the VM stay on its source
+        reason = str(e)
+        emit(args, {"incoming": True, "refuse": reason}, lambda: f"would refuse the migration: {reason}")
+        return EXIT_FINDING
+    if got is None:
+        name = parse_domain(data).name
+        emit(args, {"vm": name, "incoming": True, "changes": [], "note": "not annotated (or enabled='no'): "
+                    "kvmhooks lets it in unchanged"},
+             lambda: f"VM {name!r}: not annotated (or enabled='no'): kvmhooks lets it in unchanged")
+        return EXIT_OK
+    p = got.placement
+    pages = dict(sorted(p.hugepages.pools().items())) if p.hugepages is not None else {}
+    cpus = sorted(p.cpus.dedicated) if p.cpus is not None else []
+    name = p.dom.name
+
+    def human() -> str:
+        held = [f"{k} {n} pages" for k, n in pages.items()] + ([f"CPUs {format_cpuset(cpus)}"] if cpus else [])
+        return (f"VM {name!r} would come in; the filter would claim {', '.join(held) or 'nothing'}\n"
+                + ("\n".join(f"  {c}" for c in got.changes) if got.changes else "  placement unchanged"))
+
+    emit(args, {"vm": name, "incoming": True, "claim": {"hugepages": pages, "cpus": cpus},
+                "changes": list(got.changes), "relaxed_numatune": p.relaxed}, human)
     return EXIT_OK
 
 

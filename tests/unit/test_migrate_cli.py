@@ -1,0 +1,67 @@
+"""What an admin or a scheduler sees of the migrate/restore filter before and during a migration:
+``kvmhooks plan --incoming`` (the filter's dry run on a candidate host), claims in ``kvmhooks status``, the
+capacity gauges in the metrics, and doctor's post-copy note. Real outcomes on fake hosts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmhooks import operations
+from kvmhooks.cli import main
+from kvmhooks.domain import parse_domain
+from tests.fakehost import FakeHost, domain_xml
+from tests.unit.test_hook import write_config
+
+SOURCE_FILE = Path(__file__).parent / "data/migrate/two-cells-node1.xml"
+SOURCE = SOURCE_FILE.read_bytes()
+U = "5a0c6a2e-7d3b-4c1e-9f00-1234567890ab"
+OTHER = "00000000-0000-4000-8000-000000000001"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- plan --incoming ----------------------------------------------------------------------------------------
+
+def test_plan_incoming_shows_the_rewrite_and_the_claim_and_holds_nothing(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+    conf = write_config(numa_host)
+    code, out, _ = run(capsys, "plan", "--incoming", str(SOURCE_FILE), "--config", str(conf), "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["claim"]["hugepages"] == {"node1/2048kB": 128}
+    cpus = set(got["claim"]["cpus"])
+    assert cpus and all(4 <= c <= 7 or 12 <= c <= 15 for c in cpus)  # node 1, where <numatune> keeps it
+    assert any(c.startswith("<cputune> pins") for c in got["changes"])
+    # a dry run: nothing claimed, no pool written
+    assert U not in operations.ledger_for(numa_host.config()).read().domains
+    assert numa_host.pool(0) == 0 and numa_host.pool(1) == 0
+    code, out, _ = run(capsys, "plan", "--incoming", str(SOURCE_FILE), "--config", str(conf))
+    assert code == 0 and "would claim node1/2048kB 128 pages, CPUs " in out and "\n  <cputune> pins " in out
+
+
+def test_plan_incoming_refusal_is_one_line_and_exit_1(host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+    conf = write_config(host, cpu='{ housekeeping = "" }')
+    cfg = host.config(cpu_housekeeping=frozenset())
+    operations.prepare(parse_domain(domain_xml(name="other", uuid=OTHER, tuning='<kvm:cpu policy="dedicated"/>',
+                                               vcpus=2, backing="")), cfg)  # both CPUs of this host
+    code, out, err = run(capsys, "plan", "--incoming", str(SOURCE_FILE), "--config", str(conf))
+    assert code == 1 and err == ""
+    assert out.count("\n") == 1 and out.startswith("would refuse the migration: VM 'mig1'")
+
+
+def test_plan_incoming_of_a_page_size_this_host_lacks_is_a_one_line_refusal(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    h = FakeHost(tmp_path, page_sizes=(2048,), mounts=(2048,)).build()
+    f = tmp_path / "in.xml"
+    f.write_bytes(SOURCE.replace(b'<kvm:hugepages size="2M"/>', b'<kvm:hugepages size="1G"/>')
+                  .replace(b"<page size='2048' unit='KiB'", b"<page size='1048576' unit='KiB'")
+                  .replace(b"262144", b"2097152").replace(b"131072", b"1048576"))
+    code, out, err = run(capsys, "plan", "--incoming", str(f), "--config", str(write_config(h)), "--json")
+    assert code == 1 and err == ""
+    assert "this host has no 1G huge pages" in json.loads(out)["refuse"]
+    assert not (h.root / "run/ledger.json").exists() or U not in operations.ledger_for(h.config()).read().domains
