@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from typing import Any
 
 from kvmhooks import operations
@@ -14,10 +15,23 @@ from kvmhooks.cli.render import emit, isolation_lines, isolation_view, pool_rows
 from kvmhooks.config import Config, parse_pool_key
 from kvmhooks.domain import parse_domain
 from kvmhooks.errors import ConnectError, KvmhooksError
-from kvmhooks.ledger import LedgerState
+from kvmhooks.ledger import CLAIMED, DomainRecord, LedgerState
 from kvmhooks.units import format_cpuset, format_kib
 
 log = logging.getLogger(__name__)
+
+
+def claim_view(rec: DomainRecord, now: float) -> dict[str, Any] | None:
+    """A claim of a VM coming in (the migrate/restore filter): its deadline, and whether it passed (the next
+    ledger session drops it)."""
+    if rec.state != CLAIMED:
+        return None
+    return {"expires": rec.expires, "expires_in": max(0, round(rec.expires - now)), "expired": rec.expires <= now}
+
+
+def claim_text(claim: dict[str, Any]) -> str:
+    return ("claimed, expired (dropped at the next ledger write)" if claim["expired"] else
+            f"claimed, expires in {claim['expires_in']} s")
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -45,6 +59,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     else:
         doms = []
     seen = set()
+    now = time.time()
 
     def row_for(d: Any) -> dict[str, Any] | None:
         uuid = d.UUIDString()
@@ -66,6 +81,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                        shared=rec.shared, pins=rec.pins.to_json() if rec.pins else None,
                        applied=rec.applied.to_json(), error=rec.error, ledger_state=rec.state,
                        unplaced=rec.unplaced)
+            claim = claim_view(rec, now)
+            if claim is not None:
+                row["claim"] = claim
         if uuid in failures:
             row["failure"] = failures[uuid]
         if d.isActive():
@@ -93,7 +111,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if uuid not in seen and not args.domains:
             vms.append({"name": rec.name, "uuid": uuid, "state": "unknown to libvirt" if conn else "?",
                         "annotations": "?", "hugepages": rec.hugepages, "cpus": format_cpuset(rec.cpus),
-                        "error": rec.error, "ledger_state": rec.state, "failure": failures.get(uuid)})
+                        "error": rec.error, "ledger_state": rec.state, "failure": failures.get(uuid),
+                        **({"claim": c} if (c := claim_view(rec, now)) is not None else {})})
     pools = pool_rows(topo, state)
 
     def human() -> str:
@@ -122,7 +141,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                                   *([v["failure"]] if v.get("failure") else [])])
             mem_s = " ".join(f"n{n}:{m['huge'] / 1024:.0f}M huge+{m['normal'] / 1024:.0f}M"
                              for n, m in v.get("memory_nodes", {}).items() if m["huge"] or m["normal"])
-            rows.append([v["name"], v["state"], v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
+            state_s = v["state"] + (f"; {claim_text(v['claim'])}" if v.get("claim") else "")
+            rows.append([v["name"], state_s, v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
                          bal_s or "-", mem_s or "-", ", ".join(other) or "-", problems])
         out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",
                           "MEMORY/NODE", "OTHER (live)", "PROBLEMS"], rows) if rows else "no annotated VMs")

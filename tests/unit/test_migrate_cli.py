@@ -5,13 +5,17 @@ capacity gauges in the metrics, and doctor's post-copy note. Real outcomes on fa
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvmhooks import operations
 from kvmhooks.cli import main
 from kvmhooks.domain import parse_domain
+from kvmhooks.migrate import incoming
+from kvmhooks.units import format_cpuset
 from tests.fakehost import FakeHost, domain_xml
 from tests.unit.test_hook import write_config
 
@@ -65,3 +69,35 @@ def test_plan_incoming_of_a_page_size_this_host_lacks_is_a_one_line_refusal(tmp_
     assert code == 1 and err == ""
     assert "this host has no 1G huge pages" in json.loads(out)["refuse"]
     assert not (h.root / "run/ledger.json").exists() or U not in operations.ledger_for(h.config()).read().domains
+
+
+# --- status -------------------------------------------------------------------------------------------------
+
+def status_row(capsys: pytest.CaptureFixture[str], conf: Path) -> tuple[dict[str, Any], str]:
+    code, out, _ = run(capsys, "status", "--config", str(conf), "--uri", "test:///default", "--json")
+    assert code == 0
+    rows = [v for v in json.loads(out)["vms"] if v["uuid"] == U]
+    assert len(rows) == 1
+    code, human, _ = run(capsys, "status", "--config", str(conf), "--uri", "test:///default")
+    return rows[0], human
+
+
+def test_status_shows_a_claim_what_it_holds_and_the_time_left(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = numa_host.config()
+    got = incoming(SOURCE, cfg)
+    assert got is not None
+    rec = operations.ledger_for(cfg).read().domains[U]
+    row, human = status_row(capsys, write_config(numa_host))
+    assert row["ledger_state"] == "claimed" and row["claim"]["expired"] is False
+    assert 0 < row["claim"]["expires_in"] <= cfg.claim_timeout and row["claim"]["expires"] == rec.expires
+    assert row["hugepages"] == {"node1/2048kB": 128} and row["cpus"] == format_cpuset(rec.cpus)
+    line = next(x for x in human.splitlines() if x.startswith("mig1 "))
+    assert "claimed, expires in " in line and "node1 128x2M" in line and format_cpuset(rec.cpus) in line
+
+
+def test_status_says_expired_for_a_claim_past_its_deadline_not_yet_dropped(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+    incoming(SOURCE, numa_host.config(claim_timeout=0.001))
+    time.sleep(0.01)
+    row, human = status_row(capsys, write_config(numa_host))
+    assert row["claim"]["expired"] is True and row["claim"]["expires_in"] == 0
+    assert "claimed, expired" in next(x for x in human.splitlines() if x.startswith("mig1 "))
