@@ -48,6 +48,8 @@ from kvmhooks import operations
 from kvmhooks.config import Config, parse_pool_key, pool_key
 from kvmhooks.errors import KvmhooksError
 from kvmhooks.ledger import DomainRecord, LedgerState
+from kvmhooks.plan import pools as accounting
+from kvmhooks.plan.cpus import allowed_cpus
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_cpuset
 
@@ -104,14 +106,27 @@ STATE_METRICS: tuple[MetricSpec, ...] = (
                "Pages kvmhooks added to the pool for live reservations (the ledger's held pages)"),
     MetricSpec("kvmhooks_hugepages_promised_pages", "gauge", _POOL,
                "Pages of a left-alone pool promised to VMs whose QEMU has not mapped them yet"),
+    MetricSpec("kvmhooks_hugepages_claimed_pages", "gauge", _POOL,
+               "Pages claimed for VMs coming in (migrate/restore filter): counted against the node's memory, "
+               "not in the pool until the VM's prepare"),
+    MetricSpec("kvmhooks_hugepages_available_pages", "gauge", _POOL,
+               "Pages of this size a new VM could still get on the node now, after reservations and claims: "
+               "the node's free+reclaimable memory minus open claims and the host reserve, in pages of this size "
+               "(a left-alone pool: its free pages not reserved by a mapping nor promised). One number per size: "
+               "sizes on one node share the memory"),
     MetricSpec("kvmhooks_dedicated_cpus", "gauge", (), "Host CPUs held exclusively by kvmhooks VMs"),
+    MetricSpec("kvmhooks_dedicated_cpus_free", "gauge", (),
+               "Host CPUs automatic placement could still give a VM exclusively: the allowed CPUs ([cpu] allowed, "
+               "else all online, minus housekeeping) not held by a VM or a claim"),
+    MetricSpec("kvmhooks_claims", "gauge", (),
+               "Open claims of VMs coming in (migrate/restore filter), expired ones not yet dropped included"),
     MetricSpec("kvmhooks_ledger_intents", "gauge", (),
                "Pool writes in flight (write-ahead intents); non-zero between scrapes means an interrupted write"),
     MetricSpec("kvmhooks_ledger_notes", "gauge", (), "Repairs and inconsistencies the ledger keeps (kvmhooks status)"),
     MetricSpec("kvmhooks_ledger_vms", "gauge", (), "VMs with a record in the ledger"),
     MetricSpec("kvmhooks_vm_state", "gauge", (*_VM, "state"),
-               "1 per VM in the ledger, with its reservation state (preparing, prepared, starting, running, "
-               "adopted)"),
+               "1 per VM in the ledger, with its reservation state (claimed, preparing, prepared, starting, "
+               "running, adopted)"),
     MetricSpec("kvmhooks_vm_hugepages_pages", "gauge", (*_VM, *_POOL), "Huge pages the VM holds in the pool"),
     MetricSpec("kvmhooks_vm_hugepages_borrowed_pages", "gauge", (*_VM, *_POOL),
                "Free pages of a left-alone pool the VM uses (not added by kvmhooks)"),
@@ -306,10 +321,28 @@ class StateCollector(Collector):
                 fam.add("kvmhooks_hugepages_baseline_pages", rec.baseline, *labels)
             elif now is not None:  # no record: kvmhooks has not written it, so its size now is the admin's
                 fam.add("kvmhooks_hugepages_baseline_pages", max(0, now[0] - now[2] - held), *labels)
+            fam.add("kvmhooks_hugepages_claimed_pages", summary.claimed.get(key, 0), *labels)
+        if topo is not None:
+            self._capacity(fam, state, topo)
         fam.add("kvmhooks_dedicated_cpus", sum(1 for n in summary.cpus.values() if n > 0))
+        fam.add("kvmhooks_claims", len(summary.claims))
         fam.add("kvmhooks_ledger_intents", len(state.intents))
         fam.add("kvmhooks_ledger_notes", len(state.notes))
         fam.add("kvmhooks_ledger_vms", len(state.domains))
+
+    def _capacity(self, fam: _Families, state: LedgerState, topo: HostTopology) -> None:
+        """What a scheduler needs to pick a host before migrating: the same sums prepare and the filter check."""
+        view = accounting.after_claims(topo, state)
+        for node in sorted(view.nodes):
+            for size in sorted(view.nodes[node].pools):
+                key = pool_key(node, size)
+                if key in self.cfg.leave_alone:
+                    ps = view.nodes[node].pools[size]
+                    pages = max(0, ps.free - view.resv_pages.get(size, 0) - state.promised(key))
+                else:
+                    pages = accounting.spare_kib(view, node, self.cfg) // size
+                fam.add("kvmhooks_hugepages_available_pages", pages, str(node), str(size * _KIB))
+        fam.add("kvmhooks_dedicated_cpus_free", len(allowed_cpus(topo, self.cfg) - state.dedicated_cpus()))
 
     def _vms(self, fam: _Families, state: LedgerState) -> tuple[dict[str, str], bool]:
         """Per-VM series; returns uuid → name for the failure records, and whether every record decoded. One

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from kvmhooks import operations
+from kvmhooks import metrics, operations
 from kvmhooks.cli import main
+from kvmhooks.config import Config
 from kvmhooks.domain import parse_domain
 from kvmhooks.migrate import incoming
 from kvmhooks.units import format_cpuset
@@ -101,3 +103,43 @@ def test_status_says_expired_for_a_claim_past_its_deadline_not_yet_dropped(numa_
     row, human = status_row(capsys, write_config(numa_host))
     assert row["claim"]["expired"] is True and row["claim"]["expires_in"] == 0
     assert "claimed, expired" in next(x for x in human.splitlines() if x.startswith("mig1 "))
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+def gauges(cfg: Config) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(metrics.render(metrics.state_registry(cfg)).decode()):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def pool(name: str, node: int, size_kib: int) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset({("node", str(node)), ("page_size_bytes", str(size_kib * 1024))})
+
+
+def test_capacity_gauges_count_claims_and_say_what_a_new_vm_could_get(numa_host: FakeHost) -> None:
+    numa_host.set_free(1, 1024 * 1024 + 300 * 1024)  # node 1: the 1 GiB host reserve + 300 MiB
+    cfg = numa_host.config()
+    before = gauges(cfg)
+    assert before[pool("kvmhooks_hugepages_available_pages", 1, 2048)] == 150  # 300 MiB / 2 MiB
+    assert before[pool("kvmhooks_hugepages_available_pages", 1, 1048576)] == 0
+    assert before[pool("kvmhooks_hugepages_available_pages", 0, 2048)] == (12 - 1) * 512  # 12 GiB free - reserve
+    assert before[("kvmhooks_claims", frozenset())] == 0
+    free_cpus = before[("kvmhooks_dedicated_cpus_free", frozenset())]
+    assert free_cpus == 16 - 1  # all online minus the housekeeping CPU 0
+    got = incoming(SOURCE, cfg)  # 128 x 2M on node 1 (its <numatune>), 150 could be had
+    assert got is not None
+    rec = operations.ledger_for(cfg).read().domains[U]
+    after = gauges(cfg)
+    assert after[pool("kvmhooks_hugepages_claimed_pages", 1, 2048)] == 128
+    assert after[pool("kvmhooks_hugepages_available_pages", 1, 2048)] == 150 - 128
+    assert after[pool("kvmhooks_hugepages_available_pages", 0, 2048)] == (12 - 1) * 512
+    assert after[("kvmhooks_claims", frozenset())] == 1
+    assert after[("kvmhooks_dedicated_cpus_free", frozenset())] == free_cpus - len(rec.cpus)
+    # the gauge is the filter's own limit: a second VM of 128 pages no longer fits on node 1
+    second = SOURCE.replace(U.encode(), OTHER.encode()).replace(b"<name>mig1</name>", b"<name>mig2</name>")
+    got2 = incoming(second, cfg, dry_run=True)
+    assert got2 is not None and got2.placement.relaxed and got2.placement.hugepages is not None
+    assert set(got2.placement.hugepages.pages) == {0}
