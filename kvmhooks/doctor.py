@@ -246,6 +246,7 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
                            "a relative PS/2 mouse drifts away from the pointer in VNC/SPICE consoles",
                            "<input type='tablet' bus='usb'/> under <devices>"))
     out += check_balloon(d)
+    out += check_migration(d)
     # memtune limits below the VM's memory.
     if t is not None and t.memtune is not None:
         for attr, kib in (("hard_limit", t.memtune.hard_limit), ("swap_hard_limit", t.memtune.swap_hard_limit)):
@@ -255,6 +256,18 @@ def check_domain(h: HostFacts, d: DomainFacts, cfg: Config, running_vcpus: int) 
                                    "QEMU needs its guest's memory plus its own overhead: the OOM killer will end it",
                                    f"raise {attr} to at least {format_kib(dom.memory_kib + 256 * 1024)} or drop it"))
     return out
+
+
+def check_migration(d: DomainFacts) -> list[Finding]:
+    """How a VM can migrate (issue 18): advice, not a fault, so ``validate`` shows it as a note."""
+    dom = d.domain
+    if dom is None or not dom.hugepage_backing:
+        return []
+    return [Finding("postcopy", d.name, "post-copy migration does not work with huge pages",
+                    "QEMU refuses post-copy unless the destination backs the guest with the same page size and "
+                    "its kernel supports userfaultfd on hugetlbfs; VDSM notes post-copy 'may fail immediately' "
+                    "when huge pages are used", "migrate it with 'virsh migrate --live' without --postcopy "
+                    "(and check the destination first: 'kvmhooks plan --incoming' on it)", "info")]
 
 
 def check_balloon(d: DomainFacts) -> list[Finding]:

@@ -101,14 +101,16 @@ def validate_problems(data: bytes, cfg: Config) -> tuple[str, list[str]]:
 
 
 def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
-    from kvmhooks.doctor import check_balloon, domain_facts
+    from kvmhooks.doctor import check_balloon, check_migration, domain_facts
 
     data, _, _ = xml_for(args, cfg)
     name, problems = validate_problems(data, cfg)
+    facts = domain_facts(name, data)
     # The guest's own defences are advice, not refusals: the start would go ahead.
-    warnings = [f"warning: {f.what} ({f.fix})" for f in check_balloon(domain_facts(name, data))
+    warnings = [f"warning: {f.what} ({f.fix})" for f in check_balloon(facts)
                 if f.severity == "warning"] if not problems else []
-    emit(args, {"vm": name, "ok": not problems, "problems": problems, "warnings": warnings},
-         lambda: "\n".join(problems) if problems else "\n".join([f"VM {name!r}: annotation valid for this host",
-                                                                   *warnings]))
+    notes = [f"note: {f.what} ({f.fix})" for f in check_migration(facts)]
+    emit(args, {"vm": name, "ok": not problems, "problems": problems, "warnings": warnings, "notes": notes},
+         lambda: "\n".join([*problems, *notes]) if problems else "\n".join([
+             f"VM {name!r}: annotation valid for this host", *warnings, *notes]))
     return EXIT_FINDING if problems else EXIT_OK

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvmhooks import metrics, operations
 from kvmhooks.cli import main
 from kvmhooks.config import Config
+from kvmhooks.doctor import check_domain, domain_facts, read_host_facts
 from kvmhooks.domain import parse_domain
 from kvmhooks.migrate import incoming
 from kvmhooks.units import format_cpuset
@@ -143,3 +144,25 @@ def test_capacity_gauges_count_claims_and_say_what_a_new_vm_could_get(numa_host:
     got2 = incoming(second, cfg, dry_run=True)
     assert got2 is not None and got2.placement.relaxed and got2.placement.hugepages is not None
     assert set(got2.placement.hugepages.pages) == {0}
+
+
+# --- doctor / validate: post-copy ------------------------------------------------------------------------------
+
+def test_validate_and_doctor_advise_pre_copy_for_a_hugepage_vm_only(numa_host: FakeHost, tmp_path: Path,
+                                                                     capsys) -> None:  # type: ignore[no-untyped-def]
+    conf = write_config(numa_host)
+    code, out, _ = run(capsys, "validate", "--xml", str(SOURCE_FILE), "--config", str(conf), "--json")
+    got = json.loads(out)
+    assert code == 0 and got["ok"] and len(got["notes"]) == 1  # advice: the start and a pre-copy would go ahead
+    assert "post-copy" in got["notes"][0] and "virsh migrate --live' without --postcopy" in got["notes"][0]
+    plain = tmp_path / "plain.xml"
+    plain.write_bytes(domain_xml(name="plain", uuid=OTHER, tuning='<kvm:cpu policy="dedicated"/>', vcpus=2,
+                                backing=""))
+    code, out, _ = run(capsys, "validate", "--xml", str(plain), "--config", str(conf), "--json")
+    assert code == 0 and json.loads(out)["notes"] == []
+    cfg = numa_host.config()
+    topo = operations.topology_for(cfg)
+    found = check_domain(read_host_facts(topo, cfg), domain_facts("mig1", SOURCE), cfg, 0)
+    assert [(f.check, f.severity) for f in found if f.check == "postcopy"] == [("postcopy", "info")]
+    assert not [f for f in check_domain(read_host_facts(topo, cfg), domain_facts("plain", plain.read_bytes()), cfg, 0)
+                if f.check == "postcopy"]
