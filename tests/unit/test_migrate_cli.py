@@ -36,7 +36,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 # --- plan --incoming ----------------------------------------------------------------------------------------
 
-def test_plan_incoming_shows_the_rewrite_and_the_claim_and_holds_nothing(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_plan_incoming_shows_the_rewrite_and_the_claim_and_holds_nothing(numa_host: FakeHost,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     conf = write_config(numa_host)
     code, out, _ = run(capsys, "plan", "--incoming", str(SOURCE_FILE), "--config", str(conf), "--json")
     assert code == 0
@@ -52,7 +53,7 @@ def test_plan_incoming_shows_the_rewrite_and_the_claim_and_holds_nothing(numa_ho
     assert code == 0 and "would claim node1/2048kB 128 pages, CPUs " in out and "\n  <cputune> pins " in out
 
 
-def test_plan_incoming_refusal_is_one_line_and_exit_1(host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_plan_incoming_refusal_is_one_line_and_exit_1(host: FakeHost, capsys: pytest.CaptureFixture[str]) -> None:
     conf = write_config(host, cpu='{ housekeeping = "" }')
     cfg = host.config(cpu_housekeeping=frozenset())
     operations.prepare(parse_domain(domain_xml(name="other", uuid=OTHER, tuning='<kvm:cpu policy="dedicated"/>',
@@ -62,7 +63,8 @@ def test_plan_incoming_refusal_is_one_line_and_exit_1(host: FakeHost, capsys) ->
     assert out.count("\n") == 1 and out.startswith("would refuse the migration: VM 'mig1'")
 
 
-def test_plan_incoming_of_a_page_size_this_host_lacks_is_a_one_line_refusal(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_plan_incoming_of_a_page_size_this_host_lacks_is_a_one_line_refusal(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     h = FakeHost(tmp_path, page_sizes=(2048,), mounts=(2048,)).build()
     f = tmp_path / "in.xml"
     f.write_bytes(SOURCE.replace(b'<kvm:hugepages size="2M"/>', b'<kvm:hugepages size="1G"/>')
@@ -85,7 +87,8 @@ def status_row(capsys: pytest.CaptureFixture[str], conf: Path) -> tuple[dict[str
     return rows[0], human
 
 
-def test_status_shows_a_claim_what_it_holds_and_the_time_left(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_status_shows_a_claim_what_it_holds_and_the_time_left(numa_host: FakeHost,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     cfg = numa_host.config()
     got = incoming(SOURCE, cfg)
     assert got is not None
@@ -98,7 +101,8 @@ def test_status_shows_a_claim_what_it_holds_and_the_time_left(numa_host: FakeHos
     assert "claimed, expires in " in line and "node1 128x2M" in line and format_cpuset(rec.cpus) in line
 
 
-def test_status_says_expired_for_a_claim_past_its_deadline_not_yet_dropped(numa_host: FakeHost, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_status_says_expired_for_a_claim_past_its_deadline_not_yet_dropped(numa_host: FakeHost,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     incoming(SOURCE, numa_host.config(claim_timeout=0.001))
     time.sleep(0.01)
     row, human = status_row(capsys, write_config(numa_host))
@@ -110,7 +114,8 @@ def test_status_says_expired_for_a_claim_past_its_deadline_not_yet_dropped(numa_
 
 def gauges(cfg: Config) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     out = {}
-    for fam in text_string_to_metric_families(metrics.render(metrics.state_registry(cfg)).decode()):
+    text = metrics.render(metrics.state_registry(cfg)).decode()
+    for fam in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
         for s in fam.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
@@ -149,7 +154,7 @@ def test_capacity_gauges_count_claims_and_say_what_a_new_vm_could_get(numa_host:
 # --- doctor / validate: post-copy ------------------------------------------------------------------------------
 
 def test_validate_and_doctor_advise_pre_copy_for_a_hugepage_vm_only(numa_host: FakeHost, tmp_path: Path,
-                                                                     capsys) -> None:  # type: ignore[no-untyped-def]
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     conf = write_config(numa_host)
     code, out, _ = run(capsys, "validate", "--xml", str(SOURCE_FILE), "--config", str(conf), "--json")
     got = json.loads(out)
