@@ -350,9 +350,21 @@ def guarded(name: str, fn: Callable[[], None]) -> None:
         emit(name, error=traceback.format_exc())
 
 
+def hook_alone(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with kvmhooksd stopped: the isolation and kill stages watch (and kill) the hook's own process
+    at each systemctl call; with kvmhooksd running, kvmhooksd would serve the prepare instead."""
+    def run() -> None:
+        sh("systemctl", "stop", "kvmhooksd")
+        try:
+            fn()
+        finally:
+            sh("systemctl", "start", "kvmhooksd")
+    return run
+
+
 def main() -> None:
-    for name, fn in (("boot", stage_boot), ("install", stage_install), ("isolation", stage_isolation),
-                     ("kill", stage_kills), ("agent", stage_agent), ("uninstall", stage_uninstall)):
+    for name, fn in (("boot", stage_boot), ("install", stage_install), ("isolation", hook_alone(stage_isolation)),
+                     ("kill", hook_alone(stage_kills)), ("agent", stage_agent), ("uninstall", stage_uninstall)):
         guarded(name, fn)
     emit("done")
 
