@@ -185,6 +185,12 @@ class Host:
         threads "vcpuN", the main thread "emulator"); {} when no QEMU of that name runs here."""
         try:
             pid = int((self.source("/run/libvirt") / f"qemu/{name}.pid").read_text().split()[0])
+            # libvirt writes the pid file while its forked child still waits, before exec, for the handshake;
+            # meanwhile the parent sets the child's affinity from <emulatorpin> (qemuProcessInitCpuAffinity)
+            # and only then lets it exec QEMU. Until then the child is libvirt's, with libvirtd's affinity:
+            # not yet the VM's QEMU, so not counted.
+            if not Path(f"/proc/{pid}/comm").read_text().startswith("qemu"):
+                return {}
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except (OSError, ValueError, IndexError):
             return {}
