@@ -19,7 +19,15 @@ else
     for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
     [ ! -e "/proc/$pid" ] || kill -9 "$pid" 2>/dev/null || true
   fi
-  libvirtd -d
+  # Under tini as a subreaper where it is installed: libvirt daemonizes QEMU, so an exited QEMU is reaped by
+  # the nearest subreaper or by pid 1, and libvirt waits for that (it polls the pid every 200 ms until it is
+  # gone, zombie or not). A container's pid 1 may reap late: here about once a second, which made every
+  # `virsh destroy` take 1-2 s instead of ~0.2 s. tini reaps at once, as systemd does.
+  if command -v tini >/dev/null; then
+    setsid tini -s -- libvirtd </dev/null >/dev/null 2>&1 &
+  else
+    libvirtd -d
+  fi
 fi
 for _ in $(seq 300); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0

@@ -125,7 +125,7 @@ class Host:
     tcp_port: int
     migration_ports: range
     fake: FakeHost  # kvmhooks' view of this host's sysfs (CPUs, node 0, the 2M pool)
-    pid: int = 0  # libvirtd (unshare execs the shell, which execs libvirtd: the namespace's first process)
+    pid: int = 0  # libvirtd (its pid file's, once it answers: under tini it is not the Popen's process)
     agent_pid: int | None = None
     _next_port: int = 0
     _proc: subprocess.Popen[bytes] = field(init=False, repr=False)
@@ -256,7 +256,11 @@ class Host:
         """Start this host's libvirtd in a new mount namespace with its bind mounts (see :meth:`wait_up`)."""
         mounts = "\n".join([*(f"mount --bind {self.source(d)} {d}" for d in (*LIBVIRT_DIRS, *KVMHOOKS_DIRS)),
                             "mount -t hugetlbfs nodev /dev/hugepages"])
-        script = f"set -e\n{mounts}\nexec libvirtd --listen -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid"
+        # Under tini as a subreaper when it is there (scripts/start-libvirtd.sh says why: libvirt waits until
+        # a stopped QEMU is reaped, and this machine's pid 1 reaps about once a second).
+        reaper = "tini -s -- " if shutil.which("tini") else ""
+        script = (f"set -e\n{mounts}\n"
+                  f"exec {reaper}libvirtd --listen -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid")
         with open(self.root / "libvirtd.out", "ab") as out:
             # On CPU 0 while it starts: libvirt keeps a cached probe of QEMU only while the host's CPUID reads the
             # same, and on this machine (a VM) it differs from one CPU to the other ("host cpuid changed" in its
@@ -264,7 +268,6 @@ class Host:
             self._proc = subprocess.Popen(["taskset", "-c", "0", "unshare", "-m", "--propagation", "private",
                                            "sh", "-c", script],
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        self.pid = self._proc.pid
 
     def wait_up(self, timeout: float = 60) -> None:
         """Until the daemon answers on its TCP listener."""
@@ -274,6 +277,7 @@ class Host:
                 raise RuntimeError(f"host {self.name}: libvirtd did not come up: "
                                    f"{(self.root / 'libvirtd.out').read_text(errors='replace')[-500:]}")
             time.sleep(0.05)
+        self.pid = int((self.source("/run/libvirt") / "libvirtd.pid").read_text().split()[0])
         online = Path("/sys/devices/system/cpu/online").read_text().strip()
         run("taskset", "-a", "-p", "-c", online, str(self.pid))
 
@@ -324,6 +328,9 @@ class Host:
         if self.pid:
             _kill(self.pid, "libvirtd", child=self._proc)
             self.pid = 0
+        elif hasattr(self, "_proc") and self._proc.poll() is None:  # it never answered: its reaper goes with it
+            self._proc.terminate()
+            self._proc.wait(15)
 
 
 @dataclass
