@@ -780,11 +780,32 @@ class Agent:
                 break
             self.stop.wait(0.2)
 
+    def _repin_soon(self) -> None:
+        """After a release served here freed dedicated CPUs: the shared VMs float over them again, over this
+        agent's connection, in a thread of its own (the hook's answer does not wait for libvirt)."""
+        threading.Thread(target=self._repin, name="agent-repin", daemon=True).start()
+
+    def _repin(self) -> None:
+        from kvmhooks.apply.live import repin_shared
+        from kvmhooks.prepare_server import spawn_repin_worker
+
+        conn = self.conn
+        if conn is None:  # not connected now: a worker connects on its own
+            spawn_repin_worker()
+            return
+        try:
+            with self._timed("repin"):
+                repin_shared(conn, self.cfg, VMLog("-", "-"))
+        except Exception:  # (libvirt away meanwhile: the next start of a shared VM plans afresh)
+            log.exception("agent: re-pinning the shared VMs failed")
+            if self.metrics is not None:
+                self.metrics.failed("repin")
+
     def _serve_prepare(self) -> None:
         """hooks/qemu's prepare without an interpreter to start; the hook runs its own when this is not served."""
         from kvmhooks.prepare_server import PrepareServer
 
-        server = PrepareServer(self.cfg)
+        server = PrepareServer(self.cfg, repin=self._repin_soon)
         try:
             server.start()
         except (OSError, KvmhooksError) as e:

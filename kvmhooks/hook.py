@@ -42,9 +42,11 @@ MAY_FAIL = ("prepare", "migrate", "restore")
 
 
 def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = None, err: TextIO | None = None,
-        ) -> None:
+        repin: Callable[[], None] | None = None) -> None:
     """Dispatch one hook call; the filter's XML goes to ``out`` (stdout), prepare's warnings to ``err``
-    (stderr). Raises KvmhooksError for the caller to turn into an exit code."""
+    (stderr). ``repin`` lets the shared VMs float over CPUs a stopping VM gave back (kvmhooksd does it over its
+    own connection; by default a detached worker). Raises KvmhooksError for the caller to turn into an exit
+    code."""
     from kvmhooks import operations
 
     op = argv[2] if len(argv) > 2 else ""
@@ -68,9 +70,12 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
         rec = operations.release(uuid, cfg)
         if rec is not None and rec.cpus and operations.has_running_shared(cfg):
             # Dedicated CPUs came free: the shared VMs may float over them again (needs libvirt: detached).
-            from kvmhooks.worker import spawn_detached
+            if repin is not None:
+                repin()
+            else:
+                from kvmhooks.worker import spawn_detached
 
-            spawn_detached(["repin", "-"], cfg)
+                spawn_detached(["repin", "-"], cfg)
         return
     if op not in ("prepare", "started", "reconnect"):
         return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
@@ -122,10 +127,12 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     return call(argv, stdin or sys.stdin.buffer, load, sys.stderr)
 
 
-def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: TextIO) -> int:
+def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: TextIO,
+         repin: Callable[[], None] | None = None) -> int:
     """One hook call to its exit code, its one line of failure (and prepare's warnings) on ``err``: main's body
-    with the config's loading and stderr as parameters, so kvmhooksd serves prepare through this very code
-    (:mod:`kvmhooks.prepare_server`: its own logging, the config the hook names, stderr sent back)."""
+    with the config's loading and stderr as parameters, so kvmhooksd serves prepare and a held VM's stop
+    through this very code (:mod:`kvmhooks.prepare_server`: its own logging, the config the hook names, stderr
+    sent back, and ``repin`` over its connection instead of a forked worker)."""
     vm = argv[1] if len(argv) > 1 else "?"
     op = argv[2] if len(argv) > 2 else ""
     if op not in OPERATIONS:
@@ -135,7 +142,7 @@ def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: 
     try:
         data = stdin.read(MAX_XML_BYTES + 1)
         cfg = load()
-        run(argv, data, cfg, err=err)
+        run(argv, data, cfg, err=err, repin=repin)
         return 0
     except KvmhooksError as e:
         msg = str(e) if e.vm is not None else f"VM {vm!r}: {e}"

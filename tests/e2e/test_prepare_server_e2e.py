@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import LOG, Env, ledger, pool2m, virsh
+from tests.e2e.conftest import LOG, Env, ledger, pool2m, virsh, wait_for
 from tests.e2e.test_agent_e2e import agent_answers, running_agent
+from tests.e2e.test_cpu_e2e import vcpupin
 
 AGENT_LOG = Path("/tmp/kvmhooks-agent-e2e.log")  # running_agent's
 PREP = Path("/run/kvmhooks/prepare")
@@ -88,3 +89,29 @@ def test_a_stopped_agent_delays_a_start_by_its_pickup_deadline_and_a_killed_one_
     hook_log = tail(LOG, log_at)
     assert prepared_by(stopped.uuid, hook_log) and prepared_by(killed.uuid, hook_log)  # the hook's Python
     assert {stopped.uuid, killed.uuid} <= set(ledger()["domains"])
+
+
+def released_by(vm_uuid: str, log: str) -> bool:
+    return any(vm_uuid in line and "released" in line for line in log.splitlines())
+
+
+def test_kvmhooksd_serves_the_stop_and_lets_the_shared_vm_back_over_its_own_connection(env: Env) -> None:
+    """`virsh destroy` of a dedicated VM while kvmhooksd runs: the release is the agent's (no Python in the
+    hook), the ledger forgets the VM, and the shared VM floats over the CPU it gave back, as a user sees in
+    `virsh vcpupin`."""
+    s = env.define('<kvm:cpu policy="shared"/>', vcpus=1, backing="")
+    d = env.define('<kvm:cpu policy="dedicated"/>', vcpus=1, backing="")
+    agent_at, log_at = size(AGENT_LOG), size(LOG)
+    with running_agent():
+        virsh("start", s.name)
+        wait_for(lambda: vcpupin(s.name).get(0) == "0-1", 10, "the shared VM on the whole pool")
+        virsh("start", d.name)
+        mine = wait_for(lambda: vcpupin(d.name).get(0) if vcpupin(d.name).get(0) in ("0", "1") else None, 10,
+                        "d's pin")
+        wait_for(lambda: vcpupin(s.name).get(0) == ("1" if mine == "0" else "0"), 10, "the shared VM off d's CPU")
+        virsh("destroy", d.name)
+        assert d.uuid not in ledger()["domains"]  # released before virsh returned
+        wait_for(lambda: vcpupin(s.name).get(0) == "0-1", 10, "the shared VM back on the whole pool")
+        agent_log, hook_log = tail(AGENT_LOG, agent_at), tail(LOG, log_at)
+        assert os.listdir(PREP) == ["requests"]
+    assert released_by(d.uuid, agent_log) and not released_by(d.uuid, hook_log)

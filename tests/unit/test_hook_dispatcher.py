@@ -97,6 +97,8 @@ STATE_DIR_SPELLINGS = {
     "tab separated": ('state_dir\t=\t"{}"', "\n"),
     "indented key": ('  state_dir = "{}"', "\n"),
     "CRLF file": ('state_dir = "{}"', "\r\n"),
+    "escaped quoted key": ('"state\\u005fdir" = "{}"', "\n"),  # no "state_dir" in the file at all
+    "commented default above": ('# state_dir = "/run/kvmhooks"\nstate_dir = "{}"', "\n"),
 }
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,9 +58,10 @@ class Rig:
         stand_in.chmod(0o755)
         self.env = {**hook_env(self.config), "KVMHOOKS_PYTHON": str(stand_in)}
 
-    def start(self, xml: bytes, name: str = "vm1") -> subprocess.Popen[bytes]:
+    def start(self, xml: bytes, name: str = "vm1", op: str = "prepare") -> subprocess.Popen[bytes]:
         self.ran.unlink(missing_ok=True)
-        p = subprocess.Popen([str(self.script), name, "prepare", "begin", "-"], env=self.env, cwd=self.host.root,
+        sub = "begin" if op == "prepare" else "end"
+        p = subprocess.Popen([str(self.script), name, op, sub, "-"], env=self.env, cwd=self.host.root,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stdin, p.stdin = p.stdin, None
         assert stdin is not None
@@ -77,6 +78,13 @@ class Rig:
     def prepare(self, xml: bytes, name: str = "vm1") -> tuple[int, bytes]:
         """(exit code, stderr) of one prepare; stdout stays empty."""
         p = self.start(xml, name)
+        out, err = p.communicate(timeout=120)
+        assert out == b""
+        return p.returncode, err
+
+    def stop(self, xml: bytes, op: str, name: str = "vm1") -> tuple[int, bytes]:
+        """(exit code, stderr) of a ``stopped`` or ``release`` call; stdout stays empty."""
+        p = self.start(xml, name, op)
         out, err = p.communicate(timeout=120)
         assert out == b""
         return p.returncode, err
@@ -105,8 +113,9 @@ def agent_lock(rig: Rig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(rig: Rig, package_dir: Path | None = None) -> Iterator[PrepareServer]:
-    server = PrepareServer(rig.cfg, package_dir)
+def serving(rig: Rig, package_dir: Path | None = None, repin: Callable[[], None] | None = None
+            ) -> Iterator[PrepareServer]:
+    server = PrepareServer(rig.cfg, package_dir, repin=repin)
     server.start()
     try:
         with agent_lock(rig):
@@ -300,15 +309,18 @@ time.sleep(600)
 """
 
 
-def test_an_agent_killed_mid_prepare_leaves_it_to_python(rig: Rig) -> None:
+@pytest.mark.parametrize("op", ["prepare", "stopped"])
+def test_an_agent_killed_mid_call_leaves_it_to_python(rig: Rig, op: str) -> None:
     """The agent took the request and waits for the ledger lock when it is killed: the shell sees its reply
-    end at once and prepares in Python, which takes the lock once it is free."""
+    end at once and prepares (or releases) in Python, which takes the lock once it is free."""
+    if op == "stopped":  # a VM that holds its pages (prepared by the hook's Python: no agent yet)
+        assert rig.prepare(domain_xml(uuid=U1)) == (0, b"") and rig.host.pool(0) == 128
     agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(rig.config)], cwd=REPO, stdout=subprocess.PIPE)
     ledger_lock = os.open(rig.cfg.ledger_path.with_name("ledger.json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(ledger_lock, fcntl.LOCK_EX)
     try:
         assert agent.stdout is not None and agent.stdout.readline() == b"ready\n"
-        hook = rig.start(domain_xml(uuid=U1))
+        hook = rig.start(domain_xml(uuid=U1), op=op)
         deadline = time.monotonic() + 10
         while not rig.leftovers() and time.monotonic() < deadline:  # its files are there...
             time.sleep(0.005)
@@ -327,8 +339,13 @@ def test_an_agent_killed_mid_prepare_leaves_it_to_python(rig: Rig) -> None:
         agent.wait(10)
     out, err = hook.communicate(timeout=60)
     assert (hook.returncode, out, err) == (0, b"", b"")
-    assert rig.host.pool(0) == 128 and rig.record(U1) is not None
-    assert f"({U1}): reserved" in (rig.host.root / "kvmhooks.log").read_text()  # the hook's Python did it
+    log = (rig.host.root / "kvmhooks.log").read_text()
+    if op == "prepare":
+        assert rig.host.pool(0) == 128 and rig.record(U1) is not None
+        assert f"({U1}): reserved" in log  # the hook's Python did it
+    else:
+        assert rig.host.pool(0) == 0 and rig.record(U1) is None and not (rig.state / "held" / U1).exists()
+        assert f"({U1}): released" in log
     assert rig.leftovers() == []
 
 
@@ -413,3 +430,78 @@ def test_the_agent_serves_prepare_and_stops_serving_at_its_end(rig: Rig) -> None
     assert not rig.python_ran()
     agent.prepare_server.close()
     assert not (rig.state / DIR_NAME / REQUESTS).exists()
+
+
+# --- the stop of a VM that holds something: served the same way -------------------------------------------
+
+def test_the_agent_releases_a_held_vm_without_python_and_the_second_stop_call_costs_nothing(rig: Rig) -> None:
+    xml = domain_xml(uuid=U1)
+    with serving(rig):
+        assert rig.prepare(xml) == (0, b"")
+        assert rig.host.pool(0) == 128 and (rig.state / "held" / U1).exists()
+        assert rig.stop(xml, "stopped") == (0, b"")
+        assert not rig.python_ran()
+        assert rig.host.pool(0) == 0 and rig.record(U1) is None and not (rig.state / "held" / U1).exists()
+        assert rig.stop(xml, "release") == (0, b"")  # nothing held: the shell ends it, no exchange, no Python
+        assert not rig.python_ran()
+    assert rig.leftovers() == []
+
+
+def test_a_stop_the_agent_does_not_serve_is_released_by_python(rig: Rig, tmp_path: Path) -> None:
+    """kvmhooks upgraded under a running agent: the hook's Python releases, with the new code."""
+    package = tmp_path / "installed"
+    shutil.copytree(REPO / "kvmhooks", package, ignore=shutil.ignore_patterns("__pycache__"))
+    xml = domain_xml(uuid=U1)
+    with serving(rig, package_dir=package):
+        assert rig.prepare(xml) == (0, b"")
+        os.utime(package / "operations.py", ns=(0, 0))
+        assert rig.stop(xml, "stopped") == (0, b"")
+        assert rig.python_ran()
+    assert rig.host.pool(0) == 0 and rig.record(U1) is None and rig.leftovers() == []
+
+
+def test_a_served_release_that_frees_dedicated_cpus_repins_through_the_agent(tmp_path: Path) -> None:
+    """The shared VMs may float over the CPUs a dedicated VM gave back: the agent does it over its own
+    connection (the callback it hands the server), never by forking its threaded process."""
+    rig = Rig(FakeHost(tmp_path, cores_per_node=4).build())
+    shared = domain_xml(name="shared", uuid=U1, tuning='<kvm:cpu policy="shared"/>', backing="")
+    dedicated = domain_xml(name="dedicated", uuid=U2, tuning='<kvm:cpu policy="dedicated"/>', backing="")
+    calls: list[int] = []
+    with serving(rig, repin=lambda: calls.append(len(getattr(rig.record(U2), "cpus", []) or []))):
+        assert rig.prepare(shared, "shared") == (0, b"")
+        assert rig.prepare(dedicated, "dedicated") == (0, b"")
+        held = getattr(rig.record(U2), "cpus", None)
+        assert held
+        assert rig.stop(dedicated, "stopped", "dedicated") == (0, b"")
+        assert rig.stop(shared, "stopped", "shared") == (0, b"")  # (no dedicated CPUs: no repin)
+    assert not rig.python_ran()
+    assert calls == [0]  # once, after the dedicated VM's record (and its CPUs) left the ledger
+    assert rig.record(U1) is None and rig.record(U2) is None and rig.leftovers() == []
+
+
+def test_the_agents_repin_moves_the_shared_vms_over_its_own_connection(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the agent hands the server as ``repin``: the shared VM leaves the CPUs a dedicated VM holds, through
+    the agent's connection; with no connection (libvirt away), a worker of its own (fork and exec) does it."""
+    from kvmhooks import operations, prepare_server
+    from kvmhooks.domain import parse_domain
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    cfg = host.config(cpu_housekeeping=frozenset({0}))
+    shared_xml = domain_xml(uuid=U1, tuning='<kvm:cpu policy="shared"/>', backing="")
+    operations.prepare(parse_domain(shared_xml), cfg)
+    shared = FakeDom(U1, shared_xml)
+    for v in (0, 1):
+        shared.vcpus[v] = frozenset({1, 2, 3})
+    held = set(operations.prepare(parse_domain(domain_xml(uuid=U2, tuning='<kvm:cpu policy="dedicated"/>',
+                                                          backing="")), cfg).record.cpus)
+    a = Agent(cfg)
+    a.conn = FakeConn(shared)
+    a._repin()
+    assert all(not shared.vcpus[v] & held for v in (0, 1)) and not shared.emulator & held
+    spawned: list[bool] = []
+    monkeypatch.setattr(prepare_server, "spawn_repin_worker", lambda: spawned.append(True))
+    a.conn = None
+    a._repin()
+    assert spawned == [True]
