@@ -1,16 +1,19 @@
 """The detached post-start worker: the only kvmhooks code that calls libvirt for a starting VM.
 
 A hook must never call back into libvirtd (the daemon waits for the hook while holding the domain's
-job: a deadlock). So the ``started`` hook double-forks this worker into its own session with stdio on
-/dev/null and every inherited descriptor closed (libvirtd reads the hook's stdout/stderr pipes until EOF,
-so a worker holding them would hang ``virsh start``), and returns at once. The worker then waits
-(bounded) for the domain to run and applies the live tuning.
+job: a deadlock). So the worker runs in its own session with stdio on /dev/null and no other inherited
+descriptor (libvirtd reads the hook's stdout/stderr pipes until EOF, so a worker holding them would hang
+``virsh start``), and the hook returns at once. The worker then waits (bounded) for the domain to run and
+applies the live tuning.
 
-The worker is the hook's own interpreter, forked: it keeps what the hook already imported (the package,
-lxml, the config), so a start without kvmhooksd pays only libvirt's import and connection, not a second
-interpreter start-up (that was most of its latency). The hook is single-threaded and holds no lock when
-it forks; the child sets up its own logging, and leaves with ``os._exit`` (no atexit handlers, no
-flushing of buffers that belong to the hook). ``python -m kvmhooks.worker`` runs the same jobs by hand.
+Two ways in. Usually the ``started`` hook's shell starts it (``setsid python -I -m kvmhooks.worker started
+UUID``): no interpreter in the hook at all, so libvirt waits for none. Where the shell hands the call to
+Python (it cannot decide alone: a configured state directory, a ledger without markers), the hook's own
+interpreter double-forks it (:func:`spawn_detached`): it keeps what the hook already imported. The hook is
+single-threaded and holds no lock when it forks; the child sets up its own logging, and leaves with
+``os._exit`` (no atexit handlers, no flushing of buffers that belong to the hook). kvmhooksd, which is
+threaded, never forks it: it tunes over its own connection, or starts ``python -m kvmhooks.worker``
+(:func:`kvmhooks.prepare_server.spawn_repin_worker`).
 """
 
 from __future__ import annotations
