@@ -780,22 +780,23 @@ class Agent:
                 break
             self.stop.wait(0.2)
 
-    def _repin_soon(self) -> None:
+    def _repin_soon(self, cfg: Config) -> None:
         """After a release served here freed dedicated CPUs: the shared VMs float over them again, over this
-        agent's connection, in a thread of its own (the hook's answer does not wait for libvirt)."""
-        threading.Thread(target=self._repin, name="agent-repin", daemon=True).start()
+        agent's connection, in a thread of its own (the hook's answer does not wait for libvirt), planned with
+        ``cfg``, the config the served call read (the admin may have changed it since the agent started)."""
+        threading.Thread(target=self._repin, args=(cfg,), name="agent-repin", daemon=True).start()
 
-    def _repin(self) -> None:
+    def _repin(self, cfg: Config) -> None:
         from kvmhooks.apply.live import repin_shared
         from kvmhooks.prepare_server import spawn_repin_worker
 
         conn = self.conn
         if conn is None:  # not connected now: a worker connects on its own
-            spawn_repin_worker()
+            spawn_repin_worker(cfg)
             return
         try:
             with self._timed("repin"):
-                repin_shared(conn, self.cfg, VMLog("-", "-"))
+                repin_shared(conn, cfg, VMLog("-", "-"))
         except Exception:  # (libvirt away meanwhile: the next start of a shared VM plans afresh)
             log.exception("agent: re-pinning the shared VMs failed")
             if self.metrics is not None:

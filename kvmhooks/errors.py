@@ -94,6 +94,12 @@ class UsageError(KvmhooksError):
     """A command line that cannot be carried out as written (nothing to do, a bad option value)."""
 
 
+class Abandoned(KvmhooksError):
+    """A hook call kvmhooksd served got the ledger lock after its hook stopped waiting: the hook's own Python
+    runs it (or ran it already), and a VM whose hook returned may have been started again since; nothing of
+    this late call may be committed."""
+
+
 class NotFound(KvmhooksError):
     """A domain named on the command line does not exist."""
 

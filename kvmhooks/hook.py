@@ -27,7 +27,7 @@ from typing import BinaryIO, TextIO
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config, load_config
 from kvmhooks.domain import parse_domain
-from kvmhooks.errors import HostError, KvmhooksError, XMLInputError
+from kvmhooks.errors import Abandoned, HostError, KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
 from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
 
@@ -42,7 +42,7 @@ MAY_FAIL = ("prepare", "migrate", "restore")
 
 
 def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = None, err: TextIO | None = None,
-        repin: Callable[[], None] | None = None) -> None:
+        repin: Callable[[Config], None] | None = None) -> None:
     """Dispatch one hook call; the filter's XML goes to ``out`` (stdout), prepare's warnings to ``err``
     (stderr). ``repin`` lets the shared VMs float over CPUs a stopping VM gave back (kvmhooksd does it over its
     own connection; by default a detached worker). Raises KvmhooksError for the caller to turn into an exit
@@ -71,7 +71,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
         if rec is not None and rec.cpus and operations.has_running_shared(cfg):
             # Dedicated CPUs came free: the shared VMs may float over them again (needs libvirt: detached).
             if repin is not None:
-                repin()
+                repin(cfg)
             else:
                 from kvmhooks.worker import spawn_detached
 
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
 
 
 def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: TextIO,
-         repin: Callable[[], None] | None = None) -> int:
+         repin: Callable[[Config], None] | None = None) -> int:
     """One hook call to its exit code, its one line of failure (and prepare's warnings) on ``err``: main's body
     with the config's loading and stderr as parameters, so kvmhooksd serves prepare and a held VM's stop
     through this very code (:mod:`kvmhooks.prepare_server`: its own logging, the config the hook names, stderr
@@ -144,6 +144,9 @@ def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: 
         cfg = load()
         run(argv, data, cfg, err=err, repin=repin)
         return 0
+    except Abandoned as e:  # (kvmhooksd, too late: nobody reads the answer, the hook's Python did the call)
+        log.warning("%s: VM %r: not done by kvmhooksd: %s", op, vm, e)
+        return 1 if op in MAY_FAIL else 0
     except KvmhooksError as e:
         msg = str(e) if e.vm is not None else f"VM {vm!r}: {e}"
         log.error("%s: %s", op, msg)

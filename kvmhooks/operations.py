@@ -15,6 +15,7 @@ are absolute and computed from the ledger, so finishing a write twice never free
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
 from kvmhooks.domain import Domain
-from kvmhooks.errors import CapacityError, HostError, KvmhooksError, LedgerError
+from kvmhooks.errors import Abandoned, CapacityError, HostError, KvmhooksError, LedgerError
 from kvmhooks.ledger import (
     CLAIMED,
     NOT_MAPPED_YET,
@@ -241,6 +242,24 @@ class Session:
         return found
 
 
+# Whether the hook a served call answers still waits (kvmhooks.prepare_server sets it for its thread): asked
+# under the ledger lock, before anything of the call is done. A hook that waits cannot have returned, so its
+# VM cannot have been stopped or started again meanwhile, and the lock is held from the question to the
+# commit; one that stopped waiting has run (or runs) the call in Python, and its VM may be in its next run,
+# whose record a late release would delete (or whose stop a late prepare would outlive).
+_hook_waits: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("hook_waits", default=None)
+
+
+@contextlib.contextmanager
+def served(hook_waits: Callable[[], bool]) -> Iterator[None]:
+    """The sessions of this block go on only while ``hook_waits()`` (kvmhooksd serving a hook call)."""
+    token = _hook_waits.set(hook_waits)
+    try:
+        yield
+    finally:
+        _hook_waits.reset(token)
+
+
 @contextlib.contextmanager
 def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = False,
             record_isolation: Callable[[str, str], None] | None = None) -> Iterator[Session]:
@@ -249,6 +268,9 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
     ``record_isolation`` (a dry run): an isolation change to finish is passed to it, not made."""
     led = ledger_for(cfg)
     with led.hold(quarantine=quarantine) as txn:
+        waits = _hook_waits.get()
+        if waits is not None and not waits():
+            raise Abandoned("its hook stopped waiting for kvmhooksd; the hook's own Python does the call")
         s = Session(txn, cfg, pools or SysfsPools(cfg.sysfs_root, cfg.proc_root))
         if led.set_aside is not None:
             log.warning("ledger was unreadable: copied to %s; kept what still reads, rebuilding the rest",

@@ -81,9 +81,10 @@ _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 class PrepareServer:
     """The server side of hooks/qemu's prepare exchange (see the module docstring)."""
 
-    def __init__(self, cfg: Config, package_dir: Path | None = None, repin: Callable[[], None] | None = None):
+    def __init__(self, cfg: Config, package_dir: Path | None = None,
+                 repin: Callable[[Config], None] | None = None):
         self.cfg = cfg
-        self._repin = repin or spawn_repin_worker  # after a release that freed dedicated CPUs
+        self._repin = repin or spawn_repin_worker  # after a release that freed dedicated CPUs (its config)
         self.dir = cfg.state_dir / DIR_NAME
         self._package = package_dir or Path(kvmhooks.__file__).parent
         self._code = code_signature(self._package)  # the code this process runs
@@ -176,13 +177,15 @@ class PrepareServer:
                 with open(self._open(f"{name}.args"), "rb") as args, open(self._open(f"{name}.xml"), "rb") as xml:
                     for part in _PARTS:  # taken: the shell leaves them (a fallback reads the XML it keeps open)
                         os.unlink(name + part, dir_fd=self._dir_fd)
-                    answer = self._answer(args, xml)
+                    answer = self._answer(args, xml, w)
                 if answer is not None:
                     _write_all(w, answer)
             finally:
                 os.close(w)  # unanswered: the shell sees the end of the reply and runs Python
+        except BrokenPipeError:  # (the agent is signal-safe: SIGPIPE is ignored in Python)
+            log.warning("agent: hook request %s: its hook stopped waiting before the answer", name)
         except Exception:
-            log.exception("agent: prepare request %s failed; the hook runs prepare itself", name)
+            log.exception("agent: hook request %s failed; the hook runs it itself", name)
         finally:
             with self._lock:
                 self._busy.discard(threading.current_thread())
@@ -207,8 +210,11 @@ class PrepareServer:
         os.set_blocking(w, True)
         return w
 
-    def _answer(self, args: BinaryIO, xml: BinaryIO) -> bytes | None:
-        """The hook's exit code and stderr for this request; None when it cannot be served as the hook would."""
+    def _answer(self, args: BinaryIO, xml: BinaryIO, reply: int) -> bytes | None:
+        """The hook's exit code and stderr for this request; None when it cannot be served as the hook would.
+        Nothing of it is done once the hook stopped waiting (``reply`` has no reader left): see
+        :func:`kvmhooks.operations.served`."""
+        from kvmhooks import operations
         from kvmhooks.hook import call
 
         served = self._servable(read_args(args))
@@ -219,7 +225,8 @@ class PrepareServer:
             return None
         cfg, argv = served
         err = io.StringIO()
-        code = call(["kvmhooksd", *argv], xml, lambda: cfg, err, repin=self._repin)
+        with operations.served(lambda: hook_waits(reply)):
+            code = call(["kvmhooksd", *argv], xml, lambda: cfg, err, repin=self._repin)
         text = err.getvalue().encode("utf-8", "backslashreplace")  # as Python's sys.stderr encodes
         return f"{REPLY} {code} {len(text)}\n".encode() + text
 
@@ -240,10 +247,19 @@ class PrepareServer:
         return cfg, argv
 
 
-def spawn_repin_worker() -> None:
+def hook_waits(reply: int) -> bool:
+    """Whether the hook's client still holds the reply FIFO open to read: it closes it when it gives up (the
+    answer deadline kills it), and a FIFO's write end then polls POLLERR."""
+    p = select.poll()
+    p.register(reply, select.POLLOUT)
+    return not any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in p.poll(0))
+
+
+def spawn_repin_worker(cfg: Config | None = None) -> None:
     """The repin job in a worker of its own (``python -m kvmhooks.worker repin -``): fork *and exec*, the only
     safe way out of a threaded process (hook.run's default, :func:`kvmhooks.worker.spawn_detached`, forks
-    without exec: fine for the single-threaded hook, not here)."""
+    without exec: fine for the single-threaded hook, not here). The worker reads the config file itself, as
+    the hook did just before (``cfg``, unused, is the served call's)."""
     import subprocess
     import sys
 

@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -467,7 +468,7 @@ def test_a_served_release_that_frees_dedicated_cpus_repins_through_the_agent(tmp
     shared = domain_xml(name="shared", uuid=U1, tuning='<kvm:cpu policy="shared"/>', backing="")
     dedicated = domain_xml(name="dedicated", uuid=U2, tuning='<kvm:cpu policy="dedicated"/>', backing="")
     calls: list[int] = []
-    with serving(rig, repin=lambda: calls.append(len(getattr(rig.record(U2), "cpus", []) or []))):
+    with serving(rig, repin=lambda cfg: calls.append(len(getattr(rig.record(U2), "cpus", []) or []))):
         assert rig.prepare(shared, "shared") == (0, b"")
         assert rig.prepare(dedicated, "dedicated") == (0, b"")
         held = getattr(rig.record(U2), "cpus", None)
@@ -498,10 +499,134 @@ def test_the_agents_repin_moves_the_shared_vms_over_its_own_connection(tmp_path:
                                                           backing="")), cfg).record.cpus)
     a = Agent(cfg)
     a.conn = FakeConn(shared)
-    a._repin()
+    a._repin(cfg)
     assert all(not shared.vcpus[v] & held for v in (0, 1)) and not shared.emulator & held
     spawned: list[bool] = []
-    monkeypatch.setattr(prepare_server, "spawn_repin_worker", lambda: spawned.append(True))
+    monkeypatch.setattr(prepare_server, "spawn_repin_worker", lambda cfg: spawned.append(True))
     a.conn = None
-    a._repin()
+    a._repin(cfg)
     assert spawned == [True]
+
+
+def test_the_agents_repin_plans_with_the_config_the_served_call_read(tmp_path: Path) -> None:
+    """The admin moved the housekeeping CPUs after kvmhooksd started: the repin after a served release plans
+    the shared pool with the config the hook reads now, not the agent's (review finding: it used the agent's,
+    and the ledger then agreed with the wrong pins, so no drift check ever said so)."""
+    from kvmhooks import operations
+    from kvmhooks.domain import parse_domain
+    from tests.unit.test_live import FakeConn, FakeDom
+
+    host = FakeHost(tmp_path, cores_per_node=4).build()
+    started_with = host.config(cpu_housekeeping=frozenset({0}))
+    now = host.config(cpu_housekeeping=frozenset({0, 1}))
+    shared_xml = domain_xml(uuid=U1, tuning='<kvm:cpu policy="shared"/>', backing="")
+    operations.prepare(parse_domain(shared_xml), now)
+    shared = FakeDom(U1, shared_xml)
+    a = Agent(started_with)
+    a.conn = FakeConn(shared)
+    a._repin(now)
+    assert shared.vcpus[0] == frozenset({2, 3}) and shared.emulator == frozenset({2, 3})
+
+
+# --- a call kvmhooksd answers too late is not done (review finding) ---------------------------------------
+
+@contextlib.contextmanager
+def stalled_agent(rig: Rig) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[subprocess.Popen[bytes]], None]]]:
+    """A real serving agent, and a way to take the next request, let it wait for the ledger lock and freeze
+    the agent (SIGSTOP) there, as a swapped-out or stopped kvmhooksd would."""
+    with open(rig.host.root / "agent.log", "wb") as log:  # (its logging: stderr)
+        agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(rig.config)], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=log)
+    lock = os.open(rig.cfg.ledger_path.with_name("ledger.json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+
+    def freeze_on_next(hook: subprocess.Popen[bytes]) -> None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            deadline = time.monotonic() + 10
+            while not rig.leftovers() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            while rig.leftovers() and time.monotonic() < deadline:  # taken: the agent waits for the lock
+                time.sleep(0.002)
+            assert hook.poll() is None and not rig.python_ran(), "premise: the agent took the request"
+            time.sleep(0.2)
+            os.kill(agent.pid, signal.SIGSTOP)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == b"ready\n"
+        yield agent, freeze_on_next
+    finally:
+        os.close(lock)
+        os.kill(agent.pid, signal.SIGCONT)
+        agent.kill()
+        agent.wait(10)
+
+
+@contextlib.contextmanager
+def no_requests_fifo(rig: Rig) -> Iterator[None]:
+    """The frozen agent's FIFO out of the shell's sight meanwhile: its calls go to Python at once instead of
+    after the (lengthened) pickup deadline."""
+    fifo = rig.state / DIR_NAME / REQUESTS
+    fifo.rename(fifo.with_name("requests.aside"))
+    try:
+        yield
+    finally:
+        fifo.with_name("requests.aside").rename(fifo)
+
+
+def resume_and_settle(rig: Rig, agent: subprocess.Popen[bytes]) -> str:
+    """Let the frozen agent go on, and return its log line about the call it had taken."""
+    log = rig.host.root / "agent.log"
+    before = log.read_text()
+    os.kill(agent.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = log.read_text()[len(before):]
+        if "not done by kvmhooksd" in text:
+            return text
+        time.sleep(0.02)
+    raise AssertionError(f"the resumed agent said nothing about the call it had taken:\n{log.read_text()[-2000:]}")
+
+
+def test_a_release_answered_too_late_leaves_the_vms_next_run_alone(host: FakeHost) -> None:
+    """The agent took a stop and froze past the answer deadline; the hook released in Python, the VM started
+    again (Python prepare: the frozen agent takes no request). When the agent goes on it must not release the
+    new run's pages (it did: record, marker and pool of the running VM gone)."""
+    # The answer deadline shortened; the pickup deadline longer (a loaded machine must not send it to Python
+    # before the agent took it: the test is about a call the agent took).
+    rig = Rig(host, **{"ANSWER=60": "ANSWER=1", "PICKUP=1": "PICKUP=3"})
+    xml = domain_xml(uuid=U1)
+    assert rig.prepare(xml) == (0, b"")  # run 1 (no agent yet: Python)
+    with stalled_agent(rig) as (agent, freeze_on_next):
+        hook = rig.start(xml, op="stopped")
+        freeze_on_next(hook)
+        out, err = hook.communicate(timeout=60)
+        assert (hook.returncode, out, err) == (0, b"", b"") and rig.python_ran()
+        assert rig.record(U1) is None and rig.host.pool(0) == 0
+        with no_requests_fifo(rig):
+            assert rig.stop(xml, "release") == (0, b"")
+            assert rig.prepare(xml) == (0, b"") and rig.python_ran()  # run 2
+        assert rig.host.pool(0) == 128
+        said = resume_and_settle(rig, agent)
+        assert "stopped" in said
+        assert rig.record(U1) is not None and (rig.state / "held" / U1).exists() and rig.host.pool(0) == 128
+    assert not (rig.state / "failures" / U1).exists()  # nothing failed: the hook's Python did the stop
+
+
+def test_a_prepare_answered_too_late_reserves_nothing_for_a_vm_that_stopped(host: FakeHost) -> None:
+    # The answer deadline shortened; the pickup deadline longer (a loaded machine must not send it to Python
+    # before the agent took it: the test is about a call the agent took).
+    rig = Rig(host, **{"ANSWER=60": "ANSWER=1", "PICKUP=1": "PICKUP=3"})
+    xml = domain_xml(uuid=U1)
+    with stalled_agent(rig) as (agent, freeze_on_next):
+        hook = rig.start(xml)
+        freeze_on_next(hook)
+        out, err = hook.communicate(timeout=60)
+        assert (hook.returncode, out, err) == (0, b"", b"") and rig.python_ran()
+        assert rig.host.pool(0) == 128
+        with no_requests_fifo(rig):
+            assert rig.stop(xml, "stopped") == (0, b"")  # (the frozen agent takes nothing: Python releases)
+        assert rig.record(U1) is None and rig.host.pool(0) == 0
+        resume_and_settle(rig, agent)
+        assert rig.record(U1) is None and rig.host.pool(0) == 0 and not (rig.state / "held" / U1).exists()
