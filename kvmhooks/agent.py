@@ -792,7 +792,7 @@ class Agent:
 
         conn = self.conn
         if conn is None:  # not connected now: a worker connects on its own
-            spawn_repin_worker(cfg)
+            spawn_repin_worker()
             return
         try:
             with self._timed("repin"):

@@ -84,7 +84,8 @@ class PrepareServer:
     def __init__(self, cfg: Config, package_dir: Path | None = None,
                  repin: Callable[[Config], None] | None = None):
         self.cfg = cfg
-        self._repin = repin or spawn_repin_worker  # after a release that freed dedicated CPUs (its config)
+        # After a release that freed dedicated CPUs, with its config (a worker reads the file itself).
+        self._repin = repin or (lambda cfg: spawn_repin_worker())
         self.dir = cfg.state_dir / DIR_NAME
         self._package = package_dir or Path(kvmhooks.__file__).parent
         self._code = code_signature(self._package)  # the code this process runs
@@ -255,11 +256,11 @@ def hook_waits(reply: int) -> bool:
     return not any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in p.poll(0))
 
 
-def spawn_repin_worker(cfg: Config | None = None) -> None:
+def spawn_repin_worker() -> None:
     """The repin job in a worker of its own (``python -m kvmhooks.worker repin -``): fork *and exec*, the only
     safe way out of a threaded process (hook.run's default, :func:`kvmhooks.worker.spawn_detached`, forks
     without exec: fine for the single-threaded hook, not here). The worker reads the config file itself, as
-    the hook did just before (``cfg``, unused, is the served call's)."""
+    the hook did just before."""
     import subprocess
     import sys
 

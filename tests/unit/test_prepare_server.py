@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from kvmhooks.agent import LOCK_NAME, Agent
-from kvmhooks.config import load_config
+from kvmhooks.config import Config, load_config
 from kvmhooks.ledger import Ledger
 from kvmhooks.prepare_server import DIR_NAME, PICKUP_WAIT, REQUESTS, STALE_AGE, PrepareServer
 from kvmhooks.xmlsafe import MAX_XML_BYTES
@@ -90,6 +90,15 @@ class Rig:
         assert out == b""
         return p.returncode, err
 
+    def wait_taken(self, hook: subprocess.Popen[bytes]) -> None:
+        """Until the agent has taken ``hook``'s request: its files appear, then are gone (and the hook waits)."""
+        deadline = time.monotonic() + 10
+        while not self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert not self.leftovers() and hook.poll() is None
+
     def python_ran(self) -> bool:
         return self.ran.exists()
 
@@ -114,7 +123,7 @@ def agent_lock(rig: Rig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(rig: Rig, package_dir: Path | None = None, repin: Callable[[], None] | None = None
+def serving(rig: Rig, package_dir: Path | None = None, repin: Callable[[Config], None] | None = None
             ) -> Iterator[PrepareServer]:
     server = PrepareServer(rig.cfg, package_dir, repin=repin)
     server.start()
@@ -322,12 +331,7 @@ def test_an_agent_killed_mid_call_leaves_it_to_python(rig: Rig, op: str) -> None
     try:
         assert agent.stdout is not None and agent.stdout.readline() == b"ready\n"
         hook = rig.start(domain_xml(uuid=U1), op=op)
-        deadline = time.monotonic() + 10
-        while not rig.leftovers() and time.monotonic() < deadline:  # its files are there...
-            time.sleep(0.005)
-        while rig.leftovers() and time.monotonic() < deadline:  # ...and gone: the agent took the request
-            time.sleep(0.005)
-        assert not rig.leftovers() and hook.poll() is None
+        rig.wait_taken(hook)  # the agent took the request and waits for the ledger lock
         agent.kill()
         agent.wait(10)
         t0 = time.monotonic()
@@ -502,7 +506,7 @@ def test_the_agents_repin_moves_the_shared_vms_over_its_own_connection(tmp_path:
     a._repin(cfg)
     assert all(not shared.vcpus[v] & held for v in (0, 1)) and not shared.emulator & held
     spawned: list[bool] = []
-    monkeypatch.setattr(prepare_server, "spawn_repin_worker", lambda cfg: spawned.append(True))
+    monkeypatch.setattr(prepare_server, "spawn_repin_worker", lambda: spawned.append(True))
     a.conn = None
     a._repin(cfg)
     assert spawned == [True]
@@ -542,12 +546,8 @@ def stalled_agent(rig: Rig) -> Iterator[tuple[subprocess.Popen[bytes], Callable[
     def freeze_on_next(hook: subprocess.Popen[bytes]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            deadline = time.monotonic() + 10
-            while not rig.leftovers() and time.monotonic() < deadline:
-                time.sleep(0.002)
-            while rig.leftovers() and time.monotonic() < deadline:  # taken: the agent waits for the lock
-                time.sleep(0.002)
-            assert hook.poll() is None and not rig.python_ran(), "premise: the agent took the request"
+            rig.wait_taken(hook)  # the agent waits for the lock
+            assert not rig.python_ran(), "premise: the agent took the request"
             time.sleep(0.2)
             os.kill(agent.pid, signal.SIGSTOP)
         finally:
