@@ -28,7 +28,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,12 @@ class DomainRecord:
     unplaced: dict[str, int] = field(default_factory=dict)
     expires: float = 0.0  # a claim's deadline (time.time()); 0 for every other state
 
+    def holds_host(self) -> bool:
+        """Whether releasing the record changes the host (pools, dedicated CPUs, its isolation) or pages another
+        start may count on (borrowed), rather than only the ledger: the release of one that does not may wait
+        (:attr:`Ledger.stopping_dir`)."""
+        return bool(self.hugepages or self.borrowed or self.cpus or self.isolation or self.unplaced)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "token": self.token, "hugepages": self.hugepages,
                 "borrowed": self.borrowed, "cpus": self.cpus, "threads": self.threads,
@@ -506,6 +512,10 @@ class Records(MutableMapping[str, DomainRecord]):
 
     def __contains__(self, uuid: object) -> bool:
         return uuid in self._rec or uuid in self._raw
+
+    def heavy(self) -> dict[str, bool]:
+        """:meth:`DomainRecord.holds_host` of the records decoded so far (the others are as they were read)."""
+        return {uuid: rec.holds_host() for uuid, rec in self._rec.items()}
 
     def summary(self) -> Summary:
         """The sums as they are now: the file's, minus what decoded records brought, plus what they bring."""
@@ -761,13 +771,14 @@ def salvage(raw: bytes) -> tuple[LedgerState, list[str]]:
 HELD_DIR = "held"
 TUNE_DIR = "tune"
 UP_DIR = "up"
+STOPPING_DIR = "stopping"
 RECOUNTED = "the ledger's summary did not decode or disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _make_marker_dir(d: Path, names: set[str]) -> None:
-    """``d`` with a marker per name, appearing whole (filled aside, then renamed); left absent on failure
-    (the shell then hands every call to Python)."""
+def _make_marker_dir(d: Path, names: set[str], heavy: frozenset[str] = frozenset()) -> None:
+    """``d`` with a marker per name (one byte in those of ``heavy``, see :func:`_set_marker`), appearing whole
+    (filled aside, then renamed); left absent on failure (the shell then hands every call to Python)."""
     import shutil
 
     tmp = d.with_name(f".{d.name}.{os.getpid()}.tmp")
@@ -775,11 +786,23 @@ def _make_marker_dir(d: Path, names: set[str]) -> None:
     try:
         tmp.mkdir(mode=0o755)
         for name in names:
-            os.close(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            _set_marker(tmp / name, name in heavy)
         os.rename(tmp, d)
     except OSError as e:
         log.warning("ledger: cannot make %s (%s); the shell hands those calls to Python", d, e)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_marker(p: Path, heavy: bool) -> None:
+    """Make the marker ``p``: empty, or one byte (``heavy``). Never through a link planted there."""
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if heavy:
+            os.pwrite(fd, b"1", 0)
+        else:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 def _retire(d: Path, error: OSError) -> None:
@@ -808,7 +831,7 @@ class Transaction:
         text = self.state.to_json()
         if text != self._written:
             held = set(self.state.domains)
-            self.ledger._mark_held(held)
+            self.ledger._mark_held(held, self.state.domains.heavy())
             self.ledger._write(text)
             self.ledger._unmark_released(held)
             self._written = text
@@ -920,14 +943,28 @@ class Ledger:
 
     @property
     def held_dir(self) -> Path:
-        """One empty file per VM with a record (``held/UUID``), beside the ledger.
+        """One file per VM with a record (``held/UUID``), beside the ledger: one byte in it when the record
+        holds something of the host's (:meth:`DomainRecord.holds_host`), empty when it is only bookkeeping.
 
         The shell dispatcher answers "does this unannotated VM hold anything?" at every stop with one
-        ``[ -e ]`` here instead of a grep of the ledger (a fork per stop of every VM on the host). A marker
-        is created before the record is committed and removed after, so a record never lacks one; a stale
-        marker only costs one Python start at that VM's stop.
+        ``[ -e ]`` here instead of a grep of the ledger (a fork per stop of every VM on the host), and
+        ``[ -s ]`` tells it whether the release may wait (:meth:`stopping_dir`). A marker is created (and its
+        byte set) before the record is committed and removed after, so a record never lacks one; a stale
+        marker only costs one Python start at that VM's stop, and a byte out of date only moves a release to
+        the other road (both give back everything).
         """
         return self.path.with_name(HELD_DIR)
+
+    @property
+    def stopping_dir(self) -> Path:
+        """One empty file per VM whose stop hooks/qemu left for later (``stopping/UUID``): a record that holds
+        nothing of the host's (an empty ``held/`` marker) and no kvmhooksd to serve the stop. Removing such a
+        record changes nothing a user can see on the host, so the shell does not make ``virsh destroy`` wait
+        for an interpreter: it leaves this marker and starts the detached worker (``kvmhooks.worker stopped``),
+        and every session releases the marked VMs before anything else (:func:`kvmhooks.operations.session`).
+        That order makes the marker always meet the run it was left for: libvirt runs a VM's next prepare only
+        after its stop hooks returned, and that prepare's session settles the marker first."""
+        return self.path.with_name(STOPPING_DIR)
 
     @property
     def tune_dir(self) -> Path:
@@ -984,19 +1021,31 @@ class Ledger:
             with self._locked(fcntl.LOCK_EX):
                 state, _ = self._load()
                 held = set(state.domains)
-                self._mark_held(held)
+                self._mark_held(held, {u: state.domains[u].holds_host() for u in held})
                 self._unmark_released(held)
 
-    def _mark_held(self, held: set[str]) -> None:
+    def _mark_held(self, held: set[str], heavy: Mapping[str, bool]) -> None:
+        """A ``held/`` marker per record, its byte saying whether the record holds something of the host's:
+        ``heavy`` tells it for the records this commit decoded (the others did not change; a marker one of them
+        lacks gets the byte, the safe side)."""
         d = self.held_dir
+        if not self.stopping_dir.is_dir():  # (absent: the shell releases every stop at once)
+            with contextlib.suppress(OSError):
+                self.stopping_dir.mkdir(mode=0o755)
         if not d.is_dir():  # (not a directory: the shell hands every stop to Python, markers or not)
             if not os.path.lexists(d):  # made whole: a stop never sees held/ without its VM's marker
-                _make_marker_dir(d, {u for u in held if _MARKER_RE.fullmatch(u)})
+                _make_marker_dir(d, {u for u in held if _MARKER_RE.fullmatch(u)},
+                                 frozenset(u for u in held if heavy.get(u, True)))
             return
         try:
-            for uuid in held - set(os.listdir(d)):
-                if _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
-                    os.close(os.open(d / uuid, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            present = set(os.listdir(d))
+            for uuid in held:
+                if not _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
+                    continue
+                want = heavy.get(uuid)
+                if uuid in present and (want is None or (os.lstat(d / uuid).st_size > 0) == want):
+                    continue
+                _set_marker(d / uuid, True if want is None else want)
         except OSError as e:
             # A record without its marker would let the shell skip that VM's release: take held/ out of use
             # instead (every stop then goes to Python) and commit; the next commit that can makes it again.

@@ -132,6 +132,8 @@ class Session:
         # What this session repaired before its own work (a ledger set aside, recovery, an admin's resize, an
         # interrupted isolation change): kvmhooks reconcile reports it.
         self.repairs: list[str] = []
+        # The VMs whose deferred stop (Ledger.stopping_dir) this session released first: their records.
+        self.settled: dict[str, DomainRecord] = {}
 
     @property
     def state(self) -> LedgerState:
@@ -283,6 +285,7 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
         if led.recounted:
             s.repairs.append(RECOUNTED)
         s.repairs += s.recover()
+        settle_stops(s)
         s.repairs += expire_claims(s.state, time.time())
         for f in accounting.observe(s.state, s.topo, cfg):
             log.warning("%s", f)
@@ -296,6 +299,29 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
                 s.repairs.append(f"recovery: {w}")
             s.commit()
         yield s
+
+
+def settle_stops(s: Session) -> None:
+    """Release the VMs whose stop hooks/qemu left for later (:attr:`Ledger.stopping_dir`), each committed
+    before its marker goes: a session killed in between leaves the marker of a VM with no record, which the
+    next one only removes. Done first in every session: a marker is always older than the VM's next prepare
+    (libvirt runs it after the stop hooks returned), so it never meets a newer run's record."""
+    from kvmhooks.xmlsafe import UUID_RE
+
+    d = s.txn.ledger.stopping_dir
+    try:
+        names = sorted(n for n in os.listdir(d) if UUID_RE.fullmatch(n))
+    except OSError:
+        return
+    for uuid in names:
+        rec = _release_locked(s, uuid)
+        s.commit()
+        _after_release(s.cfg, uuid)
+        if rec is not None:
+            s.settled[uuid] = rec
+            _log_released(uuid, rec)
+        with contextlib.suppress(OSError):
+            os.unlink(d / uuid)
 
 
 def expire_claims(st: LedgerState, now: float) -> list[str]:
@@ -589,16 +615,23 @@ def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRe
     The VM's removal is committed (with the intents) before any pool shrinks: a release that fails or dies
     after that point is completed by the next session, and one that fails before it changed nothing.
     """
-    clear_failure(cfg, uuid)  # the run that failed is over (its failures stay in the log)
     with session(cfg, pools) as s:
         rec = _release_locked(s, uuid)
-    from kvmhooks.apply.sockets import remove_socket
-    from kvmhooks.domain import qmp_socket_path
-
-    remove_socket(qmp_socket_path(uuid))  # QEMU leaves its -qmp socket behind
+        settled = s.settled.get(uuid)
+    if settled is not None:  # its stop was left for later, and the session released it first (and logged it)
+        return settled
+    _after_release(cfg, uuid)
     if rec is not None:
         _log_released(uuid, rec)
     return rec
+
+
+def _after_release(cfg: Config, uuid: str) -> None:
+    from kvmhooks.apply.sockets import remove_socket
+    from kvmhooks.domain import qmp_socket_path
+
+    clear_failure(cfg, uuid)  # the run that failed is over (its failures stay in the log)
+    remove_socket(qmp_socket_path(uuid))  # QEMU leaves its -qmp socket behind
 
 
 def _log_released(uuid: str, rec: DomainRecord) -> None:

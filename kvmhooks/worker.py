@@ -295,12 +295,28 @@ def run_repin(cfg: Config) -> int:
         conn.close()
 
 
+def run_stopped(cfg: Config) -> int:
+    """After hooks/qemu left a VM's stop for later (:attr:`kvmhooks.ledger.Ledger.stopping_dir`): a session,
+    which releases every VM so marked (this one's, unless another session was first)."""
+    from kvmhooks import operations
+
+    with operations.session(cfg) as s:
+        settled = dict(s.settled)
+    if any(rec.cpus for rec in settled.values()) and operations.has_running_shared(cfg):
+        # (A record holding CPUs has a marker that sends its stop to the hook's own release: not here, but safe.)
+        from kvmhooks.apply.libvirt import quiet_libvirt
+
+        quiet_libvirt()
+        return run_repin(cfg)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    valid = (len(args) == 2 and ((args[0] == "started" and UUID_RE.fullmatch(args[1]))
+    valid = (len(args) == 2 and ((args[0] in ("started", "stopped") and UUID_RE.fullmatch(args[1]))
                                  or (args[0] == "repin" and args[1] == "-")))
     if not valid:
-        print("usage: python -m kvmhooks.worker started UUID | repin -", file=sys.stderr)
+        print("usage: python -m kvmhooks.worker started UUID | stopped UUID | repin -", file=sys.stderr)
         return 2
     try:
         cfg = load_config()
@@ -312,11 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_job(args: Sequence[str], cfg: Config) -> int:
-    """``started UUID`` (tune a just-started VM) or ``repin -`` (after a dedicated VM stopped)."""
-    from kvmhooks.apply.libvirt import quiet_libvirt
-
-    quiet_libvirt()
+    """``started UUID`` (tune a just-started VM), ``stopped UUID`` (release what a stop left for later) or
+    ``repin -`` (after a dedicated VM stopped)."""
     try:
+        if args[0] == "stopped":
+            return run_stopped(cfg)
+        from kvmhooks.apply.libvirt import quiet_libvirt
+
+        quiet_libvirt()
         return run_started(args[1], cfg) if args[0] == "started" else run_repin(cfg)
     except Exception:
         log.exception("worker for %s crashed", args[1])

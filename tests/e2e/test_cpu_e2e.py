@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from tests.e2e.conftest import Env, ledger, virsh, wait_for
@@ -110,3 +111,20 @@ def test_shared_vm_moves_off_a_dedicated_cpu_and_back(env: Env) -> None:
              "the shared VM off the dedicated CPU")
     virsh("destroy", d.name)
     wait_for(lambda: vcpupin(s.name).get(0) == "0-1", 5, "the shared VM back on the whole pool")
+
+
+def test_a_pinned_vm_stops_without_an_interpreter_and_starts_again_at_once(env: Env) -> None:
+    """No kvmhooksd, pins only: the VM holds nothing of the host's, so `virsh destroy` waits for no Python (the
+    detached worker releases its record); a start right after the destroy is a new run, pinned as asked, and
+    the ledger forgets the VM moments after its last stop."""
+    vm = env.define('<kvm:vcpupin vcpu="0" cpuset="1"/>', backing="")
+    virsh("start", vm.name)
+    wait_for(lambda: ledger()["domains"].get(vm.uuid, {}).get("state") == "running", 5, "the worker's tuning")
+    token = ledger()["domains"][vm.uuid]["token"]
+    virsh("destroy", vm.name)
+    virsh("start", vm.name)  # before or after the worker's release: the prepare settles it first
+    wait_for(lambda: ledger()["domains"].get(vm.uuid, {}).get("state") == "running", 5, "the new run's tuning")
+    assert ledger()["domains"][vm.uuid]["token"] != token and vcpupin(vm.name)[0] == "1"
+    virsh("destroy", vm.name)
+    wait_for(lambda: vm.uuid not in ledger()["domains"], 10, "the worker's release")
+    assert os.listdir("/run/kvmhooks/stopping") == [] and not os.path.exists(f"/run/kvmhooks/held/{vm.uuid}")

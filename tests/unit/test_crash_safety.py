@@ -143,7 +143,7 @@ def _reopen(root: str) -> tuple[FakeHost, Config, SysfsPools]:
 def run_op(op: str, cfg: Config, pools: SysfsPools) -> None:
     if op == "claim":  # the migrate/restore filter's claim for B coming in
         claim_b(cfg, pools)
-    elif op in ("prepare", "claimed-prepare"):  # (claimed-prepare: B's claim made before, see setup_two_vms)
+    elif op in ("prepare", "claimed-prepare", "settling-prepare"):  # (see setup_two_vms)
         operations.prepare(parse_domain(XML_B), cfg, pools)
     else:
         operations.release(UA, cfg, pools)
@@ -160,8 +160,10 @@ def setup_two_vms(root: Path, op: str = "") -> tuple[FakeHost, Config, SysfsPool
     host, cfg, pools = make_host(root)
     operations.prepare(parse_domain(XML_A), cfg, pools)
     operations.prepare(parse_domain(XML_C), cfg, pools)
-    if op == "claimed-prepare":
+    if op == "claimed-prepare":  # B's claim made before its prepare
         claim_b(cfg, pools)
+    if op == "settling-prepare":  # A's stop left for later (hooks/qemu): B's prepare releases A first
+        (operations.ledger_for(cfg).stopping_dir / UA).touch()
     check_invariant(host, cfg, ADMIN)
     return host, cfg, pools
 
@@ -174,7 +176,7 @@ def count_steps(tmp_path: Path, op: str) -> int:
     return faults.steps
 
 
-@pytest.mark.parametrize("op", ["prepare", "release", "claim", "claimed-prepare"])
+@pytest.mark.parametrize("op", ["prepare", "release", "claim", "claimed-prepare", "settling-prepare"])
 def test_crash_matrix(tmp_path: Path, op: str) -> None:
     steps = count_steps(tmp_path, op)
     assert steps >= (1 if op == "claim" else 3)  # intent commit, a pool write per node, the final commit
@@ -194,6 +196,7 @@ def test_crash_matrix(tmp_path: Path, op: str) -> None:
             release_all(cfg, pools)
             check_invariant(host, cfg, ADMIN)
             assert operations.ledger_for(cfg).read().domains == {}
+            assert not os.listdir(operations.ledger_for(cfg).stopping_dir)
             for (node, size), want in ADMIN.items():
                 assert host.pool(node, size) == want, (op, at, kind, node, size)
 

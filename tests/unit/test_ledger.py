@@ -96,7 +96,8 @@ def test_16_concurrent_prepares_exact_counts_and_one_capacity_failure(tmp_path: 
     data = Ledger(tmp_path / "run/ledger.json").read().as_dict()
     assert sorted(data["domains"]) == sorted(UUID.format(i) for i in ok)
     assert sum(d["hugepages"]["node0/2048kB"] for d in data["domains"].values()) == 15 * 512
-    assert sorted(os.listdir(tmp_path / "run")) == ["held", "ledger.json", "ledger.json.lock", "tune", "up"]  # no temps
+    assert sorted(os.listdir(tmp_path / "run")) == ["held", "ledger.json", "ledger.json.lock", "stopping", "tune",
+                                                 "up"]  # no temps
     assert sorted(os.listdir(tmp_path / "run/held")) == sorted(data["domains"])  # one marker per record
     assert os.listdir(tmp_path / "run/tune") == []  # huge pages only: nothing for their started hooks
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from kvmhooks import operations
+from kvmhooks import operations, worker
 from kvmhooks.agent import HANDOFF_DIR, LOCK_NAME, Agent
+from kvmhooks.config import load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.ledger import Ledger
 from tests.fakehost import FakeHost, domain_xml
@@ -361,8 +363,6 @@ def test_a_vm_that_started_and_died_is_released_by_reconcile_at_once(host: FakeH
 def test_held_made_anew_appears_whole(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
     """held/ was made first and filled after: a stop in between saw the directory without its VM's marker
     and skipped the release (reconcile repaired it later). Now it appears with every marker in it."""
-    import shutil
-
     cfg = host.config()
     for u in (U1, U2):
         operations.prepare(parse_domain(domain_xml(uuid=u, tuning=HP_ONLY)), cfg)
@@ -380,3 +380,107 @@ def test_held_made_anew_appears_whole(host: FakeHost, monkeypatch: pytest.Monkey
     monkeypatch.undo()
     assert sorted(os.listdir(led.held_dir)) == [U1, U2]
     assert all(x is None or x == [U1, U2] for x in seen), seen
+
+
+# --- a stop that changes only the ledger waits for no interpreter (Ledger.stopping_dir) ----------------------
+
+PIN_ONLY = '<kvm:vcpupin vcpu="0" cpuset="1"/>'
+
+
+def stop(shell: Shell, xml: bytes, op: str) -> bool:
+    """Runs the stopped or release hook; whether the hook itself ran Python."""
+    shell.ran.unlink(missing_ok=True)
+    r = subprocess.run([str(shell.script), "vm1", op, "end", "-"], input=xml, env=shell.env, capture_output=True,
+                       timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    return any(" -c " in line for line in shell._lines())
+
+
+def led(host: FakeHost) -> Ledger:
+    return Ledger(host.root / "run/ledger.json")
+
+
+def test_the_stop_of_a_vm_holding_nothing_of_the_hosts_is_left_to_the_worker(host: FakeHost, shell: Shell) -> None:
+    """Pins only, no kvmhooksd: releasing its record changes nothing on the host, so neither stop hook runs
+    an interpreter; the shell leaves stopping/UUID and starts the worker once, which releases it."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert (led(host).held_dir / U1).stat().st_size == 0  # nothing of the host's
+    assert not stop(shell, xml, "stopped")
+    assert shell.worker() == f"-I -m kvmhooks.worker stopped {U1}"
+    assert os.listdir(led(host).stopping_dir) == [U1]
+    assert not stop(shell, xml, "release")  # the second of the two finds the marker
+    assert shell.worker(wait=0.3) is None
+    assert U1 in led(host).read().domains  # (the stand-in for Python did nothing)
+    assert worker.run_stopped(load_config(cfg)) == 0  # what the worker the shell started runs
+    assert U1 not in led(host).read().domains
+    assert os.listdir(led(host).stopping_dir) == [] and not (led(host).held_dir / U1).exists()
+
+
+@pytest.mark.parametrize("tuning, backing", [(HP_ONLY, "<hugepages/>"), ('<kvm:cpu policy="dedicated"/>', "")])
+def test_a_vm_holding_pages_or_cpus_is_released_before_the_stop_hook_returns(host: FakeHost, shell: Shell,
+                                                                             tuning: str, backing: str) -> None:
+    """What a user checks right after virsh destroy (the pool, the CPUs) is back when it returns."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=tuning, backing=backing, vcpus=1)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    assert (led(host).held_dir / U1).stat().st_size > 0
+    assert stop(shell, xml, "stopped")
+    assert shell.worker(wait=0.3) is None and os.listdir(led(host).stopping_dir) == []
+
+
+def test_with_the_agent_running_a_stop_is_its_to_serve(host: FakeHost, shell: Shell) -> None:
+    """kvmhooksd releases in milliseconds and exactly when the hook returns: the shell asks it (here there is
+    no request FIFO, so the call falls back to the hook's Python), never the worker."""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    with agent_lock_held(host):
+        assert stop(shell, xml, "stopped")
+    assert shell.worker(wait=0.3) is None and os.listdir(led(host).stopping_dir) == []
+
+
+def test_a_deferred_stop_is_settled_by_the_vms_next_prepare_first(host: FakeHost,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The worker never ran (killed, or slower than the user's next virsh start): the next prepare, of this VM
+    or any other, releases the marked VM before its own work, so the new run is not taken for a stale one."""
+    cfg = host.config()
+    dom = parse_domain(domain_xml(uuid=U1, tuning=PIN_ONLY, backing=""))
+    first = operations.prepare(dom, cfg).record.token
+    (led(host).stopping_dir / U1).touch()  # what hooks/qemu leaves at the stop
+    second = operations.prepare(dom, cfg).record
+    assert second.token != first and "stale reservation" not in caplog.text
+    assert led(host).read().domains[U1].token == second.token and os.listdir(led(host).stopping_dir) == []
+    (led(host).stopping_dir / U1).touch()
+    operations.prepare(parse_domain(domain_xml(name="vm2", uuid=U2, tuning=PIN_ONLY, backing="")), cfg)
+    assert set(led(host).read().domains) == {U2}
+
+
+def test_a_marker_whose_release_was_committed_is_only_removed(host: FakeHost) -> None:
+    """Killed between the release's commit and the marker's removal: the next session finds a marker with no
+    record, removes it, and touches nothing else (the VM may be in no run at all, or its marker is older than
+    any run the ledger has)."""
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U2, tuning=PINNED)), cfg)
+    before = led(host).read().as_dict(), host.pool(0)
+    (led(host).stopping_dir / U1).touch()
+    with operations.session(cfg) as s:
+        assert s.settled == {}
+    assert (led(host).read().as_dict(), host.pool(0)) == before and os.listdir(led(host).stopping_dir) == []
+
+
+def test_the_held_marker_says_whether_the_record_holds_the_hosts(host: FakeHost) -> None:
+    """The byte follows the record in the commit that changes it (before the ledger is written): a light
+    marker on a record that holds something would only move its release to the worker, never lose it."""
+    cfg = host.config()
+    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")), cfg)
+    marker = led(host).held_dir / U1
+    assert marker.stat().st_size == 0
+    operations.update(U1, cfg, lambda rec: setattr(rec, "cpus", [1]))
+    assert marker.stat().st_size == 1
+    operations.update(U1, cfg, lambda rec: setattr(rec, "cpus", []))
+    assert marker.stat().st_size == 0
+    shutil.rmtree(led(host).held_dir)  # made anew: the records not decoded get the byte (the safe side)
+    operations.prepare(parse_domain(domain_xml(name="vm2", uuid=U2, tuning=PIN_ONLY, backing="")), cfg)
+    assert (led(host).held_dir / U1).stat().st_size == 1 and (led(host).held_dir / U2).stat().st_size == 0
