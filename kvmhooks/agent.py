@@ -628,11 +628,11 @@ class Agent:
         # A hand-over taken but never finished (the agent died between the STARTED event and its "running"
         # mark) leaves no handoff marker: the record still says "prepared" while its tune/ marker says the
         # started hook had work.
-        tune_dir = operations.ledger_for(self.cfg).tune_dir
+        led = operations.ledger_for(self.cfg)
         for uuid, rec in state.domains.items():
             unfinished = rec.state == "starting" or uuid in handed or (
-                rec.state == "prepared" and UUID_RE.fullmatch(uuid) is not None and (tune_dir / uuid).exists())
-            if not unfinished:
+                rec.state == "prepared" and UUID_RE.fullmatch(uuid) is not None and (led.tune_dir / uuid).exists())
+            if not unfinished or led.tuning_taken(uuid):  # (the worker its prepare forked tunes it)
                 continue
             try:
                 running = bool(self.conn.lookupByUUIDString(uuid).isActive())

@@ -42,11 +42,12 @@ MAY_FAIL = ("prepare", "migrate", "restore")
 
 
 def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = None, err: TextIO | None = None,
-        repin: Callable[[Config], None] | None = None) -> None:
+        repin: Callable[[Config], None] | None = None, forks: bool = True) -> None:
     """Dispatch one hook call; the filter's XML goes to ``out`` (stdout), prepare's warnings to ``err``
     (stderr). ``repin`` lets the shared VMs float over CPUs a stopping VM gave back (kvmhooksd does it over its
-    own connection; by default a detached worker). Raises KvmhooksError for the caller to turn into an exit
-    code."""
+    own connection; by default a detached worker). ``forks``: a prepare with live work forks the worker that
+    tunes the VM once started (the hook's own process; never kvmhooksd, which is threaded). Raises
+    KvmhooksError for the caller to turn into an exit code."""
     from kvmhooks import operations
 
     op = argv[2] if len(argv) > 2 else ""
@@ -92,8 +93,18 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
         prepared = operations.prepare(dom, cfg)
         for w in prepared.warnings:
             print(f"kvmhooks: warning: {w}", file=err or sys.stderr)
+        if forks and dom.active_tuning.live_work:
+            # Its tuning waits for this run's started hook in a fork of this process, already warm: the shell's
+            # started then starts no interpreter (it sees the tune/ marker locked), and the pins land sooner.
+            from kvmhooks.worker import fork_waiting
+
+            if fork_waiting(dom.uuid, prepared.record.token, cfg):
+                vlog.info("prepared: its tuning waits for the start in a detached worker")
     elif not dom.active_tuning.live_work:  # started, huge pages only: all done at prepare, no worker needed
         operations.mark(dom.uuid, cfg, state="running")
+    elif operations.ledger_for(cfg).tuning_taken(dom.uuid):  # started: the worker its prepare forked tunes it
+        operations.ledger_for(cfg).mark_up(dom.uuid)  # (what it waits for: the shell leaves it, when it decides)
+        vlog.info("started: tuned by the worker its prepare forked")
     else:  # started: the resident agent tunes it if it answers at once, else a detached worker does
         from kvmhooks.agent import tell
 
@@ -128,11 +139,11 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
 
 
 def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: TextIO,
-         repin: Callable[[Config], None] | None = None) -> int:
+         repin: Callable[[Config], None] | None = None, forks: bool = True) -> int:
     """One hook call to its exit code, its one line of failure (and prepare's warnings) on ``err``: main's body
     with the config's loading and stderr as parameters, so kvmhooksd serves prepare and a held VM's stop
     through this very code (:mod:`kvmhooks.prepare_server`: its own logging, the config the hook names, stderr
-    sent back, and ``repin`` over its connection instead of a forked worker)."""
+    sent back, ``repin`` over its connection instead of a forked worker, and no fork: ``forks=False``)."""
     vm = argv[1] if len(argv) > 1 else "?"
     op = argv[2] if len(argv) > 2 else ""
     if op not in OPERATIONS:
@@ -142,7 +153,7 @@ def call(argv: Sequence[str], stdin: BinaryIO, load: Callable[[], Config], err: 
     try:
         data = stdin.read(MAX_XML_BYTES + 1)
         cfg = load()
-        run(argv, data, cfg, err=err, repin=repin)
+        run(argv, data, cfg, err=err, repin=repin, forks=forks)
         return 0
     except Abandoned as e:  # (kvmhooksd, too late: nobody reads the answer, the hook's Python did the call)
         log.warning("%s: VM %r: not done by kvmhooksd: %s", op, vm, e)

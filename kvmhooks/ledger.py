@@ -513,9 +513,13 @@ class Records(MutableMapping[str, DomainRecord]):
     def __contains__(self, uuid: object) -> bool:
         return uuid in self._rec or uuid in self._raw
 
-    def heavy(self) -> dict[str, bool]:
-        """:meth:`DomainRecord.holds_host` of the records decoded so far (the others are as they were read)."""
-        return {uuid: rec.holds_host() for uuid, rec in self._rec.items()}
+    def light(self) -> dict[str, str]:
+        """The tokens of the records decoded so far that hold nothing of the host's
+        (:meth:`DomainRecord.holds_host`); the others are as they were read, or hold something."""
+        return {uuid: rec.token for uuid, rec in self._rec.items() if not rec.holds_host()}
+
+    def decoded(self) -> set[str]:
+        return set(self._rec)
 
     def summary(self) -> Summary:
         """The sums as they are now: the file's, minus what decoded records brought, plus what they bring."""
@@ -774,11 +778,12 @@ UP_DIR = "up"
 STOPPING_DIR = "stopping"
 RECOUNTED = "the ledger's summary did not decode or disagreed with its records; recounted"
 _MARKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TOKEN_RE = re.compile(r"[0-9a-f]{1,64}")  # (new_token: 16 hex digits; what the shell copies, checked there too)
 
 
-def _make_marker_dir(d: Path, names: set[str], heavy: frozenset[str] = frozenset()) -> None:
-    """``d`` with a marker per name (one byte in those of ``heavy``, see :func:`_set_marker`), appearing whole
-    (filled aside, then renamed); left absent on failure (the shell then hands every call to Python)."""
+def _make_marker_dir(d: Path, names: set[str]) -> None:
+    """``d`` with an empty marker per name, appearing whole (filled aside, then renamed); left absent on
+    failure (the shell then hands every call to Python)."""
     import shutil
 
     tmp = d.with_name(f".{d.name}.{os.getpid()}.tmp")
@@ -786,21 +791,21 @@ def _make_marker_dir(d: Path, names: set[str], heavy: frozenset[str] = frozenset
     try:
         tmp.mkdir(mode=0o755)
         for name in names:
-            _set_marker(tmp / name, name in heavy)
+            _set_marker(tmp / name)
         os.rename(tmp, d)
     except OSError as e:
         log.warning("ledger: cannot make %s (%s); the shell hands those calls to Python", d, e)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _set_marker(p: Path, heavy: bool) -> None:
-    """Make the marker ``p``: empty, or one byte (``heavy``). Never through a link planted there."""
+def _set_marker(p: Path, content: bytes = b"") -> None:
+    """Make the marker ``p`` with ``content`` (written whole, in one call). Never through a link planted
+    there."""
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        if heavy:
-            os.pwrite(fd, b"1", 0)
-        else:
-            os.ftruncate(fd, 0)
+        if content:
+            os.pwrite(fd, content, 0)
+        os.ftruncate(fd, len(content))
     finally:
         os.close(fd)
 
@@ -831,8 +836,10 @@ class Transaction:
         text = self.state.to_json()
         if text != self._written:
             held = set(self.state.domains)
-            self.ledger._mark_held(held, self.state.domains.heavy())
+            light = self.state.domains.light()
+            self.ledger._mark_held(held, light, self.state.domains.decoded())
             self.ledger._write(text)
+            self.ledger._mark_light(light)
             self.ledger._unmark_released(held)
             self._written = text
 
@@ -943,27 +950,29 @@ class Ledger:
 
     @property
     def held_dir(self) -> Path:
-        """One file per VM with a record (``held/UUID``), beside the ledger: one byte in it when the record
-        holds something of the host's (:meth:`DomainRecord.holds_host`), empty when it is only bookkeeping.
+        """One file per VM with a record (``held/UUID``), beside the ledger. Empty, or the record's token (a
+        line) when the record holds nothing of the host's (:meth:`DomainRecord.holds_host`): only then may its
+        release wait (:meth:`stopping_dir`).
 
         The shell dispatcher answers "does this unannotated VM hold anything?" at every stop with one
-        ``[ -e ]`` here instead of a grep of the ledger (a fork per stop of every VM on the host), and
-        ``[ -s ]`` tells it whether the release may wait (:meth:`stopping_dir`). A marker is created (and its
-        byte set) before the record is committed and removed after, so a record never lacks one; a stale
-        marker only costs one Python start at that VM's stop, and a byte out of date only moves a release to
-        the other road (both give back everything).
+        ``[ -e ]`` here instead of a grep of the ledger (a fork per stop of every VM on the host). A marker is
+        created before the record is committed and removed after, so a record never lacks one; a stale marker
+        only costs one Python start at that VM's stop. The token is written after the commit that makes the
+        record light and cleared before the one that makes it hold something, so the marker errs on the side
+        of a release at once: an empty marker (made by an older version, made anew, or not yet filled) is one.
         """
         return self.path.with_name(HELD_DIR)
 
     @property
     def stopping_dir(self) -> Path:
-        """One empty file per VM whose stop hooks/qemu left for later (``stopping/UUID``): a record that holds
-        nothing of the host's (an empty ``held/`` marker) and no kvmhooksd to serve the stop. Removing such a
-        record changes nothing a user can see on the host, so the shell does not make ``virsh destroy`` wait
-        for an interpreter: it leaves this marker and starts the detached worker (``kvmhooks.worker stopped``),
-        and every session releases the marked VMs before anything else (:func:`kvmhooks.operations.session`).
-        That order makes the marker always meet the run it was left for: libvirt runs a VM's next prepare only
-        after its stop hooks returned, and that prepare's session settles the marker first."""
+        """One file per VM whose stop hooks/qemu left for later (``stopping/UUID``, holding the token its
+        ``held/`` marker had): a record that holds nothing of the host's and no kvmhooksd to serve the stop.
+        Removing such a record changes nothing a user can see on the host, so the shell does not make ``virsh
+        destroy`` wait for an interpreter: it leaves this marker and starts the detached worker (``kvmhooks.worker
+        stopped``), and every session first releases each marked VM whose record still has that token
+        (:func:`kvmhooks.operations.settle_stops`): libvirt runs a VM's next prepare only after its stop hooks
+        returned, so that prepare settles it first, and a marker that outlived its settle (it could not be
+        removed) never meets a newer run's record: another token."""
         return self.path.with_name(STOPPING_DIR)
 
     @property
@@ -983,10 +992,15 @@ class Ledger:
         return self.path.with_name(UP_DIR)
 
     def begin_run(self, uuid: str) -> None:
-        """A new run of the VM (prepare, with the lock held): its ``up/`` marker is the last run's."""
+        """A new run of the VM (prepare, with the lock held): its ``up/`` marker is the last run's, and so is
+        its ``tune/`` marker, which goes too (:meth:`mark_tune` makes a new one if this run has work): a
+        worker still waiting for the last run (:func:`kvmhooks.worker.run_waiting`) holds the old file, and
+        sees by it that its run is over."""
         if _MARKER_RE.fullmatch(uuid):
             with contextlib.suppress(OSError):
                 os.unlink(self.up_dir / uuid)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tune_dir / uuid)
             with contextlib.suppress(OSError):
                 self.up_dir.mkdir(mode=0o755)
 
@@ -1015,41 +1029,76 @@ class Ledger:
         except OSError as e:
             _retire(d, e)
 
+    def mark_up(self, uuid: str) -> None:
+        """What hooks/qemu does at started, for a started hook it handed to Python: the ``up/`` marker."""
+        if _MARKER_RE.fullmatch(uuid) and self.up_dir.is_dir():
+            with contextlib.suppress(OSError):
+                _set_marker(self.up_dir / uuid)
+
+    def tuning_taken(self, uuid: str) -> bool:
+        """Whether a worker the VM's prepare forked holds its ``tune/`` marker (it tunes the VM once started:
+        :func:`kvmhooks.worker.fork_waiting`). A shared probe, as the shell's: probes never conflict."""
+        try:
+            fd = os.open(self.tune_dir / uuid, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError as e:
+            return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        finally:
+            os.close(fd)
+
     def sync_markers(self) -> None:
         """Markers for every record (install.sh, upgrading from a version without them while VMs run)."""
         if self.path.exists():
             with self._locked(fcntl.LOCK_EX):
                 state, _ = self._load()
                 held = set(state.domains)
-                self._mark_held(held, {u: state.domains[u].holds_host() for u in held})
+                light = {u: state.domains[u].token for u in held if not state.domains[u].holds_host()}
+                self._mark_held(held, light, held)
+                self._mark_light(light)
                 self._unmark_released(held)
 
-    def _mark_held(self, held: set[str], heavy: Mapping[str, bool]) -> None:
-        """A ``held/`` marker per record, its byte saying whether the record holds something of the host's:
-        ``heavy`` tells it for the records this commit decoded (the others did not change; a marker one of them
-        lacks gets the byte, the safe side)."""
+    def _mark_held(self, held: set[str], light: Mapping[str, str], decoded: set[str]) -> None:
+        """Before the ledger is written: a ``held/`` marker per record (empty when new), and the token cleared
+        from those of the ``decoded`` records that now hold something of the host's (not in ``light``)."""
         d = self.held_dir
         if not self.stopping_dir.is_dir():  # (absent: the shell releases every stop at once)
             with contextlib.suppress(OSError):
                 self.stopping_dir.mkdir(mode=0o755)
         if not d.is_dir():  # (not a directory: the shell hands every stop to Python, markers or not)
             if not os.path.lexists(d):  # made whole: a stop never sees held/ without its VM's marker
-                _make_marker_dir(d, {u for u in held if _MARKER_RE.fullmatch(u)},
-                                 frozenset(u for u in held if heavy.get(u, True)))
+                _make_marker_dir(d, {u for u in held if _MARKER_RE.fullmatch(u)})
             return
         try:
             present = set(os.listdir(d))
             for uuid in held:
                 if not _MARKER_RE.fullmatch(uuid):  # keys are canonical by construction; never a path from elsewhere
                     continue
-                want = heavy.get(uuid)
-                if uuid in present and (want is None or (os.lstat(d / uuid).st_size > 0) == want):
-                    continue
-                _set_marker(d / uuid, True if want is None else want)
+                if uuid not in present:
+                    _set_marker(d / uuid)
+                elif uuid in decoded and uuid not in light and os.lstat(d / uuid).st_size:
+                    _set_marker(d / uuid)  # it holds something now: released at once from here on
         except OSError as e:
             # A record without its marker would let the shell skip that VM's release: take held/ out of use
             # instead (every stop then goes to Python) and commit; the next commit that can makes it again.
             _retire(d, e)
+
+    def _mark_light(self, light: Mapping[str, str]) -> None:
+        """After the ledger is written: the token in the ``held/`` marker of each record (decoded by this
+        commit) that holds nothing of the host's; a marker that cannot take it stays empty (released at once)."""
+        d = self.held_dir
+        for uuid, token in light.items():
+            if not (_MARKER_RE.fullmatch(uuid) and _TOKEN_RE.fullmatch(token)):
+                continue
+            want = f"{token}\n".encode()
+            with contextlib.suppress(OSError):
+                with open(d / uuid, "rb") as f:
+                    if f.read(64) == want:
+                        continue
+                _set_marker(d / uuid, want)
 
     def _unmark_released(self, held: set[str]) -> None:
         for d in (self.held_dir, self.tune_dir, self.up_dir):

@@ -302,10 +302,12 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
 
 
 def settle_stops(s: Session) -> None:
-    """Release the VMs whose stop hooks/qemu left for later (:attr:`Ledger.stopping_dir`), each committed
-    before its marker goes: a session killed in between leaves the marker of a VM with no record, which the
-    next one only removes. Done first in every session: a marker is always older than the VM's next prepare
-    (libvirt runs it after the stop hooks returned), so it never meets a newer run's record."""
+    """Release the VMs whose stop hooks/qemu left for later (:attr:`Ledger.stopping_dir`): each whose record
+    still has the token its marker carries, committed before the marker goes (a session killed in between
+    leaves a marker whose record is gone, which the next one only removes). Done first in every session, so
+    the VM's next prepare finds its last run released; a marker of another token (an older run's, one that
+    could not be removed, or cut short) is only removed. Nothing here fails the session: a marker this one
+    cannot read or remove stays for the next, and meets no record of its token."""
     from kvmhooks.xmlsafe import UUID_RE
 
     d = s.txn.ledger.stopping_dir
@@ -314,12 +316,21 @@ def settle_stops(s: Session) -> None:
     except OSError:
         return
     for uuid in names:
-        rec = _release_locked(s, uuid)
-        s.commit()
-        _after_release(s.cfg, uuid)
-        if rec is not None:
+        try:
+            with open(d / uuid, "rb") as f:
+                token = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            continue
+        rec = s.state.domains.get(uuid)
+        if rec is not None and token and rec.token == token:
+            _release_locked(s, uuid)
+            s.commit()
             s.settled[uuid] = rec
             _log_released(uuid, rec)
+            try:
+                _after_release(s.cfg, uuid)
+            except OSError as e:  # (its QMP socket left behind: no reason to keep any session from its work)
+                log.warning("VM %s: released, but: %s", uuid, e)
         with contextlib.suppress(OSError):
             os.unlink(d / uuid)
 
@@ -917,6 +928,8 @@ def reconcile(cfg: Config, running: Mapping[str, bytes], snapshot: Mapping[str, 
     with session(cfg, pools, quarantine=True) as s:
         out.set_aside, out.lost = s.txn.ledger.set_aside, list(s.txn.ledger.lost)
         out.actions += s.repairs
+        out.actions += [f"released VM {rec.name!r} ({uuid}), whose stop was left for the detached worker"
+                        for uuid, rec in s.settled.items()]
         released = _reconcile_decide(s.state, cfg, s.topo, running, snapshot, now, out)
         writes = _reconcile_writes(s.state, s.topo, cfg, released, out)
         s.execute(writes, "reconcile", None, "-", time.monotonic() + cfg.retry_timeout)

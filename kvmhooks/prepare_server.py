@@ -227,7 +227,7 @@ class PrepareServer:
         cfg, argv = served
         err = io.StringIO()
         with operations.served(lambda: hook_waits(reply)):
-            code = call(["kvmhooksd", *argv], xml, lambda: cfg, err, repin=self._repin)
+            code = call(["kvmhooksd", *argv], xml, lambda: cfg, err, repin=self._repin, forks=False)
         text = err.getvalue().encode("utf-8", "backslashreplace")  # as Python's sys.stderr encodes
         return f"{REPLY} {code} {len(text)}\n".encode() + text
 

@@ -1,4 +1,4 @@
-"""The detached post-start worker: the only kvmhooks code that calls libvirt for a starting VM.
+"""The detached worker: the only kvmhooks code that calls libvirt for a starting VM.
 
 A hook must never call back into libvirtd (the daemon waits for the hook while holding the domain's
 job: a deadlock). So the worker runs in its own session with stdio on /dev/null and no other inherited
@@ -6,14 +6,20 @@ descriptor (libvirtd reads the hook's stdout/stderr pipes until EOF, so a worker
 ``virsh start``), and the hook returns at once. The worker then waits (bounded) for the domain to run and
 applies the live tuning.
 
-Two ways in. Usually the ``started`` hook's shell starts it (``setsid python -I -m kvmhooks.worker started
-UUID``): no interpreter in the hook at all, so libvirt waits for none. Where the shell hands the call to
-Python (it cannot decide alone: a configured state directory, a ledger without markers), the hook's own
-interpreter double-forks it (:func:`spawn_detached`): it keeps what the hook already imported. The hook is
-single-threaded and holds no lock when it forks; the child sets up its own logging, and leaves with
-``os._exit`` (no atexit handlers, no flushing of buffers that belong to the hook). kvmhooksd, which is
-threaded, never forks it: it tunes over its own connection, or starts ``python -m kvmhooks.worker``
-(:func:`kvmhooks.prepare_server.spawn_repin_worker`).
+Three ways in. Usually the prepare hook's own interpreter, once the VM is reserved, forks it
+(:func:`fork_waiting`): already warm, it waits for the run's started hook with the run's ``tune/`` marker
+locked, and the shell's started hook, seeing the lock, starts nothing (no interpreter in it, none starting
+beside QEMU's first moments). Where there is no such worker (kvmhooksd served the prepare but stopped since,
+the worker died or waited past ``worker_timeout``), the started hook's shell starts one (``setsid python -I
+-m kvmhooks.worker started UUID``). Where the shell hands the call to Python (it cannot decide alone: a
+configured state directory, a ledger without markers), the hook's interpreter double-forks it
+(:func:`spawn_detached`). A hook is single-threaded and holds no lock when it forks; the child sets up its
+own logging, and leaves with ``os._exit`` (no atexit handlers, no flushing of buffers that belong to the
+hook). kvmhooksd, which is threaded, never forks it: it tunes over its own connection, or starts ``python -m
+kvmhooks.worker`` (:func:`kvmhooks.prepare_server.spawn_repin_worker`).
+
+The same worker also releases a stop hooks/qemu left for later (``stopped UUID``:
+:attr:`kvmhooks.ledger.Ledger.stopping_dir`).
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from kvmhooks.xmlsafe import UUID_RE
 log = logging.getLogger(__name__)
 
 
-def spawn_detached(args: Sequence[str], cfg: Config) -> int:
+def spawn_detached(args: Sequence[str], cfg: Config, keep: int | None = None) -> int:
     """Run the worker job ``args`` (see :func:`run_job`) in a fully detached grandchild of this process;
-    returns the intermediate child's status at once."""
+    returns the intermediate child's status at once. ``keep``: the one descriptor of the caller's the
+    worker keeps (the tune/ marker :func:`fork_waiting` locked)."""
     try:
         pid = os.fork()
     except OSError as e:  # out of processes or memory: the caller says what is left undone
@@ -56,7 +63,12 @@ def spawn_detached(args: Sequence[str], cfg: Config) -> int:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
+            top = os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536
+            if keep is None:
+                os.closerange(3, top)
+            else:
+                os.closerange(3, keep)
+                os.closerange(keep + 1, top)
             os.chdir("/")
             os.environ.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", LC_ALL="C.UTF-8")
             setup_logging(cfg.log, cfg.log_level, "worker")  # the hook's handler wrote to a closed descriptor
@@ -125,8 +137,70 @@ RUNNING = frozenset({"running"})
 SETTLED = frozenset({"running", "paused"})
 
 
-def run_started(uuid: str, cfg: Config) -> int:
-    """The detached worker's job: connect, then :func:`tune` the just-started VM."""
+_POLL = 0.01  # how often a worker forked at prepare looks for its VM's started hook (two stat calls)
+
+
+def fork_waiting(uuid: str, token: str, cfg: Config) -> bool:
+    """From the prepare hook (single-threaded, the ledger lock released): fork the worker that tunes this run
+    once it has started, with the run's tune/ marker locked, which tells the shell's started hook that the VM
+    is taken care of (it then starts no interpreter). The lock is taken here, before the hook returns, so no
+    started hook can come before it; the worker holds it until it ends. Whether it was forked."""
+    import fcntl
+
+    from kvmhooks.operations import ledger_for
+
+    led = ledger_for(cfg)
+    if not led.up_dir.is_dir():  # (the worker waits for the up/ marker the shell leaves at started)
+        return False
+    try:
+        fd = os.open(led.tune_dir / uuid, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return spawn_detached(["waiting", uuid, token, str(fd)], cfg, keep=fd) == 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # the worker's copy keeps the lock
+
+
+def run_waiting(uuid: str, token: str, fd: int, cfg: Config) -> int:
+    """The worker :func:`fork_waiting` made: warm up, wait for the run's started hook, then tune.
+
+    It waits ``worker_timeout`` (what a worker waits for its domain to run; QEMU preallocating a large guest's
+    memory may take longer: then it leaves, and the started hook, finding the marker unlocked, starts a worker
+    as without it). Its run is over, and it leaves, when the tune/ marker it locked is no longer the one at its
+    path (the VM's release removed it, or its next prepare made a new one) or the VM's stop was left for
+    later."""
+    from kvmhooks import operations
+    from kvmhooks.apply import live  # noqa: F401  (imported while QEMU starts, not after)
+    from kvmhooks.apply.libvirt import quiet_libvirt
+
+    quiet_libvirt()
+    led = operations.ledger_for(cfg)
+    up, marker, stopping = led.up_dir / uuid, led.tune_dir / uuid, led.stopping_dir / uuid
+    mine = os.fstat(fd)
+    deadline = time.monotonic() + cfg.worker_timeout
+    while not up.exists():
+        try:
+            now = os.stat(marker)
+        except OSError:
+            return 0
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino) or stopping.exists():
+            return 0  # this run is over: nothing of it to tune
+        if time.monotonic() >= deadline:
+            os.close(fd)  # from now on the shell's started hook starts a worker
+            if not up.exists():
+                VMLog("?", uuid).info("worker: not started after %g s; its started hook tunes it", cfg.worker_timeout)
+                return 0
+            break  # it came just now: the shell may have seen the lock (a second tuning changes nothing)
+        time.sleep(_POLL)
+    return run_started(uuid, cfg, token)
+
+
+def run_started(uuid: str, cfg: Config, token: str | None = None) -> int:
+    """The detached worker's job: connect, then :func:`tune` the just-started VM (the run of ``token``)."""
     import libvirt
 
     from kvmhooks import operations
@@ -138,12 +212,12 @@ def run_started(uuid: str, cfg: Config) -> int:
         operations.mark(uuid, cfg, error=f"worker: cannot connect to libvirt: {e}")
         return 1
     try:
-        return tune(conn, uuid, cfg, "worker")
+        return tune(conn, uuid, cfg, "worker", token)
     finally:
         conn.close()
 
 
-def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
+def tune(conn: Any, uuid: str, cfg: Config, by: str, token: str | None = None) -> int:
     """Apply the live tuning of a just-started VM over ``conn`` (the worker's own), then its balloon.
 
     A VM started paused is tuned at once; only its balloon waits (bounded) for the guest to run.
@@ -151,7 +225,7 @@ def tune(conn: Any, uuid: str, cfg: Config, by: str) -> int:
     """
     from kvmhooks import operations
 
-    done = tune_live(conn, uuid, cfg, by)
+    done = tune_live(conn, uuid, cfg, by, token)
     if done is None:
         return 1
     d, dom, vlog = done.domain, done.dom, done.vlog
@@ -203,14 +277,15 @@ class Tuned(NamedTuple):
     token: str | None
 
 
-def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> Tuned | None:
+def tune_live(conn: Any, uuid: str, cfg: Config, by: str, run: str | None = None) -> Tuned | None:
     """The CPU and memory part of a start's tuning (pins, memtune, vCPU count), recorded in the ledger;
     returns what the balloon step needs, or None when it failed (and recorded why). Never raises.
 
     A domain started paused is tuned at once (libvirt takes pins, memtune and the vCPU count on a paused
     domain); one still starting or migrating in is waited for (bounded). kvmhooksd runs this and
     :func:`balloon_step` apart: the balloon waits for the guest to run and boot, and a live edit in the
-    meantime must not wait behind it.
+    meantime must not wait behind it. ``run``: the token of the run to tune (a worker forked at prepare), none
+    other.
     """
     from kvmhooks import operations
 
@@ -222,6 +297,9 @@ def tune_live(conn: Any, uuid: str, cfg: Config, by: str) -> Tuned | None:
     try:
         rec = operations.ledger_for(cfg).read().domains.get(uuid)
         token = rec.token if rec is not None else None
+        if run is not None and token != run:
+            vlog.info("%s: the VM was stopped or restarted meanwhile; its new run is tuned on its own", by)
+            return None
         dom = conn.lookupByUUIDString(uuid)
         vlog = VMLog(dom.name(), uuid)
         now = wait_phase(dom, cfg.worker_timeout, SETTLED)
@@ -295,13 +373,20 @@ def run_repin(cfg: Config) -> int:
         conn.close()
 
 
-def run_stopped(cfg: Config) -> int:
+def run_stopped(uuid: str, cfg: Config) -> int:
     """After hooks/qemu left a VM's stop for later (:attr:`kvmhooks.ledger.Ledger.stopping_dir`): a session,
-    which releases every VM so marked (this one's, unless another session was first)."""
+    which releases every VM so marked (this one's, unless another session was first). A failure is recorded
+    for ``kvmhooks status``, as a failing stop hook's is; the next session releases the VM."""
     from kvmhooks import operations
 
-    with operations.session(cfg) as s:
-        settled = dict(s.settled)
+    try:
+        with operations.session(cfg) as s:
+            settled = dict(s.settled)
+    except KvmhooksError as e:
+        VMLog("?", uuid).error("worker: the release left for it failed: %s", e)
+        operations.record_failure(cfg, uuid, "stopped", f"not released yet ({e}); the next kvmhooks operation "
+                                  "(any VM's start, kvmhooks reconcile) releases it")
+        return 1
     if any(rec.cpus for rec in settled.values()) and operations.has_running_shared(cfg):
         # (A record holding CPUs has a marker that sends its stop to the hook's own release: not here, but safe.)
         from kvmhooks.apply.libvirt import quiet_libvirt
@@ -332,7 +417,9 @@ def run_job(args: Sequence[str], cfg: Config) -> int:
     ``repin -`` (after a dedicated VM stopped)."""
     try:
         if args[0] == "stopped":
-            return run_stopped(cfg)
+            return run_stopped(args[1], cfg)
+        if args[0] == "waiting":  # (forked by the prepare hook only: fork_waiting)
+            return run_waiting(args[1], args[2], int(args[3]), cfg)
         from kvmhooks.apply.libvirt import quiet_libvirt
 
         quiet_libvirt()

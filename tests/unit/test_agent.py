@@ -14,7 +14,7 @@ from kvmhooks import operations
 from kvmhooks.agent import Agent, socket_path, tell
 from kvmhooks.domain import parse_domain
 from tests.fakehost import FakeHost, domain_xml
-from tests.unit.test_hook import hook, write_config
+from tests.unit.test_hook import hook, prepare_unforked, write_config
 
 libvirt = pytest.importorskip("libvirt")
 U1 = "11111111-2222-3333-4444-000000000001"
@@ -74,7 +74,7 @@ def test_tuning_waits_for_the_started_event(host: FakeHost, agent: Any, monkeypa
 def test_the_started_hook_hands_over_to_a_running_agent(host: FakeHost, agent: Any) -> None:
     cfg = write_config(host, libvirt_uri='"test:///nonexistent"')
     xml = domain_xml(uuid=U1, tuning='<kvm:hugepages size="2M"/><kvm:vcpupin vcpu="0" cpuset="1"/>')
-    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    prepare_unforked(cfg, xml)  # (as kvmhooksd serves it: no worker forked to wait for the start)
     assert hook(cfg, "vm1", "started", xml).returncode == 0
     assert U1 in agent.pending  # the agent has it; no worker (it would have failed on test:///nonexistent)
     time.sleep(0.3)

@@ -163,7 +163,8 @@ def setup_two_vms(root: Path, op: str = "") -> tuple[FakeHost, Config, SysfsPool
     if op == "claimed-prepare":  # B's claim made before its prepare
         claim_b(cfg, pools)
     if op == "settling-prepare":  # A's stop left for later (hooks/qemu): B's prepare releases A first
-        (operations.ledger_for(cfg).stopping_dir / UA).touch()
+        led = operations.ledger_for(cfg)  # (A holds pages, so its stop is never left: the worst case of one)
+        (led.stopping_dir / UA).write_text(led.read().domains[UA].token + "\n")
     check_invariant(host, cfg, ADMIN)
     return host, cfg, pools
 

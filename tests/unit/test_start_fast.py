@@ -25,7 +25,8 @@ from kvmhooks.config import load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.ledger import Ledger
 from tests.fakehost import FakeHost, domain_xml
-from tests.unit.test_hook import hook, hook_env, hook_with_state, write_config
+from tests.unit.test_hook import hook, hook_env, hook_with_state, prepare_unforked, write_config
+from tests.unit.test_worker import holders, wait_gone
 
 libvirt = pytest.importorskip("libvirt")
 U1 = "11111111-2222-3333-4444-000000000001"
@@ -103,10 +104,10 @@ def test_a_start_with_nothing_left_for_started_costs_no_python(host: FakeHost, s
 def test_a_start_with_live_work_starts_the_worker_from_the_shell_without_an_agent(host: FakeHost,
                                                                                    shell: Shell) -> None:
     """Without kvmhooksd the started hook ran Python only to fork the detached worker (≈ 65 ms of libvirt's
-    wait): the shell starts the worker itself, detached, and returns."""
-    cfg = write_config(host)
+    wait): the shell starts the worker itself, detached, and returns. (Here no worker forked at prepare
+    waits for the start: a prepare served in-process, as a worker that died would leave it.)"""
     xml = domain_xml(uuid=U1, tuning=PINNED)
-    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    prepare_unforked(write_config(host), xml)
     assert (tune_dir(host) / U1).exists()
     assert not shell.started(xml)
     assert shell.worker() == f"-I -m kvmhooks.worker started {U1}"
@@ -114,9 +115,9 @@ def test_a_start_with_live_work_starts_the_worker_from_the_shell_without_an_agen
 
 
 def test_with_the_agent_running_started_hands_the_vm_over_without_python(host: FakeHost, shell: Shell) -> None:
-    cfg = write_config(host)
+    """(kvmhooksd served the prepare: no worker was forked there.)"""
     xml = domain_xml(uuid=U1, tuning=PINNED)
-    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    prepare_unforked(write_config(host), xml)
     with agent_lock_held(host):
         assert not shell.started(xml)
         assert (host.root / "run" / HANDOFF_DIR / U1).exists()
@@ -288,9 +289,8 @@ def test_an_agent_that_dies_after_taking_the_hand_over_is_finished_by_the_next(h
     """The shell's path marks nothing in the ledger: an agent killed between taking handoff/UUID and its
     "running" mark left a record "prepared" that nothing looked at again (the Python hook marked "starting",
     which catch_up finds). The tune/ marker says the start had work: the next agent's catch_up finishes it."""
-    cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=PINNED)
-    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    prepare_unforked(write_config(host), xml)
     with agent_lock_held(host):
         assert not Shell(host, tmp_path).started(xml)
         first = Agent(host.config())
@@ -329,9 +329,8 @@ def test_a_tune_directory_made_anew_appears_with_its_markers(host: FakeHost, tmp
 def test_a_probe_that_cannot_open_the_lock_is_no_proof_of_an_agent(host: FakeHost, tmp_path: Path) -> None:
     """flock(1) exits 75 (-E) on a conflict only; failing to open agent.lock (here a dangling symlink) is
     not an agent holding it: the VM goes to the detached worker, not to a hand-over nobody takes."""
-    cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=PINNED)
-    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    prepare_unforked(write_config(host), xml)
     run = host.root / "run"
     (run / HANDOFF_DIR).mkdir()  # left by an agent that ran once
     (run / LOCK_NAME).symlink_to(run / "nowhere" / "agent.lock")
@@ -406,14 +405,15 @@ def test_the_stop_of_a_vm_holding_nothing_of_the_hosts_is_left_to_the_worker(hos
     cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
-    assert (led(host).held_dir / U1).stat().st_size == 0  # nothing of the host's
+    token = led(host).read().domains[U1].token
+    assert (led(host).held_dir / U1).read_text() == f"{token}\n"  # nothing of the host's: it may wait
     assert not stop(shell, xml, "stopped")
     assert shell.worker() == f"-I -m kvmhooks.worker stopped {U1}"
-    assert os.listdir(led(host).stopping_dir) == [U1]
+    assert (led(host).stopping_dir / U1).read_text() == f"{token}\n"
     assert not stop(shell, xml, "release")  # the second of the two finds the marker
     assert shell.worker(wait=0.3) is None
     assert U1 in led(host).read().domains  # (the stand-in for Python did nothing)
-    assert worker.run_stopped(load_config(cfg)) == 0  # what the worker the shell started runs
+    assert worker.run_stopped(U1, load_config(cfg)) == 0  # what the worker the shell started runs
     assert U1 not in led(host).read().domains
     assert os.listdir(led(host).stopping_dir) == [] and not (led(host).held_dir / U1).exists()
 
@@ -425,7 +425,7 @@ def test_a_vm_holding_pages_or_cpus_is_released_before_the_stop_hook_returns(hos
     cfg = write_config(host)
     xml = domain_xml(uuid=U1, tuning=tuning, backing=backing, vcpus=1)
     assert hook(cfg, "vm1", "prepare", xml).returncode == 0
-    assert (led(host).held_dir / U1).stat().st_size > 0
+    assert (led(host).held_dir / U1).stat().st_size == 0
     assert stop(shell, xml, "stopped")
     assert shell.worker(wait=0.3) is None and os.listdir(led(host).stopping_dir) == []
 
@@ -448,11 +448,11 @@ def test_a_deferred_stop_is_settled_by_the_vms_next_prepare_first(host: FakeHost
     cfg = host.config()
     dom = parse_domain(domain_xml(uuid=U1, tuning=PIN_ONLY, backing=""))
     first = operations.prepare(dom, cfg).record.token
-    (led(host).stopping_dir / U1).touch()  # what hooks/qemu leaves at the stop
+    (led(host).stopping_dir / U1).write_text(f"{first}\n")  # what hooks/qemu leaves at the stop
     second = operations.prepare(dom, cfg).record
     assert second.token != first and "stale reservation" not in caplog.text
     assert led(host).read().domains[U1].token == second.token and os.listdir(led(host).stopping_dir) == []
-    (led(host).stopping_dir / U1).touch()
+    (led(host).stopping_dir / U1).write_text(f"{second.token}\n")
     operations.prepare(parse_domain(domain_xml(name="vm2", uuid=U2, tuning=PIN_ONLY, backing="")), cfg)
     assert set(led(host).read().domains) == {U2}
 
@@ -471,16 +471,37 @@ def test_a_marker_whose_release_was_committed_is_only_removed(host: FakeHost) ->
 
 
 def test_the_held_marker_says_whether_the_record_holds_the_hosts(host: FakeHost) -> None:
-    """The byte follows the record in the commit that changes it (before the ledger is written): a light
-    marker on a record that holds something would only move its release to the worker, never lose it."""
+    """The token goes in after the commit that makes the record light, and out before the one that makes it
+    hold something: a marker is never light while the ledger says the VM holds pages or CPUs."""
     cfg = host.config()
-    operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")), cfg)
+    token = operations.prepare(parse_domain(domain_xml(uuid=U1, tuning=PIN_ONLY, backing="")), cfg).record.token
     marker = led(host).held_dir / U1
-    assert marker.stat().st_size == 0
+    assert marker.read_text() == f"{token}\n"
     operations.update(U1, cfg, lambda rec: setattr(rec, "cpus", [1]))
-    assert marker.stat().st_size == 1
+    assert marker.read_text() == ""
     operations.update(U1, cfg, lambda rec: setattr(rec, "cpus", []))
-    assert marker.stat().st_size == 0
-    shutil.rmtree(led(host).held_dir)  # made anew: the records not decoded get the byte (the safe side)
+    assert marker.read_text() == f"{token}\n"
+    shutil.rmtree(led(host).held_dir)  # made anew: empty markers (released at once) until a commit fills them
     operations.prepare(parse_domain(domain_xml(name="vm2", uuid=U2, tuning=PIN_ONLY, backing="")), cfg)
-    assert (led(host).held_dir / U1).stat().st_size == 1 and (led(host).held_dir / U2).stat().st_size == 0
+    assert marker.read_text() == "" and (led(host).held_dir / U2).stat().st_size > 0
+
+
+def test_an_agent_coming_up_leaves_a_vm_to_the_worker_its_prepare_forked(host: FakeHost,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvmhooksd started between a prepare (the hook's Python, which forked the worker) and the VM's started:
+    its catch-up finds the record "prepared" with a tune/ marker, but the worker holds that marker."""
+    cfg = write_config(host, libvirt_uri='"test:///nonexistent"')
+    xml = domain_xml(uuid=U1, tuning=PINNED)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    forked = holders(tune_dir(host) / U1)
+    agent = Agent(host.config())
+    agent.conn = ActiveConn({U1})
+    tuned: list[str] = []
+    monkeypatch.setattr(agent, "_spawn", lambda job, uuid: tuned.append(uuid))
+    agent.catch_up()
+    assert len(forked) == 1 and tuned == []
+    for pid in forked:
+        os.kill(pid, 9)
+    wait_gone(forked)
+    agent.catch_up()  # the worker died: the agent finishes it
+    assert tuned == [U1]

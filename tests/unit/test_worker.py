@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from kvmhooks.ledger import Ledger
 from tests.fakehost import FakeHost, domain_xml
 from tests.unit.test_hook import hook, write_config
 
@@ -113,3 +116,97 @@ def test_no_worker_when_there_is_nothing_to_apply_live(host: FakeHost) -> None:
 def test_worker_usage_errors() -> None:
     r = subprocess.run([sys.executable, "-m", "kvmhooks.worker", "started", "../../etc"], capture_output=True)
     assert r.returncode == 2 and b"usage" in r.stderr
+
+
+# --- the worker forked at prepare (worker.fork_waiting): warm, and no interpreter at started ----------------
+
+LIVE_ONLY = '<kvm:memtune hard_limit="1G"/>'  # live work the test driver takes (it refuses live pins)
+
+
+def holders(marker: Path) -> set[int]:
+    """The processes with the tune/ marker open (the worker forked at prepare holds it locked)."""
+    found = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith(str(marker)):
+                        found.add(int(fd_dir.parent.name))
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        assert time.monotonic() < deadline, f"still running: {pids}"
+        time.sleep(0.05)
+
+
+def test_prepare_forks_the_worker_and_the_shells_started_starts_no_interpreter(host: FakeHost,
+                                                                               tmp_path: Path) -> None:
+    """The prepare hook forks the worker (detached, its own session) with the run's tune/ marker locked; the
+    shell's started hook sees the lock, runs no Python and starts no worker; the forked one, waiting for the
+    up/ marker the shell left, tunes the VM."""
+    pytest.importorskip("libvirt")
+    from tests.unit.test_start_fast import Shell
+
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=LIVE_ONLY)}"')
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    marker = host.root / "run/tune" / U1
+    (forked,) = holders(marker)
+    assert Ledger(host.root / "run/ledger.json").tuning_taken(U1)
+    assert os.getsid(forked) not in (os.getsid(0), forked)  # detached: its own session, not its leader
+    sh = Shell(host, tmp_path)
+    sh.env["KVMHOOKS_CONFIG"] = str(cfg)  # (the same state directory as the hook's built-in one: the shell decides)
+    assert not sh.started(xml) and sh.worker(wait=0.3) is None
+    rec = wait_ledger(host, lambda r: r.get("state") == "running" or r.get("error"))
+    assert rec["applied"]["worker_pid"] == forked and rec["applied"]["memtune"] == {"hard_limit": 1048576}
+    assert "started: detached worker spawned" not in (host.root / "kvmhooks.log").read_text()
+
+
+def test_a_started_hook_handed_to_python_leaves_the_vm_to_the_forked_worker(host: FakeHost) -> None:
+    """A configured state directory sends started to Python: it leaves the up/ marker the worker waits for,
+    and spawns no second worker."""
+    pytest.importorskip("libvirt")
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=LIVE_ONLY)}"')
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    (forked,) = holders(host.root / "run/tune" / U1)
+    assert hook(cfg, "vm1", "started", xml).returncode == 0
+    rec = wait_ledger(host, lambda r: r.get("state") == "running" or r.get("error"))
+    assert rec["error"] is None and rec["applied"]["worker_pid"] == forked
+    log = (host.root / "kvmhooks.log").read_text()
+    assert "tuned by the worker its prepare forked" in log and "detached worker spawned" not in log
+
+
+def test_the_forked_worker_leaves_when_its_run_is_over(host: FakeHost) -> None:
+    """A start that failed after prepare: the stop releases the VM (its marker goes) and the worker leaves; a
+    next prepare makes a new marker, and only the new run's worker holds it."""
+    cfg = write_config(host, libvirt_uri='"test:///nonexistent"')
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    marker = host.root / "run/tune" / U1
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    first = holders(marker)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0  # (libvirtd killed before its stop hooks)
+    wait_gone(first)
+    second = holders(marker)
+    assert len(second) == 1 and second != first
+    assert hook(cfg, "vm1", "release", xml, "end").returncode == 0
+    wait_gone(second)
+    assert not (host.root / "run/failures" / U1).exists()  # nothing tuned, nothing failed
+
+
+def test_a_forked_worker_past_its_wait_leaves_the_start_to_the_started_hook(host: FakeHost,
+                                                                            tmp_path: Path) -> None:
+    """QEMU took longer than worker_timeout to start: the forked worker leaves (unlocking the marker), and the
+    shell's started starts a worker as it would without one."""
+    from tests.unit.test_start_fast import Shell
+
+    cfg = write_config(host, libvirt_uri='"test:///nonexistent"', worker_timeout="0.5")
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    wait_gone(holders(host.root / "run/tune" / U1))
+    assert not Ledger(host.root / "run/ledger.json").tuning_taken(U1)
+    sh = Shell(host, tmp_path)
+    assert not sh.started(xml) and sh.worker() == f"-I -m kvmhooks.worker started {U1}"
