@@ -17,6 +17,7 @@ from lxml import etree
 
 from kvmhooks import NAMESPACE
 from kvmhooks.annotation import Tuning, parse_tuning
+from kvmhooks.apply.sockets import qmp_socket_path
 from kvmhooks.errors import XMLInputError
 from kvmhooks.units import (
     ASCII_WS,
@@ -29,9 +30,6 @@ from kvmhooks.units import (
 from kvmhooks.xmlsafe import UUID_RE, safe_parse
 
 QEMU_CMDLINE_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-# Where kvmhooks puts a VM's dedicated QMP socket: writable by the QEMU user (libvirt-qemu), unlike
-# /run/libvirt/qemu (measured: "Permission denied" there). Derived from the UUID only.
-QMP_SOCKET_DIR = "/var/lib/libvirt/qemu/kvmhooks"
 # Bounds for the domain's own counts: far above any QEMU (4096 vCPUs at most today), far below what would
 # make a planner loop over every vCPU number for minutes.
 MAX_DOMAIN_VCPUS = 16384
@@ -114,11 +112,6 @@ class Domain:
         return self.tuning if self.tuning is not None and self.tuning.enabled else None
 
 
-def qmp_socket_path(uuid: str) -> str:
-    """The one QMP socket path kvmhooks uses for a VM; derived from the checked UUID only."""
-    if not UUID_RE.fullmatch(uuid):
-        raise ValueError(f"not a canonical UUID: {uuid!r}")
-    return f"{QMP_SOCKET_DIR}/{uuid}.qmp"
 
 
 def qmp_socket_arg(uuid: str) -> str:

@@ -26,7 +26,6 @@ from typing import BinaryIO, TextIO
 
 from kvmhooks import NAMESPACE
 from kvmhooks.config import Config, load_config
-from kvmhooks.domain import parse_domain
 from kvmhooks.errors import Abandoned, HostError, KvmhooksError, XMLInputError
 from kvmhooks.log import VMLog, setup_logging
 from kvmhooks.xmlsafe import MAX_XML_BYTES, scan_uuid
@@ -82,6 +81,8 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
         return  # start, migrate, restore, attach, and anything newer libvirt invents: output nothing
     if NAMESPACE.encode() not in data:
         return  # not ours: never refused, whatever its size or content (the shell may hand over a long XML)
+    from kvmhooks.domain import parse_domain  # (here: a stop needs neither it nor lxml)
+
     dom = parse_domain(data)  # refuses oversize or unsafe XML (xmlsafe.safe_parse)
     vlog = VMLog(dom.name, dom.uuid)
     if op == "reconnect":

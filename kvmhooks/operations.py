@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from kvmhooks.apply.pools import SysfsPools, apply_pool_writes
 from kvmhooks.config import Config, pool_key
-from kvmhooks.domain import Domain
 from kvmhooks.errors import Abandoned, CapacityError, HostError, KvmhooksError, LedgerError
 from kvmhooks.ledger import (
     CLAIMED,
@@ -61,6 +60,7 @@ from kvmhooks.units import format_cpuset
 
 if TYPE_CHECKING:
     from kvmhooks.apply.isolation import HostSettings, IsolationReport
+    from kvmhooks.domain import Domain
     from kvmhooks.plan.cpus import CpuPlan
     from kvmhooks.plan.isolation import IsolationTarget
 
@@ -638,8 +638,7 @@ def release(uuid: str, cfg: Config, pools: SysfsPools | None = None) -> DomainRe
 
 
 def _after_release(cfg: Config, uuid: str) -> None:
-    from kvmhooks.apply.sockets import remove_socket
-    from kvmhooks.domain import qmp_socket_path
+    from kvmhooks.apply.sockets import qmp_socket_path, remove_socket
 
     clear_failure(cfg, uuid)  # the run that failed is over (its failures stay in the log)
     remove_socket(qmp_socket_path(uuid))  # QEMU leaves its -qmp socket behind

@@ -9,10 +9,12 @@ outright. The stopped/release hooks must not depend on that parser at all (a ref
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from kvmhooks.errors import XMLInputError
+
+if TYPE_CHECKING:
+    from lxml import etree  # (imported where it parses: a stop, which only scans, never loads lxml)
 
 # libvirt domain XML is a few KiB; even with hundreds of disks and NICs it stays far below 1 MiB. Four
 # MiB leaves room for odd but honest definitions while bounding what a hostile one can cost us.
@@ -26,6 +28,8 @@ def safe_parse(data: bytes) -> etree._Element:
         raise XMLInputError(f"domain XML is larger than {MAX_XML_BYTES} bytes; refused")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise XMLInputError("domain XML contains a DOCTYPE or entity declaration; refused")
+    from lxml import etree
+
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
                              huge_tree=False, remove_pis=True, collect_ids=False)
     try:

@@ -18,10 +18,22 @@ import logging
 import os
 import stat
 
-from kvmhooks.domain import QMP_SOCKET_DIR
 from kvmhooks.errors import HostError
+from kvmhooks.xmlsafe import UUID_RE
 
 log = logging.getLogger(__name__)
+
+
+def qmp_socket_path(uuid: str) -> str:
+    """The one QMP socket path kvmhooks uses for a VM; derived from the checked UUID only. (Here, not in
+    :mod:`kvmhooks.domain`: a stop removes the socket without loading the XML parser.)"""
+    if not UUID_RE.fullmatch(uuid):
+        raise ValueError(f"not a canonical UUID: {uuid!r}")
+    return f"{QMP_SOCKET_DIR}/{uuid}.qmp"
+
+# Where kvmhooks puts a VM's dedicated QMP socket: writable by the QEMU user (libvirt-qemu), unlike
+# /run/libvirt/qemu (measured: "Permission denied" there). Derived from the UUID only.
+QMP_SOCKET_DIR = "/var/lib/libvirt/qemu/kvmhooks"
 
 # QEMU (the directory's owner) creates its socket there; its group may read; nobody else needs to look.
 SOCKET_DIR_MODE = 0o750

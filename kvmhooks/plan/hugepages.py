@@ -7,14 +7,17 @@ size (targets, capacity, the admin's baseline) is :mod:`kvmhooks.plan.pools`' bu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from kvmhooks.annotation import HugepagesSpec
 from kvmhooks.config import Config, pool_key
-from kvmhooks.domain import Domain
 from kvmhooks.errors import DomainConfigError, HostError
 from kvmhooks.plan.pools import spare_kib
 from kvmhooks.topology import HostTopology
 from kvmhooks.units import format_kib
+
+if TYPE_CHECKING:
+    from kvmhooks.annotation import HugepagesSpec
+    from kvmhooks.domain import Domain
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmhooks.apply.sockets import ensure_socket_dir, remove_socket
-from kvmhooks.domain import QMP_SOCKET_DIR
+from kvmhooks.apply.sockets import QMP_SOCKET_DIR, ensure_socket_dir, remove_socket
 from kvmhooks.errors import HostError
 
 QEMU_UID = QEMU_GID = 64055  # an unprivileged owner for the fake /var/lib/libvirt/qemu
