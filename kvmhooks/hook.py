@@ -103,8 +103,7 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
                 vlog.info("prepared: its tuning waits for the start in a detached worker")
     elif not dom.active_tuning.live_work:  # started, huge pages only: all done at prepare, no worker needed
         operations.mark(dom.uuid, cfg, state="running")
-    elif operations.ledger_for(cfg).tuning_taken(dom.uuid):  # started: the worker its prepare forked tunes it
-        operations.ledger_for(cfg).mark_up(dom.uuid)  # (what it waits for: the shell leaves it, when it decides)
+    elif _left_to_forked_worker(cfg, dom.uuid):  # started: the worker its prepare forked tunes it
         vlog.info("started: tuned by the worker its prepare forked")
     else:  # started: the resident agent tunes it if it answers at once, else a detached worker does
         from kvmhooks.agent import tell
@@ -122,6 +121,18 @@ def run(argv: Sequence[str], data: bytes, cfg: Config, out: BinaryIO | None = No
                     raise HostError(f"not tuned: the detached worker could not be started (status {status}); "
                                      "the VM runs without its pins, memtune and balloon", vm=dom.name)
                 vlog.info("started: detached worker spawned")
+
+
+def _left_to_forked_worker(cfg: Config, uuid: str) -> bool:
+    """What hooks/qemu does at started, when it hands the call to Python: leave the up/ marker the worker
+    forked at prepare waits for, then see whether that worker still holds the run's tune/ marker. In this
+    order: a worker that gives up in between looks for the marker once more after unlocking, so the VM is
+    tuned at worst twice, never not at all."""
+    from kvmhooks.operations import ledger_for
+
+    led = ledger_for(cfg)
+    led.mark_up(uuid)
+    return (led.up_dir / uuid).exists() and led.tuning_taken(uuid)
 
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:

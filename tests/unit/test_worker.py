@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -210,3 +211,64 @@ def test_a_forked_worker_past_its_wait_leaves_the_start_to_the_started_hook(host
     assert not Ledger(host.root / "run/ledger.json").tuning_taken(U1)
     sh = Shell(host, tmp_path)
     assert not sh.started(xml) and sh.worker() == f"-I -m kvmhooks.worker started {U1}"
+
+
+# --- review of the forked worker: a VM never left untuned -----------------------------------------------
+
+def settled(host: FakeHost, wait: float) -> dict:  # type: ignore[type-arg]
+    """The record once the VM is tuned (or failed), or as it is after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        rec = ledger(host)["domains"][U1]
+        if rec.get("state") == "running" or rec.get("error"):
+            return rec  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    return ledger(host)["domains"][U1]  # type: ignore[no-any-return]
+
+
+def test_a_started_hook_in_python_leaves_up_before_it_probes(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: hook.run (started handed to Python) probed the lock, then left up/: a worker reaching its
+    deadline in between left (no up/ yet) and nobody tuned the VM. Now up/ first, as the shell does."""
+    pytest.importorskip("libvirt")
+    from kvmhooks import hook as hookmod
+    from kvmhooks.config import load_config
+
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=LIVE_ONLY)}"', worker_timeout="1")
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    marker = host.root / "run/tune" / U1
+    forked = holders(marker)
+    assert len(forked) == 1
+    real = Ledger.tuning_taken
+
+    def probe_then_worker_deadline(self: Ledger, uuid: str) -> bool:
+        taken = real(self, uuid)
+        wait_gone(forked)  # the worker's worker_timeout ends right after the probe
+        return taken
+
+    monkeypatch.setattr(Ledger, "tuning_taken", probe_then_worker_deadline)
+    hookmod.run(["hook", "vm1", "started", "begin", "-"], xml, load_config(cfg))
+    rec = settled(host, 5)
+    assert rec.get("state") == "running" or rec.get("error"), f"never tuned: {rec}"
+
+
+def test_the_shells_started_without_held_markers_still_leaves_up_for_the_worker(host: FakeHost, tmp_path: Path) -> None:
+    """Review: held/ out of use (Ledger._retire after an OSError, or _make_marker_dir failing): the shell's
+    started wrote no up/ marker (it was gated on held/UUID) but still trusted the lock and exited; the forked
+    worker waited for up/ until worker_timeout and left, and nobody tuned the VM."""
+    pytest.importorskip("libvirt")
+    from tests.unit.test_start_fast import Shell
+
+    cfg = write_config(host, libvirt_uri=f'"{node_xml(host, tuning=LIVE_ONLY)}"', worker_timeout="2")
+    xml = domain_xml(uuid=U1, tuning=LIVE_ONLY, backing="")
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    led = Ledger(host.root / "run/ledger.json")
+    assert len(holders(led.tune_dir / U1)) == 1
+    shutil.rmtree(led.held_dir)  # as _retire(held_dir) leaves it until the next commit
+    sh = Shell(host, tmp_path)
+    sh.env["KVMHOOKS_CONFIG"] = str(cfg)
+    assert not sh.started(xml)
+    spawned = sh.worker(wait=0.3)
+    rec = settled(host, 5)
+    assert spawned is not None or rec.get("state") == "running" or rec.get("error"), \
+        f"never tuned: up/ marker: {(led.up_dir / U1).exists()}, record {rec}"
