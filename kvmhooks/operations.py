@@ -301,6 +301,33 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
         yield s
 
 
+def _stop_token(d: Path, uuid: str) -> str | None:
+    """The token a stopping/ marker carries, or None when it cannot be read."""
+    try:
+        with open(d / uuid, "rb") as f:
+            return f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+
+
+def pending_stops(cfg: Config, state: LedgerState) -> set[str]:
+    """The VMs of ``state`` (a snapshot) whose release hooks/qemu left to the detached worker and that no
+    session has done yet (``kvmhooks status`` shows them as such, not as holding their record)."""
+    from kvmhooks.xmlsafe import UUID_RE
+
+    d = ledger_for(cfg).stopping_dir
+    try:
+        names = [n for n in os.listdir(d) if UUID_RE.fullmatch(n)]
+    except OSError:
+        return set()
+    out = set()
+    for uuid in names:
+        rec = state.domains.get(uuid)
+        if rec is not None and rec.token and _stop_token(d, uuid) == rec.token:
+            out.add(uuid)
+    return out
+
+
 def settle_stops(s: Session) -> None:
     """Release the VMs whose stop hooks/qemu left for later (:attr:`Ledger.stopping_dir`): each whose record
     still has the token its marker carries, committed before the marker goes (a session killed in between
@@ -316,10 +343,8 @@ def settle_stops(s: Session) -> None:
     except OSError:
         return
     for uuid in names:
-        try:
-            with open(d / uuid, "rb") as f:
-                token = f.read(64).decode("ascii", "replace").strip()
-        except OSError:
+        token = _stop_token(d, uuid)
+        if token is None:
             continue
         rec = s.state.domains.get(uuid)
         if rec is not None and token and rec.token == token:

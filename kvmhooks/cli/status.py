@@ -47,6 +47,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         notes_first.append(f"note: {e}; showing libvirt's view without reservations")
     topo = operations.topology_for(cfg)
     failures = operations.read_failures(cfg)
+    stopping = operations.pending_stops(cfg, state)  # stopped; the detached worker is releasing them
     vms: list[dict[str, Any]] = []
     conn = None
     try:
@@ -84,6 +85,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             claim = claim_view(rec, now)
             if claim is not None:
                 row["claim"] = claim
+            if uuid in stopping:
+                row["release_pending"] = True
         if uuid in failures:
             row["failure"] = failures[uuid]
         if d.isActive():
@@ -112,7 +115,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             vms.append({"name": rec.name, "uuid": uuid, "state": "unknown to libvirt" if conn else "?",
                         "annotations": "?", "hugepages": rec.hugepages, "cpus": format_cpuset(rec.cpus),
                         "error": rec.error, "ledger_state": rec.state, "failure": failures.get(uuid),
-                        **({"claim": c} if (c := claim_view(rec, now)) is not None else {})})
+                        **({"claim": c} if (c := claim_view(rec, now)) is not None else {}),
+                        **({"release_pending": True} if uuid in stopping else {})})
     pools = pool_rows(topo, state)
 
     def human() -> str:
@@ -141,7 +145,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                                   *([v["failure"]] if v.get("failure") else [])])
             mem_s = " ".join(f"n{n}:{m['huge'] / 1024:.0f}M huge+{m['normal'] / 1024:.0f}M"
                              for n, m in v.get("memory_nodes", {}).items() if m["huge"] or m["normal"])
-            state_s = v["state"] + (f"; {claim_text(v['claim'])}" if v.get("claim") else "")
+            state_s = v["state"] + (f"; {claim_text(v['claim'])}" if v.get("claim") else "") + (
+                "; being released" if v.get("release_pending") else "")
             rows.append([v["name"], state_s, v["annotations"], hp or "-", v.get("cpus") or "-", pin_s or "-",
                          bal_s or "-", mem_s or "-", ", ".join(other) or "-", problems])
         out.append(table(["VM", "STATE", "ANNOTATIONS", "HUGEPAGES", "DEDICATED", "PINS (live)", "BALLOON",

@@ -222,3 +222,24 @@ def test_metrics_command_prints_the_exposition_and_writes_a_textfile(env, capsys
     target = tmp_path / "kvmhooks.prom"
     assert run(capsys, "metrics", "--config", str(cfg), "--textfile", str(target))[0] == 0
     assert "kvmhooks_hugepages_reserved_pages" in target.read_text()
+
+
+def test_status_shows_a_vm_whose_release_the_worker_has_not_done_yet(env, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Stopped without kvmhooksd, holding nothing of the host's: until the detached worker (or any other
+    operation) has released its record, status says so rather than show it holding its pins."""
+    from kvmhooks import operations
+    from kvmhooks.config import load_config
+    from kvmhooks.domain import parse_domain
+
+    cfg, uri, _ = env
+    c = load_config(cfg)
+    token = operations.prepare(parse_domain(domain_xml(name="web", uuid=U_WEB, tuning='<kvm:vcpupin vcpu="0" '
+                                                       'cpuset="1"/>', backing="")), c).record.token
+    (operations.ledger_for(c).stopping_dir / U_WEB).write_text(f"{token}\n")  # what hooks/qemu leaves
+    code, out, _ = run(capsys, "status", "--config", str(cfg), "--uri", uri, "--json")
+    assert code == 0 and {v["name"]: v for v in json.loads(out)["vms"]}["web"]["release_pending"] is True
+    code, out, _ = run(capsys, "status", "--config", str(cfg), "--uri", uri)
+    assert "; being released" in out
+    (operations.ledger_for(c).stopping_dir / U_WEB).write_text("0123456789abcdef\n")  # another run's
+    code, out, _ = run(capsys, "status", "--config", str(cfg), "--uri", uri, "--json")
+    assert "release_pending" not in {v["name"]: v for v in json.loads(out)["vms"]}["web"]
