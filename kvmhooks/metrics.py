@@ -126,7 +126,7 @@ STATE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvmhooks_ledger_vms", "gauge", (), "VMs with a record in the ledger"),
     MetricSpec("kvmhooks_vm_state", "gauge", (*_VM, "state"),
                "1 per VM in the ledger, with its reservation state (claimed, preparing, prepared, starting, "
-               "running, adopted)"),
+               "running, adopted; stopping: stopped, its record about to be released by the detached worker)"),
     MetricSpec("kvmhooks_vm_hugepages_pages", "gauge", (*_VM, *_POOL), "Huge pages the VM holds in the pool"),
     MetricSpec("kvmhooks_vm_hugepages_borrowed_pages", "gauge", (*_VM, *_POOL),
                "Free pages of a left-alone pool the VM uses (not added by kvmhooks)"),
@@ -350,10 +350,12 @@ class StateCollector(Collector):
         names: dict[str, str] = {}
         bad: Exception | None = None
         live = self.live_balloon() if self.live_balloon is not None else {}
+        stopping = operations.pending_stops(self.cfg, state)
         for uuid in state.domains:
             try:
                 rec = state.domains[uuid]
-                rows = list(_vm_rows(uuid, rec))  # decodes pins and applied results: may raise too
+                # (decodes pins and applied results: may raise too)
+                rows = list(_vm_rows(uuid, rec, "stopping" if uuid in stopping else rec.state))
             except (KvmhooksError, ValueError) as e:
                 bad = e
                 continue
@@ -385,9 +387,9 @@ class StateCollector(Collector):
                     fam.add("kvmhooks_vm_hook_failure_timestamp_seconds", when, *labels)
 
 
-def _vm_rows(uuid: str, rec: DomainRecord) -> Iterator[tuple[str, float, tuple[str, ...]]]:
+def _vm_rows(uuid: str, rec: DomainRecord, state: str) -> Iterator[tuple[str, float, tuple[str, ...]]]:
     vm = (rec.name, uuid)
-    yield "kvmhooks_vm_state", 1, (*vm, rec.state)
+    yield "kvmhooks_vm_state", 1, (*vm, state)
     for key, pages in sorted(rec.hugepages.items()):
         yield "kvmhooks_vm_hugepages_pages", pages, (*vm, *_pool_labels(key))
     for key, pages in sorted(rec.borrowed.items()):

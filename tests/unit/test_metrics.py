@@ -305,3 +305,14 @@ def test_the_agents_unix_socket_serves_its_counters_root_only(two_vms: tuple[Fak
     out = subprocess.run([sys.executable, "-m", "kvmhooks.cli", "metrics", "--config", str(cfg_file)],
                          capture_output=True, check=True, cwd=Path(__file__).parents[2]).stdout
     assert get(parse(out), "kvmhooks_drift_events_total", vm="huge", kind="memtune") == 1
+
+
+def test_a_vm_whose_release_the_worker_has_not_done_yet_is_stopping(two_vms: tuple[FakeHost, Config]) -> None:
+    _, cfg = two_vms
+    pinned = "11111111-2222-3333-4444-000000000003"
+    token = operations.prepare(parse_domain(domain_xml(name="pinned", uuid=pinned, backing="",
+                                                       tuning='<kvm:vcpupin vcpu="0" cpuset="1"/>')), cfg).record.token
+    (operations.ledger_for(cfg).stopping_dir / pinned).write_text(f"{token}\n")  # what hooks/qemu leaves
+    s = scrape(metrics.state_registry(cfg))
+    assert get(s, "kvmhooks_vm_state", vm="pinned", uuid=pinned, state="stopping") == 1
+    assert get(s, "kvmhooks_vm_state", vm="huge", uuid=HUGE, state="prepared") == 1
