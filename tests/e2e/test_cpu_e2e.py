@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from tests.e2e.conftest import Env, ledger, virsh, wait_for
+from tests.e2e.conftest import LOG, Env, ledger, virsh, wait_for
 
 
 def vcpupin(name: str, *flags: str) -> dict[int, str]:
@@ -33,6 +33,10 @@ def test_explicit_pins_show_in_virsh_within_a_second(env: Env) -> None:
     # The detached worker did it (it talks to libvirt) without holding up virsh start, and said so.
     rec = wait_for(lambda: ledger()["domains"][vm.uuid]["applied"].get("worker_pid"), 5, "the worker's record")
     assert rec > 0 and ledger()["domains"][vm.uuid]["state"] == "running"
+    # (The one the prepare hook forked, warm: the started hook started no interpreter.)
+    said = [line for line in LOG.read_text().splitlines() if vm.uuid in line]
+    assert any("its tuning waits for the start in a detached worker" in line for line in said), said
+    assert not any("detached worker spawned" in line for line in said), said
     assert ledger()["domains"][vm.uuid]["applied"]["pins"] == {"0": "1", "1": "0"}  # read back from libvirt
     # Live only: the persistent definition is untouched without persist="yes".
     assert "<cputune>" not in virsh("dumpxml", "--inactive", vm.name).stdout
