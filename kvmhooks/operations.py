@@ -301,29 +301,32 @@ def session(cfg: Config, pools: SysfsPools | None = None, quarantine: bool = Fal
         yield s
 
 
-def _stop_token(d: Path, uuid: str) -> str | None:
-    """The token a stopping/ marker carries, or None when it cannot be read."""
+def _stop_markers(d: Path) -> dict[str, str | None]:
+    """The stopping/ markers in ``d``: UUID → the token it carries (None when it cannot be read), in UUID
+    order; none when the directory cannot be listed."""
+    from kvmhooks.xmlsafe import UUID_RE
+
     try:
-        with open(d / uuid, "rb") as f:
-            return f.read(64).decode("ascii", "replace").strip()
+        names = sorted(n for n in os.listdir(d) if UUID_RE.fullmatch(n))
     except OSError:
-        return None
+        return {}
+    out: dict[str, str | None] = {}
+    for uuid in names:
+        try:
+            with open(d / uuid, "rb") as f:
+                out[uuid] = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            out[uuid] = None
+    return out
 
 
 def pending_stops(cfg: Config, state: LedgerState) -> set[str]:
     """The VMs of ``state`` (a snapshot) whose release hooks/qemu left to the detached worker and that no
     session has done yet (``kvmhooks status`` shows them as such, not as holding their record)."""
-    from kvmhooks.xmlsafe import UUID_RE
-
-    d = ledger_for(cfg).stopping_dir
-    try:
-        names = [n for n in os.listdir(d) if UUID_RE.fullmatch(n)]
-    except OSError:
-        return set()
     out = set()
-    for uuid in names:
+    for uuid, token in _stop_markers(ledger_for(cfg).stopping_dir).items():
         rec = state.domains.get(uuid)
-        if rec is not None and rec.token and _stop_token(d, uuid) == rec.token:
+        if rec is not None and rec.token and token == rec.token:
             out.add(uuid)
     return out
 
@@ -335,15 +338,8 @@ def settle_stops(s: Session) -> None:
     the VM's next prepare finds its last run released; a marker of another token (an older run's, one that
     could not be removed, or cut short) is only removed. Nothing here fails the session: a marker this one
     cannot read or remove stays for the next, and meets no record of its token."""
-    from kvmhooks.xmlsafe import UUID_RE
-
     d = s.txn.ledger.stopping_dir
-    try:
-        names = sorted(n for n in os.listdir(d) if UUID_RE.fullmatch(n))
-    except OSError:
-        return
-    for uuid in names:
-        token = _stop_token(d, uuid)
+    for uuid, token in _stop_markers(d).items():
         if token is None:
             continue
         rec = s.state.domains.get(uuid)
