@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lxml import etree
-
-from kvmhooks import NAMESPACE
+from kvmhooks import GOVERNORS, NAMESPACE
 from kvmhooks.errors import AnnotationError, DomainConfigError
 from kvmhooks.units import (
     parse_cpuset,
@@ -26,6 +24,8 @@ from kvmhooks.units import (
 )
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from kvmhooks.domain import Domain
 
 _K = f"{{{NAMESPACE}}}"
@@ -67,11 +67,6 @@ class MemtuneSpec:
         return [(k, v) for k, v in (("hard_limit", self.hard_limit), ("soft_limit", self.soft_limit),
                                     ("swap_hard_limit", self.swap_hard_limit),
                                     ("min_guarantee", self.min_guarantee)) if v is not None]
-
-
-# cpufreq governors a kernel may offer (Documentation/admin-guide/pm/cpufreq.rst); a name outside this set
-# is refused here rather than found missing at start.
-GOVERNORS = ("performance", "powersave", "schedutil", "ondemand", "conservative", "userspace")
 
 
 @dataclass(frozen=True)
@@ -228,6 +223,8 @@ def parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
     attributes) and collects them. Pass 2 reads them in a fixed dependency order (memtune before balloon,
     whose floor defaults to memtune/min_guarantee) and applies the rules that span elements.
     """
+    from lxml import etree  # (here: the specs above are also the ledger's, read by every stop without lxml)
+
     vm = dom.name
     top = _Reader(vm, "tuning", el)
     for attr in map(str, el.keys()):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmhooks import GOVERNORS
 from kvmhooks.errors import LedgerError, LockTimeout
 from kvmhooks.units import format_cpuset, parse_cpuset
 
@@ -104,8 +105,6 @@ def _counts(data: object, what: str) -> dict[str, int]:
 
 def _isolation(data: object, what: str) -> dict[str, Any] | None:
     """A record's isolation request: the governor becomes a sysfs write, so only a known name passes."""
-    from kvmhooks.annotation import GOVERNORS
-
     if data is None:
         return None
     d = _obj(data, what)

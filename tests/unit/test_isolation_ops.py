@@ -9,6 +9,8 @@ fake kernel (tests/unit/test_isolation.py), on a 4-CPU tree of its own.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,18 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     return World(tmp_path, monkeypatch)
+
+
+def test_loading_an_isolating_record_imports_no_xml_parser(world: World) -> None:
+    """Every ledger load checks a record's governor and the host's isolation section: neither brings lxml or
+    the domain parser into every stop (the isolation plan shares the annotation's specs, not its parser)."""
+    world.prepare(UA, "a")
+    code = ("import sys; from kvmhooks.ledger import Ledger; from pathlib import Path; "
+            "assert Ledger(Path(sys.argv[1])).read().domains[sys.argv[2]].isolation['governor'] == 'performance'; "
+            "print(sorted(m for m in sys.modules if m.startswith('lxml') or m == 'kvmhooks.domain'))")
+    r = subprocess.run([sys.executable, "-c", code, str(operations.ledger_for(world.cfg).path), UA],
+                       capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
+    assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
 
 
 def test_two_isolating_vms_share_the_host_and_give_it_back_exactly(world: World) -> None:

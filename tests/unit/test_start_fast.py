@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from kvmhooks.config import load_config
 from kvmhooks.domain import parse_domain
 from kvmhooks.ledger import Ledger
 from tests.fakehost import FakeHost, domain_xml
-from tests.unit.test_hook import hook, hook_env, hook_with_state, prepare_unforked, write_config
+from tests.unit.test_hook import HOOK, hook, hook_env, hook_with_state, prepare_unforked, write_config
 from tests.unit.test_worker import holders, wait_gone
 
 libvirt = pytest.importorskip("libvirt")
@@ -428,6 +429,25 @@ def test_a_vm_holding_pages_or_cpus_is_released_before_the_stop_hook_returns(hos
     assert (led(host).held_dir / U1).stat().st_size == 0
     assert stop(shell, xml, "stopped")
     assert shell.worker(wait=0.3) is None and os.listdir(led(host).stopping_dir) == []
+
+
+@pytest.mark.parametrize("tuning, backing", [(HP_ONLY, "<hugepages/>"), (PIN_ONLY, "")])
+def test_a_stop_imports_no_xml_parser(host: FakeHost, tmp_path: Path, tuning: str, backing: str) -> None:
+    """A stop needs the ledger and the UUID of the XML only: lxml and the annotation parser are a third of
+    the imports of a prepare. (They came in by the ledger's check of a record's governor at every load.)"""
+    cfg = write_config(host)
+    xml = domain_xml(uuid=U1, tuning=tuning, backing=backing, vcpus=1)
+    assert hook(cfg, "vm1", "prepare", xml).returncode == 0
+    py = tmp_path / "python-importtime"
+    py.write_text(f"#!/bin/sh\nexec {sys.executable} -X importtime \"$@\"\n")
+    py.chmod(0o755)
+    r = subprocess.run([str(HOOK), "vm1", "stopped", "end", "-"], input=xml, capture_output=True, timeout=60,
+                       env={**hook_env(cfg), "KVMHOOKS_PYTHON": str(py)})
+    assert (r.returncode, r.stdout) == (0, b"")
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.decode().splitlines() if "|" in line]
+    assert "kvmhooks.ledger" in imported  # (the release did run in this interpreter)
+    assert not [m for m in imported if m.startswith("lxml") or m in ("kvmhooks.annotation", "kvmhooks.domain")]
+    assert U1 not in led(host).read().domains and host.pool(0) == 0
 
 
 def test_with_the_agent_running_a_stop_is_its_to_serve(host: FakeHost, shell: Shell) -> None:
