@@ -299,6 +299,18 @@ def test_hook_script_constants_match_the_package() -> None:
     assert regex.search(r"^CONFIG=\$\{KVMHOOKS_CONFIG:-(.*)\}$", text, regex.M).group(1) == str(DEFAULT_CONFIG)  # type: ignore[union-attr]
 
 
+def test_a_hook_run_with_its_stdout_and_stderr_closed_still_succeeds(host: FakeHost, cfg: Path) -> None:
+    """The Python side leaves by os._exit after flushing by hand: a closed stdout or stderr (None in Python, a
+    hook run by hand or by a wrapper) is nothing to flush, not a failed start."""
+    xml = domain_xml(uuid=U1)
+    for fds in (">&-", "2>&-", ">&- 2>&-"):
+        r = subprocess.run(["/bin/sh", "-c", f'exec "$0" vm1 "$1" begin - {fds}', str(HOOK), "prepare"],
+                           input=xml, env=hook_env(cfg), capture_output=True, timeout=60)
+        assert r.returncode == 0, (fds, r.stderr)
+        assert host.pool(0) == 128
+        assert hook(cfg, "vm1", "release", xml, "end").returncode == 0 and host.pool(0) == 0
+
+
 def test_no_library_module_imports_the_cli() -> None:
     code = ("import sys, kvmhooks.worker, kvmhooks.operations, kvmhooks.dryrun, kvmhooks.apply.live, kvmhooks.hook; "
             "print(sorted(m for m in sys.modules if m.startswith('kvmhooks.cli')))")
