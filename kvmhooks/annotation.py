@@ -223,7 +223,7 @@ def parse_tuning(el: etree._Element, dom: Domain) -> Tuning:
     attributes) and collects them. Pass 2 reads them in a fixed dependency order (memtune before balloon,
     whose floor defaults to memtune/min_guarantee) and applies the rules that span elements.
     """
-    from lxml import etree  # (here: the specs above are also the ledger's, read by every stop without lxml)
+    from lxml import etree  # (here: the ledger's loads import the specs above, via plan.isolation, not a parser)
 
     vm = dom.name
     top = _Reader(vm, "tuning", el)
