@@ -35,6 +35,11 @@ case's start, and how long after the destroy it was done is printed); the wall t
 what a user feels. The figures are medians over the rounds, first without
 kvmhooksd (the hook's detached worker does the post-start tuning), then with it, and are printed as ratios to
 their plain counterpart: annotated / plain, annotated huge pages / hand-sized huge pages.
+
+A last phase puts the annotated guest on the pool the admin sized by hand: the config's ``leave_alone`` names
+node0/2M for its duration (written at the top of the installed config, the original put back after), so
+kvmhooks grows nothing and lets the guest use free pages of that pool (the ledger counts them as borrowed),
+beside the hand-sized guest on the same pool, without and then with kvmhooksd.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +62,7 @@ import libvirt  # noqa: E402
 
 from bench.live_bench import agent, defined  # noqa: E402
 from kvmhooks.agent import running as agent_running  # noqa: E402
-from kvmhooks.config import load_config  # noqa: E402
+from kvmhooks.config import CONFIG_ENV, DEFAULT_CONFIG, load_config, pool_key  # noqa: E402
 
 POOL = Path("/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages")
 PAGES = 128  # 256 MiB of 2M pages
@@ -67,6 +73,11 @@ HP = '<kvm:hugepages size="2M"/>'
 CASES = [("plain", None, "", False), ("pins", PIN, "", False), ("hand-sized huge pages", None, BACKING, False),
          ("hand-grown huge pages", None, BACKING, True), ("huge pages + pins", HP + PIN, BACKING, False)]
 GROWN = {"hand-grown huge pages", "huge pages + pins"}  # their pool grows at each start
+# The last phase: both on the pool the admin sized once, which kvmhooks is told to leave alone.
+LEFT_ALONE_CASES = [("hand-sized huge pages", None, BACKING, False),
+                    ("huge pages + pins, pool left alone", HP + PIN, BACKING, False)]
+LEFT_ALONE_REF = [("huge pages + pins, pool left alone", "hand-sized huge pages")]
+LEFT_ALONE = "node0/2M"  # the pool POOL is
 REF = [("plain", "plain"), ("pins", "plain"), ("hand-sized huge pages", "plain"),
        ("hand-grown huge pages", "hand-sized huge pages"), ("huge pages + pins", "hand-sized huge pages"),
        ("huge pages + pins", "hand-grown huge pages")]
@@ -144,13 +155,18 @@ def cold_pages() -> tuple[float, float]:
         POOL.write_text(str(base))
 
 
-def rounds(conn: libvirt.virConnect, runs: int) -> dict[str, tuple[list[float], list[float], list[float]]]:
+Case = tuple[str, str | None, str, bool]
+
+
+def rounds(conn: libvirt.virConnect, runs: int, cases: list[Case] | None = None
+           ) -> dict[str, tuple[list[float], list[float], list[float]]]:
     """{case: (start seconds, destroy seconds, seconds from destroy to its release)} over ``runs`` alternating
     rounds."""
-    out: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name, *_ in CASES}
+    cases = CASES if cases is None else cases
+    out: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name, *_ in cases}
     with contextlib.ExitStack() as stack:
         doms = [stack.enter_context(defined(conn, f"kvmhbench-start{i}", tuning, backing=backing))
-                for i, (_, tuning, backing, _) in enumerate(CASES)]
+                for i, (_, tuning, backing, _) in enumerate(cases)]
         base = int(POOL.read_text())
         # The admin sizes the pool for the hand-sized guest once, as an admin would; kvmhooks then grows it by
         # the annotated guest's 128 pages at each of its starts (those are not the admin's to use).
@@ -158,7 +174,7 @@ def rounds(conn: libvirt.virConnect, runs: int) -> dict[str, tuple[list[float], 
         try:
             mark = reported_kib(), time.monotonic()
             for _ in range(runs + 1):  # the first round warms caches and is not counted
-                for (name, _, _, by_hand), dom in zip(CASES, doms, strict=True):
+                for (name, _, _, by_hand), dom in zip(cases, doms, strict=True):
                     if name in GROWN:
                         settle(mark)
                     started = virsh("start", dom.name(), resize=PAGES if by_hand else 0)
@@ -176,14 +192,39 @@ def rounds(conn: libvirt.virConnect, runs: int) -> dict[str, tuple[list[float], 
     return out
 
 
-def report(title: str, res: dict[str, tuple[list[float], list[float], list[float]]]) -> None:
+@contextlib.contextmanager
+def pool_left_alone(path: Path) -> Iterator[None]:
+    """The installed config with ``leave_alone = [LEFT_ALONE]`` for the duration, its own bytes put back after
+    (a config that sets leave_alone itself is the admin's to change, not the bench's)."""
+    original = path.read_bytes() if path.exists() else None
+    text = original.decode() if original is not None else ""
+    if "leave_alone" in text:
+        raise SystemExit(f"{path} sets leave_alone already: the left-alone phase needs it to itself")
+    # At the top: a key after a [table] header would belong to that table.
+    tmp = path.with_name(path.name + ".bench")
+    tmp.write_text(f'leave_alone = ["{LEFT_ALONE}"]  # bench/start_bench.py, for its last phase\n' + text)
+    os.replace(tmp, path)
+    try:
+        if pool_key(0, 2048) not in load_config(path).leave_alone:
+            raise SystemExit(f"{path}: the bench's leave_alone did not take")
+        yield
+    finally:
+        if original is None:
+            path.unlink()
+        else:
+            tmp.write_bytes(original)
+            os.replace(tmp, path)
+
+
+def report(title: str, res: dict[str, tuple[list[float], list[float], list[float]]],
+           refs: list[tuple[str, str]] | None = None) -> None:
     med = {name: (statistics.median(s) * 1000, statistics.median(d) * 1000) for name, (s, d, _) in res.items()}
     print(f"\n{title}\n")
     print("| VM | start ms | × | destroy ms | × |\n|---|---:|---:|---:|---:|")
-    for name, ref in REF:
+    for name, ref in REF if refs is None else refs:
         (s, d), (rs, rd) = med[name], med[ref]
         print(f"| {name} (vs {ref}) | {s:.0f} | {s / rs:.2f} | {d:.0f} | {d / rd:.2f} |")
-    lags = {name: statistics.median(r[2]) * 1000 for name, r in res.items() if max(r[2]) > 0.001}
+    lags = {name: statistics.median(r[2]) * 1000 for name, r in res.items() if statistics.median(r[2]) > 0.001}
     for name, lag in lags.items():
         print(f"\n{name}: released by the detached worker {lag:.0f} ms (median) after `virsh destroy` returned")
 
@@ -203,6 +244,12 @@ def main() -> None:
     report("without kvmhooksd (detached worker)", rounds(conn, args.runs))
     with agent():
         report("with kvmhooksd", rounds(conn, args.runs))
+    config = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    with pool_left_alone(config):
+        report(f"the annotated guest on the hand-sized pool ({config}: leave_alone = [\"{LEFT_ALONE}\"]), "
+               "without kvmhooksd", rounds(conn, args.runs, LEFT_ALONE_CASES), LEFT_ALONE_REF)
+        with agent():
+            report("the same, with kvmhooksd", rounds(conn, args.runs, LEFT_ALONE_CASES), LEFT_ALONE_REF)
 
 
 if __name__ == "__main__":
