@@ -202,8 +202,16 @@ def pool_left_alone(path: Path) -> Iterator[None]:
         raise SystemExit(f"{path} sets leave_alone already: the left-alone phase needs it to itself")
     # At the top: a key after a [table] header would belong to that table.
     tmp = path.with_name(path.name + ".bench")
-    tmp.write_text(f'leave_alone = ["{LEFT_ALONE}"]  # bench/start_bench.py, for its last phase\n' + text)
-    os.replace(tmp, path)
+    st = path.stat() if original is not None else None
+
+    def put(data: bytes) -> None:  # whole, with the original's mode and owner
+        tmp.write_bytes(data)
+        if st is not None:
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, st.st_mode & 0o7777)
+        os.replace(tmp, path)
+
+    put(f'leave_alone = ["{LEFT_ALONE}"]  # bench/start_bench.py, for its last phase\n'.encode() + (original or b""))
     try:
         if pool_key(0, 2048) not in load_config(path).leave_alone:
             raise SystemExit(f"{path}: the bench's leave_alone did not take")
@@ -212,8 +220,7 @@ def pool_left_alone(path: Path) -> Iterator[None]:
         if original is None:
             path.unlink()
         else:
-            tmp.write_bytes(original)
-            os.replace(tmp, path)
+            put(original)
 
 
 def report(title: str, res: dict[str, tuple[list[float], list[float], list[float]]],
