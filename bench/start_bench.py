@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import mmap
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -194,33 +195,48 @@ def rounds(conn: libvirt.virConnect, runs: int, cases: list[Case] | None = None
 
 @contextlib.contextmanager
 def pool_left_alone(path: Path) -> Iterator[None]:
-    """The installed config with ``leave_alone = [LEFT_ALONE]`` for the duration, its own bytes put back after
-    (a config that sets leave_alone itself is the admin's to change, not the bench's)."""
-    original = path.read_bytes() if path.exists() else None
-    text = original.decode() if original is not None else ""
-    if "leave_alone" in text:
-        raise SystemExit(f"{path} sets leave_alone already: the left-alone phase needs it to itself")
-    # At the top: a key after a [table] header would belong to that table.
-    tmp = path.with_name(path.name + ".bench")
-    st = path.stat() if original is not None else None
+    """The installed config with ``leave_alone = [LEFT_ALONE]`` for the duration, its own bytes, mode and owner
+    put back after (a config that sets leave_alone itself is the admin's to change, not the bench's).
 
-    def put(data: bytes) -> None:  # whole, with the original's mode and owner
-        tmp.write_bytes(data)
-        if st is not None:
-            os.chown(tmp, st.st_uid, st.st_gid)
-            os.chmod(tmp, st.st_mode & 0o7777)
+    The original is kept beside it (``.before-bench``, fsync'd) until it is back: a bench killed in the phase
+    (SIGTERM ends it through the ``finally``, SIGKILL cannot) leaves it there, and the next call puts it back
+    before anything else."""
+    saved = path.with_name(path.name + ".before-bench")
+    tmp = path.with_name(path.name + ".bench")
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: install kvmhooks first (install.sh writes it)")
+    st = path.stat()
+
+    def put(data: bytes) -> None:  # whole, durable, with the original's mode and owner
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.chmod(tmp, st.st_mode & 0o7777)
         os.replace(tmp, path)
 
-    put(f'leave_alone = ["{LEFT_ALONE}"]  # bench/start_bench.py, for its last phase\n'.encode() + (original or b""))
+    if saved.exists():  # a phase that was killed: its original first
+        put(saved.read_bytes())
+        saved.unlink()
+        print(f"{path}: put back from {saved} (a bench killed in its left-alone phase)", file=sys.stderr)
+    original = path.read_bytes()
+    if b"leave_alone" in original:
+        raise SystemExit(f"{path} sets leave_alone already: the left-alone phase needs it to itself")
+    with open(saved, "wb") as f:
+        f.write(original)
+        os.fsync(f.fileno())
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        # At the top: a key after a [table] header would belong to that table.
+        put(f'leave_alone = ["{LEFT_ALONE}"]  # bench/start_bench.py, for its last phase\n'.encode() + original)
         if pool_key(0, 2048) not in load_config(path).leave_alone:
             raise SystemExit(f"{path}: the bench's leave_alone did not take")
         yield
     finally:
-        if original is None:
-            path.unlink()
-        else:
-            put(original)
+        put(original)
+        saved.unlink()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report(title: str, res: dict[str, tuple[list[float], list[float], list[float]]],
